@@ -1,0 +1,143 @@
+"""The math of split attention: partial attention with its log-sum-exp, the exact merge of two partial
+attentions, and a plain reference attention for tests.
+
+Every function here works on torch tensors on any device. Partial results are always fp32 and the
+log-sum-exp (``lse``) is natural-log: ``lse = log(sum_j exp(scale * q . k_j))``. An empty key set has
+``lse = -inf`` and ``out = 0``; merging with it is the identity. Maxima are subtracted before every
+``exp``, so logits of any finite magnitude neither overflow nor produce NaN.
+
+This module knows nothing about caches, indexes or models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["merge_state", "partial_attention", "gathered_attention", "reference_attention"]
+
+
+def merge_state(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial attentions over disjoint key sets into the attention over their union.
+
+    Parameters
+    ----------
+    o_a, o_b : (..., head_dim)
+        Normalised partial outputs.
+    lse_a, lse_b : (...)
+        Their natural-log log-sum-exp of scaled logits; ``-inf`` marks an empty key set.
+
+    Returns
+    -------
+    o : (..., head_dim), fp32
+    lse : (...), fp32
+    """
+    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape or o_a.shape[:-1] != lse_a.shape:
+        raise ValueError(
+            f"merge_state: o_a {tuple(o_a.shape)}, o_b {tuple(o_b.shape)} must be equal and lse_a "
+            f"{tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} must equal o's shape without the last dimension"
+        )
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # both empty: keep exp() finite
+    w_a = torch.exp(lse_a - m)
+    w_b = torch.exp(lse_b - m)
+    total = w_a + w_b
+    lse = m + torch.log(total)  # -inf when both sides are empty
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    o = (w_a / denom).unsqueeze(-1) * o_a.float() + (w_b / denom).unsqueeze(-1) * o_b.float()
+    return o, lse
+
+
+def _softmax_with_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax and natural-log lse of fp32 logits (..., T) that may hold -inf; empty rows give 0 and -inf."""
+    m = logits.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    s = p.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(s)).squeeze(-1)
+    p = p / torch.where(s > 0, s, torch.ones_like(s))
+    return p, lse
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over one set of keys, with its lse, in fp32, on the tensors' device.
+
+    Parameters
+    ----------
+    q : (batch, num_heads, q_len, head_dim)
+    k, v : (batch, num_kv_heads, kv_len, head_dim); num_heads must be a multiple of num_kv_heads (GQA).
+    scale : multiplier of q . k.
+    causal : if True, query i sees key j iff j <= i + (kv_len - q_len) (queries are the last q_len positions).
+
+    Returns
+    -------
+    out : (batch, num_heads, q_len, head_dim), fp32
+    lse : (batch, num_heads, q_len), fp32; -inf where a query sees no key.
+    """
+    b, hq, n, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    group = hq // hkv
+    # qg: [B, Hkv, group * N, D], row r is query head (r // N) of the group at position r % N
+    qg = q.float().reshape(b, hkv, group * n, d)
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, group*N, T]
+    if causal:
+        rows = torch.arange(n, device=q.device).repeat(group)  # position of each row within the queries
+        cols = torch.arange(t, device=q.device)
+        visible = cols[None, :] <= rows[:, None] + (t - n)
+        logits = logits.masked_fill(~visible, float("-inf"))
+    p, lse = _softmax_with_lse(logits)
+    out = torch.matmul(p, v.float())  # [B, Hkv, group*N, D]
+    return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)
+
+
+def gathered_attention(
+    scores: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its own retrieved keys, given their raw scores q . k.
+
+    This is the CPU side of a decode step: the index already computed q . k for the keys it returns,
+    so only the values are gathered.
+
+    Parameters
+    ----------
+    scores : (groups, m, k) fp32, raw inner products of the m queries of each group with their k keys.
+    ids : (groups, m, k) int64, row of each key in ``values``.
+    values : (groups, n, head_dim) fp32.
+
+    Returns
+    -------
+    out : (groups, m, head_dim) fp32
+    lse : (groups, m) fp32; -inf when k == 0.
+    """
+    g, m, kk = ids.shape
+    if kk == 0:
+        out = values.new_zeros((g, m, values.shape[-1]), dtype=torch.float32)
+        return out, torch.full((g, m), float("-inf"), dtype=torch.float32, device=values.device)
+    p, lse = _softmax_with_lse(scores.float() * scale)  # p: [G, m, k]
+    rows = torch.arange(g, device=values.device)[:, None, None]
+    v_sel = values[rows, ids]  # [G, m, k, D]
+    out = torch.matmul(p.unsqueeze(-2), v_sel.float()).squeeze(-2)  # [G, m, D]
+    return out, lse
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True
+) -> torch.Tensor:
+    """Plain softmax attention in float64 for tests: q (B, Hq, N, D), k/v (B, Hkv, T, D) -> (B, Hq, N, D)."""
+    group = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(group, dim=1)
+    vv = v.double().repeat_interleave(group, dim=1)
+    logits = torch.matmul(q.double(), kk.transpose(-1, -2)) * scale
+    if causal:
+        n, t = q.shape[2], k.shape[2]
+        visible = torch.arange(t)[None, :] <= torch.arange(n)[:, None] + (t - n)
+        logits = logits.masked_fill(~visible.to(q.device), float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), vv)

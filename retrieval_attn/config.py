@@ -1,0 +1,65 @@
+"""``RetrievalConfig``: every knob of retrieval-attn in one frozen, validated dataclass.
+
+A bad value raises ``ValueError`` at construction, naming the field and its allowed range. The index
+name and its parameters are checked against the registered backends (``retrieval_attn.index``), which
+is the only thing this module depends on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .index import available_indexes, index_class
+
+__all__ = ["RetrievalConfig"]
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    allowed = f"an int in [{low}, {'inf' if high is None else high}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"RetrievalConfig.{name} must be {allowed}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"RetrievalConfig.{name} must be {allowed}, got {value}")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """What stays on the device, what is retrieved from the CPU, and how.
+
+    Attributes
+    ----------
+    sink_tokens : first tokens of each sequence kept on the device for good (>= 0).
+    window_tokens : most recent tokens kept on the device (>= 1); older ones spill to the CPU.
+    top_k : keys retrieved from the CPU per query head per decode step (>= 1).
+    index : name of a registered index backend (see ``retrieval_attn.index.available_indexes()``).
+    index_params : parameters of that backend, checked against its declared ranges.
+    cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
+    prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
+    """
+
+    sink_tokens: int = 128
+    window_tokens: int = 512
+    top_k: int = 100
+    index: str = "flat"
+    index_params: Mapping[str, Any] = field(default_factory=dict)
+    cpu_threads: int | None = None
+    prefill_block: int = 1024
+
+    def __post_init__(self) -> None:
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("window_tokens", self.window_tokens, 1)
+        _check_int("top_k", self.top_k, 1)
+        _check_int("prefill_block", self.prefill_block, 1)
+        if self.cpu_threads is not None:
+            _check_int("cpu_threads", self.cpu_threads, 1)
+        if not isinstance(self.index, str) or self.index not in available_indexes():
+            raise ValueError(f"RetrievalConfig.index must be one of {available_indexes()}, got {self.index!r}")
+        if not isinstance(self.index_params, Mapping):
+            raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
+        try:
+            index_class(self.index).validate_params(dict(self.index_params))
+        except ValueError as err:
+            raise ValueError(f"RetrievalConfig.index_params: {err}") from None
+        object.__setattr__(self, "index_params", MappingProxyType(dict(self.index_params)))

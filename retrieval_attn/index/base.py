@@ -1,0 +1,224 @@
+"""The ``KeyIndex`` protocol, its search result, parameter validation, and the registry of backends.
+
+An index holds the offloaded keys of *all heads of one layer* as ``groups`` independent key sets (one
+per batch element and KV head) and answers maximum-inner-product queries for all of them in one call.
+Arrays at this boundary are NumPy, fp32 and C-contiguous; ids are rows in insertion order, so they are
+also rows of the CPU KV store that holds the matching values.
+
+This module knows nothing about torch models, caches or the engine; it does not import the config.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "KeyIndex",
+    "Param",
+    "SearchResult",
+    "GrowableKeys",
+    "register_index",
+    "available_indexes",
+    "index_class",
+    "make_index",
+]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable parameter of a backend: its type, inclusive range and default."""
+
+    default: int | float
+    low: int | float
+    high: int | float | None = None
+    kind: type = int
+    doc: str = ""
+
+    def check(self, owner: str, name: str, value: Any) -> int | float:
+        """Return ``value`` if it is of the right type and in range, else raise ValueError naming it."""
+        allowed = f"[{self.low}, {'inf' if self.high is None else self.high}]"
+        ok_type = isinstance(value, (int, np.integer)) if self.kind is int else isinstance(value, (int, float, np.number))
+        if isinstance(value, bool) or not ok_type:
+            raise ValueError(f"{owner}: parameter {name!r} must be {self.kind.__name__} in {allowed}, got {value!r}")
+        if value < self.low or (self.high is not None and value > self.high) or value != value:
+            raise ValueError(f"{owner}: parameter {name!r} must be in {allowed}, got {value!r}")
+        return self.kind(value)
+
+
+@dataclass
+class SearchResult:
+    """What ``KeyIndex.search`` returns.
+
+    ids : (groups, m, k) int64, rows of the retrieved keys, best first.
+    scores : (groups, m, k) fp32, exact inner products q . key of those rows.
+    scored : (groups, m) int64, keys whose score was computed for each query (the cost of the search).
+    seconds : wall time of the search.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    scored: np.ndarray
+    seconds: float
+
+    def scored_fraction(self, n: int) -> float:
+        """Mean fraction of the ``n`` keys per group that were scored."""
+        return float(self.scored.mean()) / max(n, 1)
+
+
+class GrowableKeys:
+    """A (groups, capacity, dim) fp32 NumPy buffer that grows by doubling; ``view`` is the filled part."""
+
+    def __init__(self, groups: int, dim: int, capacity: int = 1024):
+        self._buf = np.empty((groups, max(capacity, 1), dim), dtype=np.float32)
+        self.n = 0
+
+    def append(self, keys: np.ndarray) -> None:
+        """Append keys (groups, t, dim) after the filled rows."""
+        t = keys.shape[1]
+        if self.n + t > self._buf.shape[1]:
+            cap = max(self.n + t, 2 * self._buf.shape[1])
+            buf = np.empty((self._buf.shape[0], cap, self._buf.shape[2]), dtype=np.float32)
+            buf[:, : self.n] = self._buf[:, : self.n]
+            self._buf = buf
+        self._buf[:, self.n : self.n + t] = keys
+        self.n += t
+
+    @property
+    def view(self) -> np.ndarray:
+        """The filled rows, (groups, n, dim), without a copy."""
+        return self._buf[:, : self.n]
+
+    @property
+    def nbytes(self) -> int:
+        return self._buf.nbytes
+
+
+class KeyIndex(ABC):
+    """Maximum-inner-product index over the keys of all heads of one layer.
+
+    Subclasses set ``name`` and ``params`` (name -> Param); build-time parameters are given to the
+    constructor, search-time ones may also be overridden per ``search`` call.
+    """
+
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Param]] = {}
+    search_params: ClassVar[tuple[str, ...]] = ()
+    uses_train_queries: ClassVar[bool] = False
+
+    def __init__(self, **params: Any):
+        self.config = {**{k: p.default for k, p in self.params.items()}, **self.validate_params(params)}
+        self.groups = 0
+        self.dim = 0
+        self.build_seconds = 0.0
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any], only: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``params`` checked against ``only`` (default: all parameters); unknown or out-of-range raise ValueError."""
+        allowed = cls.params if only is None else {k: cls.params[k] for k in only}
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"index {cls.name!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed) or 'none'}"
+            )
+        return {k: allowed[k].check(f"index {cls.name!r}", k, v) for k, v in params.items()}
+
+    def build(self, keys: np.ndarray, train_queries: np.ndarray | None = None) -> None:
+        """Index ``keys`` (groups, n, dim); ``train_queries`` (groups, m, dim) are prefill queries of each group."""
+        keys = _check_array("keys", keys)
+        if train_queries is not None:
+            train_queries = _check_array("train_queries", train_queries)
+            if train_queries.shape[0] != keys.shape[0] or train_queries.shape[2] != keys.shape[2]:
+                raise ValueError(
+                    f"train_queries {train_queries.shape} must have keys' groups and dim {keys.shape[0], keys.shape[2]}"
+                )
+        self.groups, self.dim = keys.shape[0], keys.shape[2]
+        start = time.perf_counter()
+        self._build(keys, train_queries)
+        self.build_seconds = time.perf_counter() - start
+
+    def add(self, keys: np.ndarray) -> None:
+        """Insert keys (groups, t, dim) after the existing ones; their ids continue the row numbering."""
+        keys = _check_array("keys", keys)
+        if self.dim == 0:
+            raise RuntimeError(f"index {self.name!r}: add() before build()")
+        if keys.shape[0] != self.groups or keys.shape[2] != self.dim:
+            raise ValueError(f"keys {keys.shape} must have groups={self.groups} and dim={self.dim}")
+        if keys.shape[1]:
+            self._add(keys)
+
+    def search(self, queries: np.ndarray, k: int, **params: Any) -> SearchResult:
+        """Top-``k`` keys by inner product for queries (groups, m, dim) of each group."""
+        queries = _check_array("queries", queries)
+        if queries.shape[0] != self.groups or queries.shape[2] != self.dim:
+            raise ValueError(f"queries {queries.shape} must have groups={self.groups} and dim={self.dim}")
+        n = len(self)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise ValueError(f"k must be an int in [1, {n}] (the number of indexed keys), got {k!r}")
+        config = {**self.config, **self.validate_params(params, only=self.search_params)} if params else self.config
+        start = time.perf_counter()
+        ids, scores, scored = self._search(queries, int(k), config)
+        return SearchResult(ids, scores, scored, time.perf_counter() - start)
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Keys per group."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of memory held by the index (its own copy of the keys included)."""
+
+    @abstractmethod
+    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None: ...
+
+    @abstractmethod
+    def _add(self, keys: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _search(
+        self, queries: np.ndarray, k: int, config: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+def _check_array(name: str, a: np.ndarray) -> np.ndarray:
+    """A C-contiguous fp32 3-D array with finite values, or ValueError naming ``name``."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array (groups, n, dim), got {type(a).__name__}")
+    if a.ndim != 3 or a.shape[2] == 0 or a.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (groups>=1, n, dim>=1), got {a.shape}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name} must be float32, got {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return np.ascontiguousarray(a)
+
+
+_REGISTRY: dict[str, type[KeyIndex]] = {}
+
+
+def register_index(cls: type[KeyIndex]) -> type[KeyIndex]:
+    """Class decorator: make a backend available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_indexes() -> list[str]:
+    """Names of the registered backends."""
+    return sorted(_REGISTRY)
+
+
+def index_class(name: str) -> type[KeyIndex]:
+    """The backend class registered as ``name``, or ValueError listing the known names."""
+    if name not in _REGISTRY:
+        raise ValueError(f"index must be one of {available_indexes()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def make_index(name: str, **params: Any) -> KeyIndex:
+    """A new, empty index of backend ``name`` with validated ``params``."""
+    return index_class(name)(**params)

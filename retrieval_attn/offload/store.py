@@ -1,0 +1,75 @@
+"""``KVStore``: the offloaded keys and values of one layer, all KV heads, in growable CPU memory.
+
+Storage is fp32, contiguous ``(groups, capacity, head_dim)`` per tensor, where a group is one
+(batch element, KV head) pair; row ``i`` of a group is the ``i``-th token offloaded for it, which is
+also the id an index returns. Memory is pinned when CUDA is available so copies to the GPU can be
+asynchronous. Growth doubles the capacity, so appends are amortised O(1).
+
+This module knows nothing about indexes or models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KVStore"]
+
+
+class KVStore:
+    """Growable CPU storage of offloaded K and V for ``groups`` key sets of dimension ``head_dim``."""
+
+    def __init__(self, groups: int, head_dim: int, capacity: int = 1024, pin_memory: bool | None = None):
+        self.groups, self.head_dim = groups, head_dim
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.n = 0
+        self._k = self._alloc(max(capacity, 1))
+        self._v = self._alloc(max(capacity, 1))
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        return torch.empty((self.groups, capacity, self.head_dim), dtype=torch.float32, pin_memory=self.pin_memory)
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[1]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k, v (groups, t, head_dim), any device and float dtype, converted to CPU fp32."""
+        t = k.shape[1]
+        if k.shape != (self.groups, t, self.head_dim) or v.shape != k.shape:
+            raise ValueError(
+                f"KVStore.append: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                f"({self.groups}, t, {self.head_dim})"
+            )
+        if self.n + t > self.capacity:
+            cap = max(self.n + t, 2 * self.capacity)
+            new_k, new_v = self._alloc(cap), self._alloc(cap)
+            new_k[:, : self.n] = self._k[:, : self.n]
+            new_v[:, : self.n] = self._v[:, : self.n]
+            self._k, self._v = new_k, new_v
+        self._k[:, self.n : self.n + t].copy_(k)
+        self._v[:, self.n : self.n + t].copy_(v)
+        self.n += t
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Stored keys (groups, n, head_dim), a view."""
+        return self._k[:, : self.n]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Stored values (groups, n, head_dim), a view."""
+        return self._v[:, : self.n]
+
+    def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``ids`` (groups, ...) int64 of each group -> keys, values (groups, ..., head_dim)."""
+        if ids.shape[0] != self.groups:
+            raise ValueError(f"KVStore.gather: ids {tuple(ids.shape)} must start with groups={self.groups}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+            raise ValueError(f"KVStore.gather: ids must be in [0, {self.n - 1}]")
+        rows = torch.arange(self.groups).view(-1, *([1] * (ids.dim() - 1)))
+        return self._k[rows, ids], self._v[rows, ids]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (allocated capacity of K and V)."""
+        return self._k.nbytes + self._v.nbytes
