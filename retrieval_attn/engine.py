@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numba
 import torch
+import torch.nn.functional as F
 
 from .attention import gathered_attention, merge_state, partial_attention
 from .config import RetrievalConfig
@@ -233,24 +234,28 @@ class RetrievalAttention:
         if self._k_dev is None:
             self._allocate(k)
         b, n = q.shape[0], q.shape[2]
-        f = self._filled()
+        f, off = self._filled(), self._store.n
+        # past_k/v: [B, Hkv, f + off, D], every token before this chunk (visible to all of its queries)
         past_k, past_v = self._k_dev[:, :, :f], self._v_dev[:, :, :f]
-        off = self._store.n
         if off:
-            # off_k: [B, Hkv, off, D] on q's device
-            off_k = self._store.keys.reshape(b, self.num_kv_heads, off, self.head_dim).to(q.device, non_blocking=True)
-            off_v = self._store.values.reshape(b, self.num_kv_heads, off, self.head_dim).to(q.device, non_blocking=True)
+            shape = (b, self.num_kv_heads, off, self.head_dim)
+            off_k = self._store.keys.reshape(shape).to(device=q.device, dtype=q.dtype, non_blocking=True)
+            off_v = self._store.values.reshape(shape).to(device=q.device, dtype=q.dtype, non_blocking=True)
+            past_k, past_v = torch.cat([past_k, off_k], dim=2), torch.cat([past_v, off_v], dim=2)
+        p = past_k.shape[2]
         out = torch.empty_like(q)
         step = self.config.prefill_block
         for i0 in range(0, n, step):
             i1 = min(n, i0 + step)
-            qb = q[:, :, i0:i1]  # [B, Hq, i1 - i0, D]
-            o, lse = partial_attention(qb, k[:, :, :i1], v[:, :, :i1], self.scale, causal=True)
-            if f:
-                o, lse = merge_state(o, lse, *partial_attention(qb, past_k, past_v, self.scale))
-            if off:
-                o, lse = merge_state(o, lse, *partial_attention(qb, off_k, off_v, self.scale))
-            out[:, :, i0:i1] = o.to(q.dtype)
+            keys = torch.cat([past_k, k[:, :, :i1]], dim=2) if p else k[:, :, :i1]  # [B, Hkv, p + i1, D]
+            vals = torch.cat([past_v, v[:, :, :i1]], dim=2) if p else v[:, :, :i1]
+            mask = None
+            if p or i0:  # query i0 + r sees the past and chunk tokens j <= i0 + r
+                cols = torch.arange(p + i1, device=q.device)
+                mask = cols[None, :] <= torch.arange(i0, i1, device=q.device)[:, None] + p
+            out[:, :, i0:i1] = F.scaled_dot_product_attention(
+                q[:, :, i0:i1], keys, vals, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
         self._append(k, v)
         return out
 

@@ -1,0 +1,437 @@
+"""Proximity-graph machinery shared by the graph backends: numba kernels and the ``GraphIndex`` base.
+
+The kernels own the beam search (used for queries, for the connectivity pass of the build, for
+inserting keys, and for replaying hnswlib's level-0 search), the neighbour pruning rule, and the
+construction steps that turn per-node candidate lists into a graph. ``GraphIndex`` owns the storage
+of a graph index (keys, padded adjacency, entry points), its growth for ``add`` and its search;
+subclasses (``roar``, ``keygraph``) only decide the initial candidate list of each node.
+
+Storage of one layer, ``G`` groups, capacity ``cap`` rows, out-degree at most ``maxdeg``:
+
+- keys ``[G, cap, D]`` fp32 (rows ``n..cap`` unused),
+- adjacency ``[G, cap, maxdeg]`` int32 of row ids within the group, valid up to ``deg [G, cap]`` int32,
+- one entry point per group ``[G]`` int64.
+
+Distances: ``IP`` is ``-<a, b>`` (maximum inner product), ``L2`` is ``|a - b|^2``. Every kernel runs
+one ``prange`` over independent work items (group x query, group x node, or group) that write only
+their own outputs and read nothing written in the same loop, so results do not depend on the number
+of numba threads. Nothing here knows about torch, models or the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from numba import njit, prange
+
+from .base import GrowableKeys, KeyIndex, Param
+
+__all__ = ["IP", "L2", "GraphIndex", "search_graph", "build_graph", "insert_nodes", "beam_search"]
+
+IP = 0
+L2 = 1
+
+# Reassociation lets LLVM vectorise the dot products; no-NaN/no-Inf flags are left out on purpose.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _dist(a, b, metric):
+    """Distance between two vectors a, b [D]: -<a, b> (IP) or |a - b|^2 (L2)."""
+    s = np.float32(0.0)
+    if metric == IP:
+        for i in range(a.shape[0]):
+            s += a[i] * b[i]
+        return -s
+    for i in range(a.shape[0]):
+        t = a[i] - b[i]
+        s += t * t
+    return s
+
+
+@njit(inline="always")
+def _visit(visited, node):
+    """Mark ``node`` in the bitset ``visited`` [words] uint64; True if it was already marked."""
+    w = node >> 6
+    bit = np.uint64(1) << np.uint64(node & 63)
+    if visited[w] & bit:
+        return True
+    visited[w] |= bit
+    return False
+
+
+@njit(inline="always")
+def _pool_insert(pool_i, pool_d, pool_x, size, cap, node, d):
+    """Insert (node, d) into the ascending pool of ``size`` entries and capacity ``cap``; return its slot.
+
+    The caller has checked that the pool is not full or that d beats the last entry. Equal distances
+    keep insertion order, so the pool is deterministic.
+    """
+    lo, hi = 0, size
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if pool_d[mid] <= d:
+            lo = mid + 1
+        else:
+            hi = mid
+    end = size if size < cap else cap - 1
+    for t in range(end, lo, -1):
+        pool_i[t] = pool_i[t - 1]
+        pool_d[t] = pool_d[t - 1]
+        pool_x[t] = pool_x[t - 1]
+    pool_i[lo] = node
+    pool_d[lo] = d
+    pool_x[lo] = False
+    return lo
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def beam_search(keys_g, n, adj_g, deg_g, entry, q, ef, need, metric, pool_i, pool_d, pool_x, visited):
+    """Best-first beam search of ``q`` [D] over the first ``n`` nodes of one group's graph.
+
+    keys_g [cap, D], adj_g [cap, maxdeg], deg_g [cap]; the pool (pool_i int32, pool_d fp32, pool_x
+    bool, each [ef]) ends sorted by distance. ``visited`` [ceil(n / 64)] uint64 must be zeroed. The
+    beam expands the best unexpanded pool entry until none is left; if fewer than ``need`` nodes were
+    reachable it restarts from the lowest unvisited row, so at least min(need, n) results come back.
+    Returns (pool size, number of distance computations).
+    """
+    scored = 0
+    size = 0
+    restart = 0  # rows below this are visited (only used for restarts)
+    if entry >= 0 and n > 0:
+        _visit(visited, entry)
+        pool_i[0] = entry
+        pool_d[0] = _dist(q, keys_g[entry], metric)
+        pool_x[0] = False
+        size = 1
+        scored = 1
+    while True:
+        cur = 0
+        while cur < size:
+            if pool_x[cur]:
+                cur += 1
+                continue
+            pool_x[cur] = True
+            node = pool_i[cur]
+            low = size  # lowest slot that received a new node while expanding ``node``
+            for j in range(deg_g[node]):
+                nb = adj_g[node, j]
+                if _visit(visited, nb):
+                    continue
+                d = _dist(q, keys_g[nb], metric)
+                scored += 1
+                if size == ef and d >= pool_d[size - 1]:
+                    continue
+                pos = _pool_insert(pool_i, pool_d, pool_x, size, ef, nb, d)
+                if size < ef:
+                    size += 1
+                if pos < low:
+                    low = pos
+            cur = low if low <= cur else cur + 1
+        if size >= need or scored >= n:
+            return size, scored
+        while visited[restart >> 6] & (np.uint64(1) << np.uint64(restart & 63)):
+            restart += 1
+        _visit(visited, restart)
+        d = _dist(q, keys_g[restart], metric)
+        scored += 1
+        if size < ef or d < pool_d[size - 1]:
+            _pool_insert(pool_i, pool_d, pool_x, size, ef, restart, d)
+            if size < ef:
+                size += 1
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def search_graph(keys, n, adj, deg, entries, queries, k, ef, ids, scores, scored):
+    """Top-``k`` by inner product for every query of every group, one beam of width ``ef`` each.
+
+    keys [G, cap, D], adj [G, cap, maxdeg], deg [G, cap], entries [G], queries [G, m, D];
+    writes ids [G, m, k] int64, scores [G, m, k] fp32 (exact q . key) and scored [G, m] int64.
+    """
+    groups, m = queries.shape[0], queries.shape[1]
+    words = (n + 63) >> 6
+    for t in prange(groups * m):
+        g = t // m
+        i = t - g * m
+        pool_i = np.empty(ef, np.int32)
+        pool_d = np.empty(ef, np.float32)
+        pool_x = np.empty(ef, np.bool_)
+        visited = np.zeros(words, np.uint64)
+        _, cnt = beam_search(keys[g], n, adj[g], deg[g], entries[g], queries[g, i], ef, k, IP,
+                             pool_i, pool_d, pool_x, visited)
+        for j in range(k):
+            ids[g, i, j] = pool_i[j]
+            scores[g, i, j] = -pool_d[j]
+        scored[g, i] = cnt
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _sorted_candidates(keys_g, node, raw, metric):
+    """Distinct rows of ``raw`` other than ``node`` and their distances to it, nearest first."""
+    uniq = np.unique(raw)
+    cand = uniq[(uniq != node) & (uniq >= 0)]
+    d = np.empty(cand.shape[0], np.float32)
+    for a in range(cand.shape[0]):
+        d[a] = _dist(keys_g[node], keys_g[cand[a]], metric)
+    order = np.argsort(d, kind="mergesort")
+    return cand[order], d[order]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _prune(keys_g, cand, cand_d, cap, metric, out):
+    """Keep candidates (nearest first) unless a kept one is nearer to them than the node; at most ``cap``.
+
+    Candidate p with distance cand_d to the node is dropped if a kept neighbour r has dist(p, r) < cand_d.
+    Writes the kept rows to ``out`` and returns their count.
+    """
+    cnt = 0
+    for a in range(cand.shape[0]):
+        if cnt == cap:
+            break
+        p = cand[a]
+        keep = True
+        for b in range(cnt):
+            if _dist(keys_g[p], keys_g[out[b]], metric) < cand_d[a]:
+                keep = False
+                break
+        if keep:
+            out[cnt] = p
+            cnt += 1
+    return cnt
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _link(keys, work, ptr, flat, cap, metric, always_prune, adj, deg):
+    """Set each work node's out-edges from its candidates, pruned to at most ``cap``.
+
+    work [W, 2] (group, node) with distinct rows; the candidates of work item w are
+    flat[ptr[w]:ptr[w + 1]]. With ``always_prune`` False, a list that fits in ``cap`` is kept whole.
+    """
+    for w in prange(work.shape[0]):
+        g, v = work[w, 0], work[w, 1]
+        cand, cand_d = _sorted_candidates(keys[g], v, flat[ptr[w]:ptr[w + 1]], metric)
+        if always_prune or cand.shape[0] > cap:
+            deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, adj[g, v])
+        else:
+            adj[g, v, : cand.shape[0]] = cand
+            deg[g, v] = cand.shape[0]
+
+
+@njit(cache=True)
+def _in_edges(adj, deg, n):
+    """In-edges of every node as CSR: (work [G * n, 2], ptr [G * n + 1], sources), sources ascending."""
+    groups = adj.shape[0]
+    ptr = np.zeros(groups * n + 1, np.int64)
+    for g in range(groups):
+        for u in range(n):
+            for j in range(deg[g, u]):
+                ptr[g * n + adj[g, u, j] + 1] += 1
+    for i in range(groups * n):
+        ptr[i + 1] += ptr[i]
+    src = np.empty(ptr[-1], np.int32)
+    fill = ptr[:-1].copy()
+    for g in range(groups):
+        for u in range(n):
+            for j in range(deg[g, u]):
+                v = g * n + adj[g, u, j]
+                src[fill[v]] = u
+                fill[v] += 1
+    work = np.empty((groups * n, 2), np.int64)
+    for i in range(groups * n):
+        work[i, 0] = i // n
+        work[i, 1] = i % n
+    return work, ptr, src
+
+
+@njit(parallel=True, cache=True)
+def _with_own_edges(adj, deg, work, ptr, src):
+    """Prepend each work node's current out-edges to its CSR list: (new ptr, new flat)."""
+    new_ptr = np.zeros(ptr.shape[0], np.int64)
+    for w in range(work.shape[0]):
+        new_ptr[w + 1] = new_ptr[w] + deg[work[w, 0], work[w, 1]] + ptr[w + 1] - ptr[w]
+    flat = np.empty(new_ptr[-1], np.int32)
+    for w in prange(work.shape[0]):
+        g, v = work[w, 0], work[w, 1]
+        o = new_ptr[w]
+        flat[o : o + deg[g, v]] = adj[g, v, : deg[g, v]]
+        flat[o + deg[g, v] : new_ptr[w + 1]] = src[ptr[w] : ptr[w + 1]]
+    return new_ptr, flat
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _search_own(keys, n, adj, deg, entries, ef, cap, metric, extra, extra_deg):
+    """Connectivity pass, step 1: beam-search every node's own vector; its pruned results -> extra [G, n, cap]."""
+    groups = adj.shape[0]
+    words = (n + 63) >> 6
+    for t in prange(groups * n):
+        g = t // n
+        v = t - g * n
+        pool_i = np.empty(ef, np.int32)
+        pool_d = np.empty(ef, np.float32)
+        pool_x = np.empty(ef, np.bool_)
+        visited = np.zeros(words, np.uint64)
+        size, _ = beam_search(keys[g], n, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
+                              pool_i, pool_d, pool_x, visited)
+        cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
+        extra_deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, extra[g, v])
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _merge_extra(keys, n, adj, deg, extra, extra_deg, metric):
+    """Connectivity pass, step 2: out-edges += extra edges, then += reverse extra edges, nearest first, up to maxdeg."""
+    maxdeg = adj.shape[2]
+    work, ptr, src = _in_edges(extra, extra_deg, n)
+    for w in prange(work.shape[0]):
+        g, v = work[w, 0], work[w, 1]
+        row = adj[g, v]
+        cnt = deg[g, v]
+        for pass_ in range(2):
+            if pass_ == 0:
+                cand, _ = _sorted_candidates(keys[g], v, extra[g, v, : extra_deg[g, v]], metric)
+            else:
+                cand, _ = _sorted_candidates(keys[g], v, src[ptr[w] : ptr[w + 1]], metric)
+            for a in range(cand.shape[0]):
+                if cnt == maxdeg:
+                    break
+                dup = False
+                for b in range(cnt):
+                    if row[b] == cand[a]:
+                        dup = True
+                        break
+                if not dup:
+                    row[cnt] = cand[a]
+                    cnt += 1
+        deg[g, v] = cnt
+
+
+def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg):
+    """Build a graph on the first ``n`` rows of every group from per-node candidate lists.
+
+    keys [G, cap, D]; work [W, 2] (group, node), ptr [W + 1], flat: CSR candidate lists (nodes not
+    in ``work`` start with no edges); adj [G, cap, 3M] and deg [G, cap] are filled in place.
+    Steps: (1) prune each candidate list to M; (2) add reverse edges, re-pruning lists above M;
+    (3) connectivity pass: beam-search each node's own vector from its group's entry point, prune the
+    results to M and add them and their reverse edges (final degree <= 3M = maxdeg).
+    """
+    deg[:, :n] = 0
+    _link(keys, work, ptr, flat, M, metric, True, adj, deg)
+    work_all, in_ptr, in_src = _in_edges(adj, deg, n)
+    both_ptr, both = _with_own_edges(adj, deg, work_all, in_ptr, in_src)
+    _link(keys, work_all, both_ptr, both, M, metric, False, adj, deg)
+    extra = np.empty((adj.shape[0], n, M), np.int32)
+    extra_deg = np.zeros((adj.shape[0], n), np.int32)
+    _search_own(keys, n, adj, deg, entries, build_ef, M, metric, extra, extra_deg)
+    _merge_extra(keys, n, adj, deg, extra, extra_deg, metric)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
+    """Link rows n_old..n_old+t-1 of every group into its graph, in row order (groups in parallel).
+
+    Each new node beam-searches its own vector over the nodes before it, keeps the pruned results
+    (at most M) as out-edges, and is added to each of those neighbours' lists: appended while the list
+    has room, else the neighbour's list plus the new node is pruned back to at most maxdeg.
+    A group with no nodes yet takes its first node as entry point.
+    """
+    groups, maxdeg = adj.shape[0], adj.shape[2]
+    for g in prange(groups):
+        pool_i = np.empty(ef, np.int32)
+        pool_d = np.empty(ef, np.float32)
+        pool_x = np.empty(ef, np.bool_)
+        scratch = np.empty(maxdeg + 1, np.int32)
+        for v in range(n_old, n_old + t):
+            deg[g, v] = 0
+            if entries[g] < 0:
+                entries[g] = v
+                continue
+            visited = np.zeros((v + 63) >> 6, np.uint64)
+            size, _ = beam_search(keys[g], v, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
+                                  pool_i, pool_d, pool_x, visited)
+            cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
+            deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, adj[g, v])
+            for a in range(deg[g, v]):
+                r = adj[g, v, a]
+                if deg[g, r] < maxdeg:
+                    adj[g, r, deg[g, r]] = v
+                    deg[g, r] += 1
+                    continue
+                scratch[:maxdeg] = adj[g, r]
+                scratch[maxdeg] = v
+                rc, rd = _sorted_candidates(keys[g], r, scratch, metric)
+                deg[g, r] = _prune(keys[g], rc, rd, maxdeg, metric, adj[g, r])
+
+
+class GraphIndex(KeyIndex):
+    """Base of the numba graph backends: storage, growth, ``add`` and inner-product beam search.
+
+    Subclasses implement ``_candidates(keys, train_queries) -> (work, ptr, flat)`` (the initial
+    candidate list of each node, CSR) and set ``build_metric`` (the distance used to build and to
+    insert: ``IP`` or ``L2``). Search always ranks by inner product.
+    """
+
+    build_metric: ClassVar[int] = IP
+    search_params = ("ef",)
+    params: ClassVar[dict[str, Param]] = {
+        "M": Param(32, 2, 512, doc="out-degree cap of the pruned lists; stored degree <= 3M"),
+        "build_ef": Param(64, 1, None, doc="beam width of the connectivity pass and of add()"),
+        "ef": Param(128, 1, None, doc="search beam width (queue length); must be >= k"),
+    }
+
+    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
+        groups, n, dim = keys.shape
+        self._keys = GrowableKeys(groups, dim, capacity=max(2 * n, 1024))
+        self._keys.append(keys)
+        self._maxdeg = 3 * self.config["M"]
+        self._adj = np.empty((groups, self._keys.view.shape[1] and self._capacity, self._maxdeg), np.int32)
+        self._deg = np.zeros((groups, self._capacity), np.int32)
+        # entry point: the key nearest (L2) to its group's mean key; -1 while a group has no keys
+        self._entries = np.full(groups, -1, np.int64)
+        if n == 0:
+            return
+        centre = keys.mean(axis=1, keepdims=True)  # [G, 1, D]
+        self._entries[:] = ((keys - centre) ** 2).sum(axis=2).argmin(axis=1)  # [G]
+        work, ptr, flat = self._candidates(keys, train_queries)
+        build_graph(self._keys._buf, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
+                    self._entries, self.build_metric, self._adj, self._deg)
+
+    @property
+    def _capacity(self) -> int:
+        return self._keys._buf.shape[1]
+
+    def _candidates(self, keys: np.ndarray, train_queries: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Initial candidates per node: work [W, 2] int64 (group, node), ptr [W + 1] int64, flat int32."""
+        raise NotImplementedError
+
+    def _add(self, keys: np.ndarray) -> None:
+        n_old, t = self._keys.n, keys.shape[1]
+        self._keys.append(keys)
+        if self._capacity > self._adj.shape[1]:
+            adj = np.empty((self.groups, self._capacity, self._maxdeg), np.int32)
+            adj[:, :n_old] = self._adj[:, :n_old]
+            deg = np.zeros((self.groups, self._capacity), np.int32)
+            deg[:, :n_old] = self._deg[:, :n_old]
+            self._adj, self._deg = adj, deg
+        insert_nodes(self._keys._buf, n_old, t, self._adj, self._deg, self._entries,
+                     self.config["build_ef"], self.config["M"], self.build_metric)
+
+    def __len__(self) -> int:
+        return self._keys.n if self.dim else 0
+
+    @property
+    def nbytes(self) -> int:
+        if not self.dim:
+            return 0
+        return self._keys.nbytes + self._adj.nbytes + self._deg.nbytes + self._entries.nbytes
+
+    def _search(self, queries: np.ndarray, k: int, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ef = config["ef"]
+        if ef < k:
+            raise ValueError(f"index {self.name!r}: ef ({ef}) must be >= k ({k})")
+        groups, m, _ = queries.shape
+        ids = np.empty((groups, m, k), np.int64)
+        scores = np.empty((groups, m, k), np.float32)
+        scored = np.empty((groups, m), np.int64)
+        search_graph(self._keys._buf, len(self), self._adj, self._deg, self._entries, queries, k, ef,
+                     ids, scores, scored)
+        return ids, scores, scored
