@@ -52,6 +52,8 @@ def merge_state(
 
 def _softmax_with_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row softmax and natural-log lse of fp32 logits (..., T) that may hold -inf; empty rows give 0 and -inf."""
+    if logits.shape[-1] == 0:
+        return logits, torch.full(logits.shape[:-1], float("-inf"), dtype=logits.dtype, device=logits.device)
     m = logits.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(logits - m)

@@ -3,7 +3,7 @@
 Importing this package registers every backend, so ``make_index(name)`` finds it by name.
 """
 
-from . import flat  # noqa: F401  (registers "flat")
+from . import flat, hnsw, ivf, keygraph, roar  # noqa: F401  (register "flat", "hnsw", "ivf", "keygraph", "roar")
 from .base import KeyIndex, Param, SearchResult, available_indexes, index_class, make_index, register_index
 
 __all__ = ["KeyIndex", "Param", "SearchResult", "available_indexes", "index_class", "make_index", "register_index"]

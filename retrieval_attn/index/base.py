@@ -94,6 +94,11 @@ class GrowableKeys:
         return self._buf[:, : self.n]
 
     @property
+    def buffer(self) -> np.ndarray:
+        """The whole C-contiguous (groups, capacity, dim) buffer, rows ``n`` on unused (for kernels that index rows)."""
+        return self._buf
+
+    @property
     def nbytes(self) -> int:
         return self._buf.nbytes
 

@@ -20,6 +20,7 @@ of numba threads. Nothing here knows about torch, models or the engine.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,17 +28,17 @@ from numba import njit, prange
 
 from .base import GrowableKeys, KeyIndex, Param
 
-__all__ = ["IP", "L2", "GraphIndex", "search_graph", "build_graph", "insert_nodes", "beam_search"]
+__all__ = ["IP", "L2", "FASTMATH", "distance", "GraphIndex", "search_graph", "build_graph", "insert_nodes", "beam_search"]
 
 IP = 0
 L2 = 1
 
 # Reassociation lets LLVM vectorise the dot products; no-NaN/no-Inf flags are left out on purpose.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _dist(a, b, metric):
+@njit(inline="always", fastmath=FASTMATH)
+def distance(a, b, metric):
     """Distance between two vectors a, b [D]: -<a, b> (IP) or |a - b|^2 (L2)."""
     s = np.float32(0.0)
     if metric == IP:
@@ -65,28 +66,23 @@ def _visit(visited, node):
 def _pool_insert(pool_i, pool_d, pool_x, size, cap, node, d):
     """Insert (node, d) into the ascending pool of ``size`` entries and capacity ``cap``; return its slot.
 
-    The caller has checked that the pool is not full or that d beats the last entry. Equal distances
-    keep insertion order, so the pool is deterministic.
+    The caller has checked that the pool is not full or that d beats the last entry. A linear scan
+    from the end that shifts as it goes (insertion sort) beats a binary search + shift here: no
+    unpredictable branches. Equal distances keep insertion order, so the pool is deterministic.
     """
-    lo, hi = 0, size
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if pool_d[mid] <= d:
-            lo = mid + 1
-        else:
-            hi = mid
-    end = size if size < cap else cap - 1
-    for t in range(end, lo, -1):
-        pool_i[t] = pool_i[t - 1]
-        pool_d[t] = pool_d[t - 1]
-        pool_x[t] = pool_x[t - 1]
+    lo = size if size < cap else cap - 1
+    while lo > 0 and pool_d[lo - 1] > d:
+        pool_i[lo] = pool_i[lo - 1]
+        pool_d[lo] = pool_d[lo - 1]
+        pool_x[lo] = pool_x[lo - 1]
+        lo -= 1
     pool_i[lo] = node
     pool_d[lo] = d
     pool_x[lo] = False
     return lo
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH)
 def beam_search(keys_g, n, adj_g, deg_g, entry, q, ef, need, metric, pool_i, pool_d, pool_x, visited):
     """Best-first beam search of ``q`` [D] over the first ``n`` nodes of one group's graph.
 
@@ -102,7 +98,7 @@ def beam_search(keys_g, n, adj_g, deg_g, entry, q, ef, need, metric, pool_i, poo
     if entry >= 0 and n > 0:
         _visit(visited, entry)
         pool_i[0] = entry
-        pool_d[0] = _dist(q, keys_g[entry], metric)
+        pool_d[0] = distance(q, keys_g[entry], metric)
         pool_x[0] = False
         size = 1
         scored = 1
@@ -119,7 +115,7 @@ def beam_search(keys_g, n, adj_g, deg_g, entry, q, ef, need, metric, pool_i, poo
                 nb = adj_g[node, j]
                 if _visit(visited, nb):
                     continue
-                d = _dist(q, keys_g[nb], metric)
+                d = distance(q, keys_g[nb], metric)
                 scored += 1
                 if size == ef and d >= pool_d[size - 1]:
                     continue
@@ -134,7 +130,7 @@ def beam_search(keys_g, n, adj_g, deg_g, entry, q, ef, need, metric, pool_i, poo
         while visited[restart >> 6] & (np.uint64(1) << np.uint64(restart & 63)):
             restart += 1
         _visit(visited, restart)
-        d = _dist(q, keys_g[restart], metric)
+        d = distance(q, keys_g[restart], metric)
         scored += 1
         if size < ef or d < pool_d[size - 1]:
             _pool_insert(pool_i, pool_d, pool_x, size, ef, restart, d)
@@ -142,7 +138,7 @@ def beam_search(keys_g, n, adj_g, deg_g, entry, q, ef, need, metric, pool_i, poo
                 size += 1
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def search_graph(keys, n, adj, deg, entries, queries, k, ef, ids, scores, scored):
     """Top-``k`` by inner product for every query of every group, one beam of width ``ef`` each.
 
@@ -166,25 +162,28 @@ def search_graph(keys, n, adj, deg, entries, queries, k, ef, ids, scores, scored
         scored[g, i] = cnt
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH)
 def _sorted_candidates(keys_g, node, raw, metric):
     """Distinct rows of ``raw`` other than ``node`` and their distances to it, nearest first."""
     uniq = np.unique(raw)
     cand = uniq[(uniq != node) & (uniq >= 0)]
     d = np.empty(cand.shape[0], np.float32)
     for a in range(cand.shape[0]):
-        d[a] = _dist(keys_g[node], keys_g[cand[a]], metric)
+        d[a] = distance(keys_g[node], keys_g[cand[a]], metric)
     order = np.argsort(d, kind="mergesort")
     return cand[order], d[order]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _prune(keys_g, cand, cand_d, cap, metric, out):
+@njit(cache=True, fastmath=FASTMATH)
+def _prune(keys_g, cand, cand_d, cap, metric, fill, out):
     """Keep candidates (nearest first) unless a kept one is nearer to them than the node; at most ``cap``.
 
-    Candidate p with distance cand_d to the node is dropped if a kept neighbour r has dist(p, r) < cand_d.
-    Writes the kept rows to ``out`` and returns their count.
+    Candidate p at distance cand_d from the node is dropped if a kept neighbour r has dist(p, r) < cand_d.
+    With ``fill``, dropped candidates then top the list up to ``cap``, nearest first (as RoarGraph's
+    projection does: with inner product the rule alone keeps very few). Writes the rows to ``out``
+    and returns their count.
     """
+    kept = np.zeros(cand.shape[0], np.bool_)
     cnt = 0
     for a in range(cand.shape[0]):
         if cnt == cap:
@@ -192,16 +191,24 @@ def _prune(keys_g, cand, cand_d, cap, metric, out):
         p = cand[a]
         keep = True
         for b in range(cnt):
-            if _dist(keys_g[p], keys_g[out[b]], metric) < cand_d[a]:
+            if distance(keys_g[p], keys_g[out[b]], metric) < cand_d[a]:
                 keep = False
                 break
         if keep:
             out[cnt] = p
+            kept[a] = True
             cnt += 1
+    if fill:
+        for a in range(cand.shape[0]):
+            if cnt == cap:
+                break
+            if not kept[a]:
+                out[cnt] = cand[a]
+                cnt += 1
     return cnt
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _link(keys, work, ptr, flat, cap, metric, always_prune, adj, deg):
     """Set each work node's out-edges from its candidates, pruned to at most ``cap``.
 
@@ -212,54 +219,50 @@ def _link(keys, work, ptr, flat, cap, metric, always_prune, adj, deg):
         g, v = work[w, 0], work[w, 1]
         cand, cand_d = _sorted_candidates(keys[g], v, flat[ptr[w]:ptr[w + 1]], metric)
         if always_prune or cand.shape[0] > cap:
-            deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, adj[g, v])
+            deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, True, adj[g, v])
         else:
             adj[g, v, : cand.shape[0]] = cand
             deg[g, v] = cand.shape[0]
 
 
 @njit(cache=True)
-def _in_edges(adj, deg, n):
-    """In-edges of every node as CSR: (work [G * n, 2], ptr [G * n + 1], sources), sources ascending."""
+def _in_edges(adj, deg, n, with_own):
+    """For every node, its in-edge sources (ascending), after its own out-edges if ``with_own``, as CSR.
+
+    adj [G, cap, width], deg [G, cap]; returns work [G * n, 2] (group, node), ptr [G * n + 1], flat int32.
+    """
     groups = adj.shape[0]
     ptr = np.zeros(groups * n + 1, np.int64)
     for g in range(groups):
         for u in range(n):
+            if with_own:
+                ptr[g * n + u + 1] += deg[g, u]
             for j in range(deg[g, u]):
                 ptr[g * n + adj[g, u, j] + 1] += 1
     for i in range(groups * n):
         ptr[i + 1] += ptr[i]
-    src = np.empty(ptr[-1], np.int32)
+    flat = np.empty(ptr[-1], np.int32)
     fill = ptr[:-1].copy()
+    if with_own:
+        for g in range(groups):
+            for u in range(n):
+                o = fill[g * n + u]
+                flat[o : o + deg[g, u]] = adj[g, u, : deg[g, u]]
+                fill[g * n + u] += deg[g, u]
     for g in range(groups):
         for u in range(n):
             for j in range(deg[g, u]):
                 v = g * n + adj[g, u, j]
-                src[fill[v]] = u
+                flat[fill[v]] = u
                 fill[v] += 1
     work = np.empty((groups * n, 2), np.int64)
     for i in range(groups * n):
         work[i, 0] = i // n
         work[i, 1] = i % n
-    return work, ptr, src
+    return work, ptr, flat
 
 
-@njit(parallel=True, cache=True)
-def _with_own_edges(adj, deg, work, ptr, src):
-    """Prepend each work node's current out-edges to its CSR list: (new ptr, new flat)."""
-    new_ptr = np.zeros(ptr.shape[0], np.int64)
-    for w in range(work.shape[0]):
-        new_ptr[w + 1] = new_ptr[w] + deg[work[w, 0], work[w, 1]] + ptr[w + 1] - ptr[w]
-    flat = np.empty(new_ptr[-1], np.int32)
-    for w in prange(work.shape[0]):
-        g, v = work[w, 0], work[w, 1]
-        o = new_ptr[w]
-        flat[o : o + deg[g, v]] = adj[g, v, : deg[g, v]]
-        flat[o + deg[g, v] : new_ptr[w + 1]] = src[ptr[w] : ptr[w + 1]]
-    return new_ptr, flat
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _search_own(keys, n, adj, deg, entries, ef, cap, metric, extra, extra_deg):
     """Connectivity pass, step 1: beam-search every node's own vector; its pruned results -> extra [G, n, cap]."""
     groups = adj.shape[0]
@@ -274,14 +277,14 @@ def _search_own(keys, n, adj, deg, entries, ef, cap, metric, extra, extra_deg):
         size, _ = beam_search(keys[g], n, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                               pool_i, pool_d, pool_x, visited)
         cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
-        extra_deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, extra[g, v])
+        extra_deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, False, extra[g, v])
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _merge_extra(keys, n, adj, deg, extra, extra_deg, metric):
     """Connectivity pass, step 2: out-edges += extra edges, then += reverse extra edges, nearest first, up to maxdeg."""
     maxdeg = adj.shape[2]
-    work, ptr, src = _in_edges(extra, extra_deg, n)
+    work, ptr, src = _in_edges(extra, extra_deg, n, False)
     for w in prange(work.shape[0]):
         g, v = work[w, 0], work[w, 1]
         row = adj[g, v]
@@ -316,8 +319,7 @@ def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg
     """
     deg[:, :n] = 0
     _link(keys, work, ptr, flat, M, metric, True, adj, deg)
-    work_all, in_ptr, in_src = _in_edges(adj, deg, n)
-    both_ptr, both = _with_own_edges(adj, deg, work_all, in_ptr, in_src)
+    work_all, both_ptr, both = _in_edges(adj, deg, n, True)
     _link(keys, work_all, both_ptr, both, M, metric, False, adj, deg)
     extra = np.empty((adj.shape[0], n, M), np.int32)
     extra_deg = np.zeros((adj.shape[0], n), np.int32)
@@ -325,7 +327,7 @@ def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg
     _merge_extra(keys, n, adj, deg, extra, extra_deg, metric)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
     """Link rows n_old..n_old+t-1 of every group into its graph, in row order (groups in parallel).
 
@@ -349,7 +351,7 @@ def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
             size, _ = beam_search(keys[g], v, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                                   pool_i, pool_d, pool_x, visited)
             cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
-            deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, adj[g, v])
+            deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, True, adj[g, v])
             for a in range(deg[g, v]):
                 r = adj[g, v, a]
                 if deg[g, r] < maxdeg:
@@ -359,7 +361,7 @@ def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
                 scratch[:maxdeg] = adj[g, r]
                 scratch[maxdeg] = v
                 rc, rd = _sorted_candidates(keys[g], r, scratch, metric)
-                deg[g, r] = _prune(keys[g], rc, rd, maxdeg, metric, adj[g, r])
+                deg[g, r] = _prune(keys[g], rc, rd, maxdeg, metric, True, adj[g, r])
 
 
 class GraphIndex(KeyIndex):
@@ -383,7 +385,7 @@ class GraphIndex(KeyIndex):
         self._keys = GrowableKeys(groups, dim, capacity=max(2 * n, 1024))
         self._keys.append(keys)
         self._maxdeg = 3 * self.config["M"]
-        self._adj = np.empty((groups, self._keys.view.shape[1] and self._capacity, self._maxdeg), np.int32)
+        self._adj = np.empty((groups, self._capacity, self._maxdeg), np.int32)
         self._deg = np.zeros((groups, self._capacity), np.int32)
         # entry point: the key nearest (L2) to its group's mean key; -1 while a group has no keys
         self._entries = np.full(groups, -1, np.int64)
@@ -392,16 +394,16 @@ class GraphIndex(KeyIndex):
         centre = keys.mean(axis=1, keepdims=True)  # [G, 1, D]
         self._entries[:] = ((keys - centre) ** 2).sum(axis=2).argmin(axis=1)  # [G]
         work, ptr, flat = self._candidates(keys, train_queries)
-        build_graph(self._keys._buf, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
+        build_graph(self._keys.buffer, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
                     self._entries, self.build_metric, self._adj, self._deg)
 
     @property
     def _capacity(self) -> int:
-        return self._keys._buf.shape[1]
+        return self._keys.buffer.shape[1]
 
+    @abstractmethod
     def _candidates(self, keys: np.ndarray, train_queries: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Initial candidates per node: work [W, 2] int64 (group, node), ptr [W + 1] int64, flat int32."""
-        raise NotImplementedError
 
     def _add(self, keys: np.ndarray) -> None:
         n_old, t = self._keys.n, keys.shape[1]
@@ -412,7 +414,7 @@ class GraphIndex(KeyIndex):
             deg = np.zeros((self.groups, self._capacity), np.int32)
             deg[:, :n_old] = self._deg[:, :n_old]
             self._adj, self._deg = adj, deg
-        insert_nodes(self._keys._buf, n_old, t, self._adj, self._deg, self._entries,
+        insert_nodes(self._keys.buffer, n_old, t, self._adj, self._deg, self._entries,
                      self.config["build_ef"], self.config["M"], self.build_metric)
 
     def __len__(self) -> int:
@@ -432,6 +434,6 @@ class GraphIndex(KeyIndex):
         ids = np.empty((groups, m, k), np.int64)
         scores = np.empty((groups, m, k), np.float32)
         scored = np.empty((groups, m), np.int64)
-        search_graph(self._keys._buf, len(self), self._adj, self._deg, self._entries, queries, k, ef,
+        search_graph(self._keys.buffer, len(self), self._adj, self._deg, self._entries, queries, k, ef,
                      ids, scores, scored)
         return ids, scores, scored

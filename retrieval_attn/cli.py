@@ -1,0 +1,145 @@
+"""The ``retrieval-attn`` command line: ``generate`` (long-context generation with retrieval).
+
+The only module that prints. It loads a model (the embedded SmolLM2 by default), prefills the prompt
+in chunks with a progress bar, streams greedy decoding token by token, and ends with a table of where
+the tokens are and what each step cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import RetrievalConfig
+from .index import available_indexes
+
+__all__ = ["main"]
+
+BUILTIN_PROMPT = "passkey.txt"
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"--prompt-file: {path} does not exist")
+        return path.read_text()
+    return resources.files("retrieval_attn").joinpath("data", BUILTIN_PROMPT).read_text()
+
+
+def format_table(rows: list[tuple[str, object]]) -> str:
+    """Two aligned columns, one row per (name, value)."""
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .hf import RetrievalCache, load_model
+
+    try:
+        config = RetrievalConfig(
+            sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
+            cpu_threads=args.cpu_threads,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk < 2:
+        raise SystemExit(f"--prefill-chunk must be >= 2, got {args.prefill_chunk}")
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    prompt = _read_prompt(args)
+    print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, n]
+    n = ids.shape[1]
+    cache = RetrievalCache(model, config)
+
+    start = time.perf_counter()
+    with torch.no_grad(), tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr) as bar:
+        for i in range(0, n, args.prefill_chunk):
+            j = min(n, i + args.prefill_chunk)
+            if n - j == 1:  # never leave a 1-token chunk: it would be taken for a decode step
+                j = n
+            logits = model(ids[:, i:j], past_key_values=cache, use_cache=True).logits
+            bar.update(j - i)
+            if j == n:
+                break
+    prefill_s = time.perf_counter() - start
+
+    generated: list[int] = []
+    scanned: list[int] = []
+    printed = ""
+    step_start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(args.max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+            logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
+            scanned.append(sum(s.keys_scanned_last_step for s in cache.stats))
+    decode_s = time.perf_counter() - step_start
+    print()
+    stats = cache.stats
+    steps = max(len(generated), 1)
+    layers = len(stats)
+    print(
+        format_table([
+            ("prompt tokens", n),
+            ("tokens on device / offloaded (per layer)", f"{stats[0].device_tokens} / {stats[0].offloaded_tokens}"),
+            ("index", f"{config.index} (top_k {config.top_k})"),
+            ("prefill seconds", f"{prefill_s:.2f}"),
+            ("seconds per decoded token", f"{decode_s / steps:.4f}"),
+            ("keys scanned per step (all layers, heads)", f"{sum(scanned) / max(len(scanned), 1):.0f}"),
+            ("keys scanned per query head (mean fraction)",
+             f"{sum(s.keys_scanned_fraction for s in stats) / layers:.3f}"),
+            ("CPU / device MiB (all layers)",
+             f"{sum(s.cpu_bytes for s in stats) / 2**20:.1f} / {sum(s.device_bytes for s in stats) / 2**20:.1f}"),
+        ])
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="long-context greedy generation with the KV cache offloaded and retrieved")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: the built-in pass-key document)")
+    src.add_argument("--prompt-file", help="file holding the prompt")
+    gen.add_argument("--model", default=None, help="GGUF file or transformers folder (default: embedded SmolLM2)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    defaults = RetrievalConfig()
+    gen.add_argument("--top-k", type=int, default=defaults.top_k, help="keys retrieved per query head per step")
+    gen.add_argument("--sink", type=int, default=defaults.sink_tokens, help="first tokens kept on the device")
+    gen.add_argument("--window", type=int, default=defaults.window_tokens, help="recent tokens kept on the device")
+    gen.add_argument("--index", default=defaults.index, choices=available_indexes(), help="index backend")
+    gen.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU search and attention")
+    gen.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda:0")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward pass")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``retrieval-attn`` console script."""
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""``hnsw``: hnswlib's HNSW graph built and searched by inner product, one hnswlib index per group.
+
+This is the off-the-shelf key-only baseline. hnswlib answers the queries; because its Python API
+does not report how many distances a search computed, the cost (``scored``) is measured by
+*replaying* each search on the same graph: the link lists are read from the index's pickled state
+(``__getstate__``: level-0 blocks in ``data_level0``, upper levels in ``link_lists``) and a numba
+kernel follows hnswlib's algorithm — greedy descent through the upper levels, then a best-first beam
+of ``max(ef, k)`` at level 0 (``graph.beam_search``) — counting every distance computation (hnswlib
+computes the entry point's distance twice, so does the replay). The replay finds the same ids as
+hnswlib up to float ties; the tests check that.
+
+Determinism: each group's index is built single-threaded (hnswlib's parallel inserts depend on
+thread timing) and the groups are built on parallel Python threads (hnswlib releases the GIL).
+
+Cost note: the link lists are re-read from the whole pickled state on the first search after a
+build or ``add``, which copies the index; fine for measuring, not meant for a decode loop.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import hnswlib
+import numpy as np
+from numba import njit, prange
+
+from .base import GrowableKeys, KeyIndex, Param, register_index
+from .graph import FASTMATH, IP, distance, beam_search
+
+__all__ = ["HnswIndex"]
+
+_SEED = 100
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top_levels, queries, k, ef,
+            ids, scored):
+    """Replay hnswlib searches of queries [G, m, D]: writes the ids [G, m, k] found and the distance count [G, m].
+
+    keys [G, cap, D]; level 0: adj0 [G, cap, maxM0], deg0 [G, cap]; upper levels: node i of group g
+    has its level-l block (count word, then links) at upper[upper_ptr[g, i] + (l - 1) * words_per_level].
+    """
+    groups, m = queries.shape[0], queries.shape[1]
+    words = (n + 63) >> 6
+    for t in prange(groups * m):
+        g = t // m
+        i = t - g * m
+        q = queries[g, i]
+        cur = entries[g]
+        cur_d = distance(q, keys[g, cur], IP)
+        cnt = 1
+        for level in range(top_levels[g], 0, -1):
+            changed = True
+            while changed:
+                changed = False
+                base = upper_ptr[g, cur] + (level - 1) * words_per_level
+                for j in range(upper[base] & 0xFFFF):
+                    cand = upper[base + 1 + j]
+                    d = distance(q, keys[g, cand], IP)
+                    cnt += 1
+                    if d < cur_d:
+                        cur_d = d
+                        cur = cand
+                        changed = True
+        pool_i = np.empty(ef, np.int32)
+        pool_d = np.empty(ef, np.float32)
+        pool_x = np.empty(ef, np.bool_)
+        visited = np.zeros(words, np.uint64)
+        _, c0 = beam_search(keys[g], n, adj0[g], deg0[g], cur, q, ef, k, IP, pool_i, pool_d, pool_x, visited)
+        for j in range(k):
+            ids[g, i, j] = pool_i[j]
+        scored[g, i] = cnt + c0
+
+
+@register_index
+class HnswIndex(KeyIndex):
+    """hnswlib HNSW per group (space 'ip'); ids from ``knn_query``, ``scored`` from a counting replay."""
+
+    name = "hnsw"
+    search_params = ("ef",)
+    params = {
+        "M": Param(16, 2, 512, doc="hnswlib M: links per node on upper levels (2M at level 0)"),
+        "ef_construction": Param(200, 1, None, doc="hnswlib beam width while inserting"),
+        "ef": Param(128, 1, None, doc="search beam width; must be >= k"),
+    }
+
+    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
+        groups, n, dim = keys.shape
+        self._keys = GrowableKeys(groups, dim, capacity=max(2 * n, 1024))
+        self._keys.append(keys)
+        self._indexes = []
+        for _ in range(groups):
+            index = hnswlib.Index(space="ip", dim=dim)
+            index.init_index(max_elements=self._keys.buffer.shape[1], M=self.config["M"],
+                             ef_construction=self.config["ef_construction"], random_seed=_SEED)
+            self._indexes.append(index)
+        self._insert(keys, 0)
+
+    def _add(self, keys: np.ndarray) -> None:
+        n_old = self._keys.n
+        self._keys.append(keys)
+        for index in self._indexes:
+            if index.get_max_elements() < self._keys.buffer.shape[1]:
+                index.resize_index(self._keys.buffer.shape[1])
+        self._insert(keys, n_old)
+
+    def _insert(self, keys: np.ndarray, first: int) -> None:
+        """Add keys [G, t, D] as rows first.. of every group: one thread per group, single-threaded inserts."""
+        self._graph = None  # the replay's copy of the links is stale
+        if keys.shape[1] == 0:
+            return
+        labels = np.arange(first, first + keys.shape[1])
+        with ThreadPoolExecutor(max_workers=len(self._indexes)) as pool:
+            list(pool.map(lambda g: self._indexes[g].add_items(keys[g], labels, num_threads=1),
+                          range(len(self._indexes))))
+
+    def __len__(self) -> int:
+        return self._keys.n if self.dim else 0
+
+    @property
+    def nbytes(self) -> int:
+        if not self.dim:
+            return 0
+        graph = self._links()
+        replay = sum(a.nbytes for a in graph.values() if isinstance(a, np.ndarray))
+        return self._keys.nbytes + replay + graph["hnswlib_bytes"]
+
+    def _links(self) -> dict[str, Any]:
+        """The link lists of every group as numba-friendly arrays, read from hnswlib's pickled state."""
+        if self._graph is not None:
+            return self._graph
+        groups, n, cap = self.groups, self._keys.n, self._keys.buffer.shape[1]
+        states = [index.__getstate__()[0] for index in self._indexes]
+        max_m0, words_per_level = states[0]["max_M0"], states[0]["size_links_per_element"] // 4
+        adj0 = np.zeros((groups, cap, max_m0), np.int32)
+        deg0 = np.zeros((groups, cap), np.int32)
+        upper_ptr = np.zeros((groups, cap), np.int64)
+        uppers, offset, hnswlib_bytes = [], 0, 0
+        for g, s in enumerate(states):
+            block = s["data_level0"].view(np.uint32).reshape(n, s["size_data_per_element"] // 4)  # [n, words]
+            labels = block[:, s["label_offset"] // 4]  # low word of each 64-bit label
+            if not np.array_equal(labels, np.arange(n)):
+                raise RuntimeError("hnsw: internal ids differ from insertion order; the replay needs them equal")
+            deg0[g, :n] = block[:, 0] & 0xFFFF
+            adj0[g, :n] = block[:, 1 : 1 + max_m0]
+            levels = s["element_levels"][:n].astype(np.int64)  # [n]
+            upper_ptr[g, :n] = offset + np.concatenate([[0], np.cumsum(levels * words_per_level)[:-1]])
+            uppers.append(s["link_lists"].view(np.uint32))
+            offset += uppers[-1].shape[0]
+            hnswlib_bytes += s["max_elements"] * s["size_data_per_element"] + s["link_lists"].nbytes
+        self._graph = {
+            "adj0": adj0,
+            "deg0": deg0,
+            "upper": np.concatenate(uppers).astype(np.int32),
+            "upper_ptr": upper_ptr,
+            "words_per_level": words_per_level,
+            "entries": np.array([s["enterpoint_node"] for s in states], np.int64),
+            "top_levels": np.array([s["max_level"] for s in states], np.int64),
+            "hnswlib_bytes": hnswlib_bytes,
+        }
+        return self._graph
+
+    def replay(self, queries: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids [G, m, k] and distance computations [G, m] of the replayed hnswlib search (queries [G, m, D])."""
+        graph = self._links()
+        ids = np.empty((*queries.shape[:2], k), np.int64)
+        scored = np.empty(queries.shape[:2], np.int64)
+        _replay(self._keys.buffer, self._keys.n, graph["adj0"], graph["deg0"], graph["upper"], graph["upper_ptr"],
+                graph["words_per_level"], graph["entries"], graph["top_levels"], queries, k, ef, ids, scored)
+        return ids, scored
+
+    def _search(self, queries: np.ndarray, k: int, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ef = config["ef"]
+        if ef < k:
+            raise ValueError(f"index 'hnsw': ef ({ef}) must be >= k ({k})")
+        groups = queries.shape[0]
+        ids = np.empty((*queries.shape[:2], k), np.int64)
+        for g, index in enumerate(self._indexes):
+            index.set_ef(ef)
+            ids[g] = index.knn_query(queries[g], k=k)[0]  # [m, k] labels; its distances are 1 - ip
+        found = self._keys.view[np.arange(groups)[:, None, None], ids]  # [G, m, k, D]
+        scores = np.einsum("gmkd,gmd->gmk", found, queries).astype(np.float32)  # exact q . key
+        _, scored = self.replay(queries, k, ef)
+        return ids, scores, scored

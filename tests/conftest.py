@@ -1,0 +1,34 @@
+"""Shared fixtures: small random attention inputs, and the embedded model loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+PASSKEY = "52718"  # the fact hidden in retrieval_attn/data/passkey.txt
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct GGUF, fp32 on CPU."""
+    from retrieval_attn.hf import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def passkey_ids(smollm):
+    """Token ids (1, n) of the built-in pass-key document, n >= 2,000."""
+    from importlib import resources
+
+    text = resources.files("retrieval_attn").joinpath("data", "passkey.txt").read_text()
+    return smollm[1](text, return_tensors="pt").input_ids
+
+
+def random_qkv(batch: int, hq: int, hkv: int, n: int, d: int, seed: int = 0, dtype=torch.float32):
+    """q (batch, hq, n, d) and k, v (batch, hkv, n, d), standard normal."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, n, d, generator=g).to(dtype)
+    k = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    return q, k, v

@@ -1,0 +1,41 @@
+"""RetrievalConfig validation: every bad value names its field and the allowed range."""
+
+from __future__ import annotations
+
+import pytest
+
+from retrieval_attn import RetrievalConfig
+
+
+def test_defaults():
+    c = RetrievalConfig()
+    assert (c.sink_tokens, c.window_tokens, c.top_k, c.index) == (128, 512, 100, "flat")
+    assert dict(c.index_params) == {} and c.cpu_threads is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sink_tokens": -1}, r"sink_tokens must be an int in \[0, inf\]"),
+        ({"window_tokens": 0}, r"window_tokens must be an int in \[1, inf\]"),
+        ({"top_k": -5}, r"top_k must be an int in \[1, inf\]"),
+        ({"top_k": 2.5}, r"top_k must be an int"),
+        ({"top_k": True}, r"top_k must be an int"),
+        ({"cpu_threads": 0}, r"cpu_threads must be an int in \[1, inf\]"),
+        ({"prefill_block": 0}, r"prefill_block"),
+        ({"index": "nope"}, r"index must be one of \[.*'flat'.*\], got 'nope'"),
+        ({"index_params": {"bogus": 1}}, r"index_params.*unknown parameter\(s\) \['bogus'\]"),
+        ({"index_params": [1]}, r"index_params must be a mapping"),
+    ],
+)
+def test_bad_values_raise_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RetrievalConfig(**kwargs)
+
+
+def test_frozen():
+    c = RetrievalConfig()
+    with pytest.raises(Exception):
+        c.top_k = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        c.index_params["x"] = 1  # type: ignore[index]

@@ -1,0 +1,141 @@
+"""RetrievalAttention: exactness against full attention at every decode step, and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval_attn import RetrievalAttention, RetrievalConfig
+from retrieval_attn.attention import reference_attention
+
+from .conftest import random_qkv
+
+FP32_TOL = 1e-5  # the issue's bound for fp32 inputs
+BF16_TOL = 2e-2  # bf16 inputs: the output itself is rounded to bf16 (8 bits of mantissa)
+
+
+def run_engine(engine, q, k, v, prompt, chunks=(None,)):
+    """Prefill the first `prompt` tokens (in the given chunk sizes), decode the rest; return all outputs."""
+    outs, start = [], 0
+    for size in chunks:
+        end = prompt if size is None else min(prompt, start + size)
+        outs.append(engine.prefill(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]))
+        start = end
+    assert start == prompt
+    for t in range(prompt, q.shape[2]):
+        outs.append(engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]))
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize(
+    "batch, hq, hkv, chunks, dtype",
+    [
+        (1, 4, 4, (None,), torch.float32),  # MHA
+        (2, 6, 2, (None,), torch.float32),  # GQA, batch 2
+        (2, 6, 2, (7, 13, 1, 100), torch.float32),  # chunked prefill, uneven chunks
+        (1, 9, 3, (None,), torch.bfloat16),
+    ],
+)
+def test_decode_equals_full_attention_at_every_step(batch, hq, hkv, chunks, dtype):
+    sink, window, prompt, total, d = 5, 8, 60, 120, 16  # 60 decode steps: many more spills than the window holds
+    q, k, v = random_qkv(batch, hq, hkv, total, d, seed=7, dtype=dtype)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=sink, window_tokens=window, top_k=total), hq, hkv, d)
+    out = run_engine(engine, q, k, v, prompt, chunks)
+    ref = reference_attention(q.float(), k.float(), v.float(), d**-0.5)
+    assert out.dtype == dtype
+    err = (out.double() - ref).abs().amax(dim=(0, 1, 3))  # per position
+    assert err.max() <= (FP32_TOL if dtype == torch.float32 else BF16_TOL), f"worst position {int(err.argmax())}"
+    s = engine.stats
+    assert (s.seen_tokens, s.device_tokens, s.offloaded_tokens) == (total, sink + window, total - sink - window)
+    assert s.retrieved_last_step == batch * hq * (total - 1 - sink - window)
+
+
+def test_chunked_prefill_equals_one_call():
+    q, k, v = random_qkv(2, 6, 3, 80, 8, seed=2)
+    cfg = RetrievalConfig(sink_tokens=4, window_tokens=6, top_k=3, prefill_block=5)
+    one = run_engine(RetrievalAttention(cfg, 6, 3, 8), q, k, v, 50)
+    chunked = run_engine(RetrievalAttention(cfg, 6, 3, 8), q, k, v, 50, chunks=(3, 17, 30))
+    assert (one - chunked).abs().max() <= FP32_TOL
+
+
+def test_short_prompt_everything_on_device():
+    q, k, v = random_qkv(1, 2, 1, 10, 4, seed=4)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=1), 2, 1, 4)
+    out = run_engine(engine, q, k, v, 3)  # 10 tokens < sink + window: nothing is offloaded
+    assert (out.double() - reference_attention(q, k, v, 0.5)).abs().max() <= FP32_TOL
+    assert engine.stats.offloaded_tokens == 0 and engine.stats.keys_scanned_last_step == 0
+
+
+def test_small_top_k_retrieves_exactly_top_k_and_counts_scans():
+    q, k, v = random_qkv(1, 4, 2, 300, 8, seed=5)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=10), 4, 2, 8)
+    out = run_engine(engine, q, k, v, 299)
+    s = engine.stats
+    assert s.retrieved_last_step == 4 * 10
+    assert s.keys_scanned_last_step == 4 * (299 - 20) and s.keys_scanned_fraction == 1.0  # flat scans all
+    assert torch.isfinite(out).all()
+    assert s.cpu_bytes > 0 and s.device_bytes == 2 * 1 * 2 * (4 + 16 + 1) * 8 * 4
+
+
+def test_reset_starts_over():
+    q, k, v = random_qkv(1, 2, 2, 40, 4, seed=6)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=2, window_tokens=4, top_k=100), 2, 2, 4)
+    first = run_engine(engine, q, k, v, 20)
+    engine.reset()
+    assert engine.stats.seen_tokens == 0
+    assert torch.equal(run_engine(engine, q, k, v, 20), first)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: RetrievalAttention(RetrievalConfig(), 6, 4, 8), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
+        (lambda: RetrievalAttention(RetrievalConfig(), 0, 1, 8), r"num_heads must be an int >= 1"),
+        (lambda: RetrievalAttention(RetrievalConfig(), 4, 2, 8, scale=-1.0), r"scale must be a finite float > 0"),
+        (lambda: RetrievalAttention({"top_k": 3}, 4, 2, 8), r"config must be a RetrievalConfig"),
+        (lambda: RetrievalConfig(top_k=-1), r"top_k must be an int in \[1, inf\]"),
+        (lambda: RetrievalConfig(window_tokens=0), r"window_tokens must be an int in \[1, inf\]"),
+        (lambda: RetrievalAttention(RetrievalConfig(cpu_threads=10**6), 4, 2, 8), r"cpu_threads must be in \[1, \d+\]"),
+    ],
+)
+def test_bad_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((1, 4, 3, 8), (1, 2, 3), (1, 2, 3, 8)), r"k must have rank 4"),
+        (((4, 3, 8), (1, 2, 3, 8), (1, 2, 3, 8)), r"q must have rank 4"),
+        (((1, 4, 3, 8), (1, 2, 3, 6), (1, 2, 3, 6)), r"head_dim of q \(8\) and k \(6\)"),
+        (((1, 4, 3, 6), (1, 2, 3, 6), (1, 2, 3, 6)), r"head_dim of q \(6\)"),
+        (((1, 6, 3, 8), (1, 2, 3, 8), (1, 2, 3, 8)), r"q has 6 heads, the engine was built for num_heads=4"),
+        (((1, 4, 3, 8), (1, 1, 3, 8), (1, 1, 3, 8)), r"k has 1 heads"),
+        (((2, 4, 3, 8), (1, 2, 3, 8), (1, 2, 3, 8)), r"must agree in batch and seq_len"),
+        (((1, 4, 3, 8), (1, 2, 3, 8), (1, 2, 4, 8)), r"k .* and v .* must have the same shape"),
+        (((1, 4, 0, 8), (1, 2, 0, 8), (1, 2, 0, 8)), r"seq_len must be >= 1"),
+    ],
+)
+def test_bad_prefill_input(shapes, message):
+    engine = RetrievalAttention(RetrievalConfig(), 4, 2, 8)
+    with pytest.raises(ValueError, match=message):
+        engine.prefill(*(torch.zeros(s) for s in shapes))
+    assert engine.stats.seen_tokens == 0  # nothing happened
+
+
+def test_bad_call_order_and_types():
+    engine = RetrievalAttention(RetrievalConfig(), 4, 2, 8)
+    one = (torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    with pytest.raises(ValueError, match="decode called before prefill"):
+        engine.decode(*one)
+    with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
+        engine.prefill(one[0].long(), one[1], one[2])
+    engine.prefill(torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match=r"one new token per sequence \(seq_len 1\)"):
+        engine.decode(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+    with pytest.raises(ValueError, match="batch size changed from 1 to 2"):
+        engine.decode(torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8))
+    engine.decode(*one)
+    with pytest.raises(ValueError, match="prefill called after decode started"):
+        engine.prefill(*one)
