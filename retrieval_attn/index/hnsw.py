@@ -144,8 +144,8 @@ class HnswIndex(KeyIndex):
                 raise RuntimeError("hnsw: internal ids differ from insertion order; the replay needs them equal")
             deg0[g, :n] = block[:, 0] & 0xFFFF
             adj0[g, :n] = block[:, 1 : 1 + max_m0]
-            levels = s["element_levels"][:n].astype(np.int64)  # [n]
-            upper_ptr[g, :n] = offset + np.concatenate([[0], np.cumsum(levels * words_per_level)[:-1]])
+            words = s["element_levels"][:n].astype(np.int64) * words_per_level  # [n] upper-level words per node
+            upper_ptr[g, :n] = offset + np.cumsum(words) - words
             uppers.append(s["link_lists"].view(np.uint32))
             offset += uppers[-1].shape[0]
             hnswlib_bytes += s["max_elements"] * s["size_data_per_element"] + s["link_lists"].nbytes
