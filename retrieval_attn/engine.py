@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .attention import gathered_attention, merge_state, partial_attention
 from .config import RetrievalConfig
-from .index import make_index
+from .index import index_class, make_index
 from .offload import KVStore
 
 __all__ = ["RetrievalAttention", "EngineStats"]
@@ -68,6 +68,35 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
     finally:
         torch.set_num_threads(old_torch)
         numba.set_num_threads(old_numba)
+
+
+class _QuerySample:
+    """Prefill queries kept to train a query-aware index, at most ``cap`` positions, in CPU fp32.
+
+    Keeps positions ``p`` with ``p % stride == 0``; when more than ``cap`` are held, the stride doubles
+    and every other kept position is dropped. The sample depends only on the positions seen, so chunked
+    and one-call prefill train the same index.
+    """
+
+    def __init__(self, cap: int | None):
+        self.cap, self.stride = cap, 1
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions [m], queries [G, group, m, D])
+
+    def add(self, q: torch.Tensor, start: int, num_kv_heads: int) -> None:
+        """Keep the sampled positions of q (B, Hq, n, D) whose first token is at position ``start``."""
+        b, hq, n, d = q.shape
+        pos = torch.arange(start, start + n)
+        keep = pos % self.stride == 0
+        qs = q[:, :, keep.to(q.device)].float().cpu()  # [B, Hq, m, D]
+        self._chunks.append((pos[keep], qs.reshape(b * num_kv_heads, hq // num_kv_heads, -1, d)))
+        while self.cap is not None and sum(len(p) for p, _ in self._chunks) > self.cap:
+            self.stride *= 2
+            self._chunks = [(p[p % self.stride == 0], x[:, :, p % self.stride == 0]) for p, x in self._chunks]
+
+    def queries(self) -> torch.Tensor:
+        """The kept queries of every group, (groups, group_size * positions, D), contiguous."""
+        x = torch.cat([x for _, x in self._chunks], dim=2)  # [G, group, m, D]
+        return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
 
 
 class RetrievalAttention:
@@ -114,6 +143,9 @@ class RetrievalAttention:
         self._ring_head = 0  # ring slot (relative to sink) holding the oldest window token
         self._store: KVStore | None = None
         self._index = None
+        cls = index_class(self.config.index)
+        cap = {**{k: p.default for k, p in cls.params.items()}, **self.config.index_params}.get("train_queries")
+        self._train = _QuerySample(cap) if cls.uses_train_queries else None
         self._decoding = False
         self._scanned_last = 0
         self._scanned_fraction_last = 0.0
@@ -256,6 +288,8 @@ class RetrievalAttention:
             out[:, :, i0:i1] = F.scaled_dot_product_attention(
                 q[:, :, i0:i1], keys, vals, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
+        if self._train is not None:
+            self._train.add(q, self.seen, self.num_kv_heads)
         self._append(k, v)
         return out
 
@@ -263,7 +297,9 @@ class RetrievalAttention:
         """Index the keys offloaded by prefill (called by the first decode)."""
         self._index = make_index(self.config.index, **self.config.index_params)
         if self._store.n:
-            self._index.build(self._store.keys.numpy())
+            train = self._train.queries().numpy() if self._train is not None else None
+            self._index.build(self._store.keys.numpy(), train)
+        self._train = None  # only the first build trains on prefill queries
 
     @torch.no_grad()
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

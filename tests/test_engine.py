@@ -139,3 +139,17 @@ def test_bad_call_order_and_types():
     engine.decode(*one)
     with pytest.raises(ValueError, match="prefill called after decode started"):
         engine.prefill(*one)
+
+
+def test_train_query_sample_is_independent_of_chunking_and_capped():
+    from retrieval_attn.engine import _QuerySample
+
+    q = torch.randn(2, 6, 100, 4)  # [B, Hq, n, D], 3 KV heads -> groups of 2 query heads
+    one, chunked = _QuerySample(cap=30), _QuerySample(cap=30)
+    one.add(q, 0, num_kv_heads=3)
+    for start, end in ((0, 7), (7, 64), (64, 100)):
+        chunked.add(q[:, :, start:end], start, num_kv_heads=3)
+    assert torch.equal(one.queries(), chunked.queries())
+    kept = one.queries()
+    assert kept.shape == (6, 2 * 25, 4)  # stride 4: positions 0, 4, ..., 96
+    assert torch.equal(kept[1, :25], q[0, 2, ::4]) and torch.equal(kept[1, 25:], q[0, 3, ::4])
