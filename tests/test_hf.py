@@ -90,3 +90,15 @@ def test_load_model_errors(tmp_path):
         load_model(bogus)
     with pytest.raises(ValueError, match="has no config.json"):
         load_model(tmp_path)
+
+
+def test_signature_drift_is_tolerated():
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=2, window_tokens=4))
+    k = torch.randn(1, 2, 5, 16)
+    # older callers pass cache_kwargs positionally or by name
+    assert cache.update(k, k, 0, {"cache_position": torch.arange(5)})[0] is k
+    assert cache.update(k, k, 1, cache_kwargs={"sin": None})[0] is k
+    assert cache.get_seq_length() == 5
+    assert cache.get_mask_sizes(3, 0) == (8, 0)
+    assert cache.get_mask_sizes(torch.arange(5, 8), 0) == (8, 0)  # mask size from a cache_position tensor
