@@ -66,7 +66,7 @@ def exact(keys: np.ndarray, queries: np.ndarray, k: int):
 
 @pytest.fixture(scope="module")
 def data():
-    """keys [G, N_KEYS, D], training queries [G, N_TRAIN, D], test queries [G, N_TEST, D], exact top-K of the test queries."""
+    """keys [G, N_KEYS, D], training queries [G, N_TRAIN, D], test queries [G, N_TEST, D], their exact top-K."""
     keys, queries = attention_like(GROUPS, N_KEYS, N_TRAIN + N_TEST)
     train, test = np.ascontiguousarray(queries[:, :N_TRAIN]), np.ascontiguousarray(queries[:, N_TRAIN:])
     return keys, train, test, exact(keys, test, K)

@@ -28,7 +28,9 @@ from numba import njit, prange
 
 from .base import GrowableKeys, KeyIndex, Param
 
-__all__ = ["IP", "L2", "FASTMATH", "distance", "GraphIndex", "search_graph", "build_graph", "insert_nodes", "beam_search"]
+__all__ = [
+    "IP", "L2", "FASTMATH", "distance", "beam_search", "search_graph", "build_graph", "insert_nodes", "GraphIndex"
+]
 
 IP = 0
 L2 = 1
@@ -147,6 +149,7 @@ def search_graph(keys, n, adj, deg, entries, queries, k, ef, ids, scores, scored
     """
     groups, m = queries.shape[0], queries.shape[1]
     words = (n + 63) >> 6
+    ip = np.int64(IP)  # a plain int64 (a global is a literal), so beam_search compiles once for all callers
     for t in prange(groups * m):
         g = t // m
         i = t - g * m
@@ -154,7 +157,7 @@ def search_graph(keys, n, adj, deg, entries, queries, k, ef, ids, scores, scored
         pool_d = np.empty(ef, np.float32)
         pool_x = np.empty(ef, np.bool_)
         visited = np.zeros(words, np.uint64)
-        _, cnt = beam_search(keys[g], n, adj[g], deg[g], entries[g], queries[g, i], ef, k, IP,
+        _, cnt = beam_search(keys[g], n, adj[g], deg[g], entries[g], queries[g, i], ef, k, ip,
                              pool_i, pool_d, pool_x, visited)
         for j in range(k):
             ids[g, i, j] = pool_i[j]
@@ -175,13 +178,14 @@ def _sorted_candidates(keys_g, node, raw, metric):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _prune(keys_g, cand, cand_d, cap, metric, fill, out):
-    """Keep candidates (nearest first) unless a kept one is nearer to them than the node; at most ``cap``.
+def _prune(keys_g, cand, cand_d, cap, metric, out):
+    """Choose at most ``cap`` neighbours of a node among candidates sorted by distance to it, cand_d.
 
-    Candidate p at distance cand_d from the node is dropped if a kept neighbour r has dist(p, r) < cand_d.
-    With ``fill``, dropped candidates then top the list up to ``cap``, nearest first (as RoarGraph's
-    projection does: with inner product the rule alone keeps very few). Writes the rows to ``out``
-    and returns their count.
+    First the pruning rule, nearest first: candidate p is dropped if an already kept neighbour r has
+    dist(p, r) < dist(p, node). Then, as RoarGraph's projection does, the dropped candidates top the
+    list up to ``cap``, nearest first: with inner product the rule alone keeps one or two large-norm
+    neighbours per key, and on attention-like data a third of the keys then had no in-edge.
+    Writes the rows to ``out`` (rule survivors first) and returns their count.
     """
     kept = np.zeros(cand.shape[0], np.bool_)
     cnt = 0
@@ -198,31 +202,25 @@ def _prune(keys_g, cand, cand_d, cap, metric, fill, out):
             out[cnt] = p
             kept[a] = True
             cnt += 1
-    if fill:
-        for a in range(cand.shape[0]):
-            if cnt == cap:
-                break
-            if not kept[a]:
-                out[cnt] = cand[a]
-                cnt += 1
+    for a in range(cand.shape[0]):
+        if cnt == cap:
+            break
+        if not kept[a]:
+            out[cnt] = cand[a]
+            cnt += 1
     return cnt
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _link(keys, work, ptr, flat, cap, metric, always_prune, adj, deg):
-    """Set each work node's out-edges from its candidates, pruned to at most ``cap``.
+def _link(keys, work, ptr, flat, cap, metric, adj, deg):
+    """Set each work node's out-edges to its pruned candidates (at most ``cap``).
 
-    work [W, 2] (group, node) with distinct rows; the candidates of work item w are
-    flat[ptr[w]:ptr[w + 1]]. With ``always_prune`` False, a list that fits in ``cap`` is kept whole.
+    work [W, 2] (group, node) with distinct rows; the candidates of work item w are flat[ptr[w]:ptr[w + 1]].
     """
     for w in prange(work.shape[0]):
         g, v = work[w, 0], work[w, 1]
-        cand, cand_d = _sorted_candidates(keys[g], v, flat[ptr[w]:ptr[w + 1]], metric)
-        if always_prune or cand.shape[0] > cap:
-            deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, True, adj[g, v])
-        else:
-            adj[g, v, : cand.shape[0]] = cand
-            deg[g, v] = cand.shape[0]
+        cand, cand_d = _sorted_candidates(keys[g], v, flat[ptr[w] : ptr[w + 1]], metric)
+        deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, adj[g, v])
 
 
 @njit(cache=True)
@@ -246,9 +244,9 @@ def _in_edges(adj, deg, n, with_own):
     if with_own:
         for g in range(groups):
             for u in range(n):
-                o = fill[g * n + u]
-                flat[o : o + deg[g, u]] = adj[g, u, : deg[g, u]]
-                fill[g * n + u] += deg[g, u]
+                for j in range(deg[g, u]):
+                    flat[fill[g * n + u]] = adj[g, u, j]
+                    fill[g * n + u] += 1
     for g in range(groups):
         for u in range(n):
             for j in range(deg[g, u]):
@@ -277,35 +275,40 @@ def _search_own(keys, n, adj, deg, entries, ef, cap, metric, extra, extra_deg):
         size, _ = beam_search(keys[g], n, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                               pool_i, pool_d, pool_x, visited)
         cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
-        extra_deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, False, extra[g, v])
+        extra_deg[g, v] = _prune(keys[g], cand, cand_d, cap, metric, extra[g, v])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _append_new(keys_g, node, row, cnt, raw, metric):
+    """Append the rows of ``raw`` not yet in row[:cnt] to ``row``, nearest to ``node`` first, while it has room.
+
+    Returns the new count.
+    """
+    cand, _ = _sorted_candidates(keys_g, node, raw, metric)
+    for a in range(cand.shape[0]):
+        if cnt == row.shape[0]:
+            break
+        dup = False
+        for b in range(cnt):
+            if row[b] == cand[a]:
+                dup = True
+                break
+        if not dup:
+            row[cnt] = cand[a]
+            cnt += 1
+    return cnt
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _merge_extra(keys, n, adj, deg, extra, extra_deg, metric):
-    """Connectivity pass, step 2: out-edges += extra edges, then += reverse extra edges, nearest first, up to maxdeg."""
-    maxdeg = adj.shape[2]
-    work, ptr, src = _in_edges(extra, extra_deg, n, False)
+def _merge_extra(keys, work, ptr, src, extra, extra_deg, metric, adj, deg):
+    """Connectivity pass, step 2: out-edges += extra edges, then += reverse extra edges, up to maxdeg.
+
+    work [G * n, 2] (group, node) and src[ptr[w]:ptr[w + 1]]: the in-edge sources of the extra edges.
+    """
     for w in prange(work.shape[0]):
         g, v = work[w, 0], work[w, 1]
-        row = adj[g, v]
-        cnt = deg[g, v]
-        for pass_ in range(2):
-            if pass_ == 0:
-                cand, _ = _sorted_candidates(keys[g], v, extra[g, v, : extra_deg[g, v]], metric)
-            else:
-                cand, _ = _sorted_candidates(keys[g], v, src[ptr[w] : ptr[w + 1]], metric)
-            for a in range(cand.shape[0]):
-                if cnt == maxdeg:
-                    break
-                dup = False
-                for b in range(cnt):
-                    if row[b] == cand[a]:
-                        dup = True
-                        break
-                if not dup:
-                    row[cnt] = cand[a]
-                    cnt += 1
-        deg[g, v] = cnt
+        cnt = _append_new(keys[g], v, adj[g, v], np.int64(deg[g, v]), extra[g, v, : extra_deg[g, v]], metric)
+        deg[g, v] = _append_new(keys[g], v, adj[g, v], cnt, src[ptr[w] : ptr[w + 1]], metric)
 
 
 def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg):
@@ -313,28 +316,30 @@ def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg
 
     keys [G, cap, D]; work [W, 2] (group, node), ptr [W + 1], flat: CSR candidate lists (nodes not
     in ``work`` start with no edges); adj [G, cap, 3M] and deg [G, cap] are filled in place.
-    Steps: (1) prune each candidate list to M; (2) add reverse edges, re-pruning lists above M;
-    (3) connectivity pass: beam-search each node's own vector from its group's entry point, prune the
-    results to M and add them and their reverse edges (final degree <= 3M = maxdeg).
+    Steps, all with ``metric``: (1) prune each candidate list to M; (2) add reverse edges, re-pruning
+    lists above M; (3) connectivity pass: beam-search each node's own vector from its group's entry
+    point, prune the results to M and add them, then their reverse edges (final degree <= 3M = maxdeg).
+    Every prune is ``_prune``'s rule + fill.
     """
     deg[:, :n] = 0
-    _link(keys, work, ptr, flat, M, metric, True, adj, deg)
+    _link(keys, work, ptr, flat, M, metric, adj, deg)
     work_all, both_ptr, both = _in_edges(adj, deg, n, True)
-    _link(keys, work_all, both_ptr, both, M, metric, False, adj, deg)
+    _link(keys, work_all, both_ptr, both, M, metric, adj, deg)
     extra = np.empty((adj.shape[0], n, M), np.int32)
     extra_deg = np.zeros((adj.shape[0], n), np.int32)
     _search_own(keys, n, adj, deg, entries, build_ef, M, metric, extra, extra_deg)
-    _merge_extra(keys, n, adj, deg, extra, extra_deg, metric)
+    work_all, in_ptr, in_src = _in_edges(extra, extra_deg, n, False)
+    _merge_extra(keys, work_all, in_ptr, in_src, extra, extra_deg, metric, adj, deg)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
     """Link rows n_old..n_old+t-1 of every group into its graph, in row order (groups in parallel).
 
-    Each new node beam-searches its own vector over the nodes before it, keeps the pruned results
-    (at most M) as out-edges, and is added to each of those neighbours' lists: appended while the list
-    has room, else the neighbour's list plus the new node is pruned back to at most maxdeg.
-    A group with no nodes yet takes its first node as entry point.
+    Each new node beam-searches its own vector (by ``metric``) over the nodes before it, keeps the
+    pruned and filled results (M) as out-edges, and is added to each of those neighbours' lists:
+    appended while the list has room, else the neighbour's list plus the new node is pruned and
+    filled back to maxdeg (dropping one). A group with no nodes yet takes its first node as entry point.
     """
     groups, maxdeg = adj.shape[0], adj.shape[2]
     for g in prange(groups):
@@ -351,9 +356,9 @@ def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
             size, _ = beam_search(keys[g], v, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                                   pool_i, pool_d, pool_x, visited)
             cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
-            deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, True, adj[g, v])
+            deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, adj[g, v])
             for a in range(deg[g, v]):
-                r = adj[g, v, a]
+                r = np.int64(adj[g, v, a])
                 if deg[g, r] < maxdeg:
                     adj[g, r, deg[g, r]] = v
                     deg[g, r] += 1
@@ -361,18 +366,18 @@ def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
                 scratch[:maxdeg] = adj[g, r]
                 scratch[maxdeg] = v
                 rc, rd = _sorted_candidates(keys[g], r, scratch, metric)
-                deg[g, r] = _prune(keys[g], rc, rd, maxdeg, metric, True, adj[g, r])
+                deg[g, r] = _prune(keys[g], rc, rd, maxdeg, metric, adj[g, r])
 
 
 class GraphIndex(KeyIndex):
     """Base of the numba graph backends: storage, growth, ``add`` and inner-product beam search.
 
     Subclasses implement ``_candidates(keys, train_queries) -> (work, ptr, flat)`` (the initial
-    candidate list of each node, CSR) and set ``build_metric`` (the distance used to build and to
-    insert: ``IP`` or ``L2``). Search always ranks by inner product.
+    candidate list of each node, CSR) and set ``link_metric``, the distance that builds the graph and
+    links added keys (``IP`` or ``L2``); search always ranks by inner product.
     """
 
-    build_metric: ClassVar[int] = IP
+    link_metric: ClassVar[int] = IP
     search_params = ("ef",)
     params: ClassVar[dict[str, Param]] = {
         "M": Param(32, 2, 512, doc="out-degree cap of the pruned lists; stored degree <= 3M"),
@@ -395,14 +400,17 @@ class GraphIndex(KeyIndex):
         self._entries[:] = ((keys - centre) ** 2).sum(axis=2).argmin(axis=1)  # [G]
         work, ptr, flat = self._candidates(keys, train_queries)
         build_graph(self._keys.buffer, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
-                    self._entries, self.build_metric, self._adj, self._deg)
+                    self._entries, self.link_metric, self._adj, self._deg)
 
     @property
     def _capacity(self) -> int:
+        """Rows allocated per group (keys and adjacency grow together)."""
         return self._keys.buffer.shape[1]
 
     @abstractmethod
-    def _candidates(self, keys: np.ndarray, train_queries: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _candidates(
+        self, keys: np.ndarray, train_queries: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Initial candidates per node: work [W, 2] int64 (group, node), ptr [W + 1] int64, flat int32."""
 
     def _add(self, keys: np.ndarray) -> None:
@@ -415,7 +423,7 @@ class GraphIndex(KeyIndex):
             deg[:, :n_old] = self._deg[:, :n_old]
             self._adj, self._deg = adj, deg
         insert_nodes(self._keys.buffer, n_old, t, self._adj, self._deg, self._entries,
-                     self.config["build_ef"], self.config["M"], self.build_metric)
+                     self.config["build_ef"], self.config["M"], self.link_metric)
 
     def __len__(self) -> int:
         return self._keys.n if self.dim else 0

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .base import GrowableKeys, KeyIndex, Param, register_index
-from .graph import FASTMATH, IP, distance, beam_search
+from .graph import FASTMATH, IP, beam_search, distance
 
 __all__ = ["HnswIndex"]
 
@@ -43,12 +43,13 @@ def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top
     """
     groups, m = queries.shape[0], queries.shape[1]
     words = (n + 63) >> 6
+    ip = np.int64(IP)  # a plain int64, as graph.search_graph passes it: one compiled beam_search
     for t in prange(groups * m):
         g = t // m
         i = t - g * m
         q = queries[g, i]
         cur = entries[g]
-        cur_d = distance(q, keys[g, cur], IP)
+        cur_d = distance(q, keys[g, cur], ip)
         cnt = 1
         for level in range(top_levels[g], 0, -1):
             changed = True
@@ -57,7 +58,7 @@ def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top
                 base = upper_ptr[g, cur] + (level - 1) * words_per_level
                 for j in range(upper[base] & 0xFFFF):
                     cand = upper[base + 1 + j]
-                    d = distance(q, keys[g, cand], IP)
+                    d = distance(q, keys[g, cand], ip)
                     cnt += 1
                     if d < cur_d:
                         cur_d = d
@@ -67,7 +68,7 @@ def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top
         pool_d = np.empty(ef, np.float32)
         pool_x = np.empty(ef, np.bool_)
         visited = np.zeros(words, np.uint64)
-        _, c0 = beam_search(keys[g], n, adj0[g], deg0[g], cur, q, ef, k, IP, pool_i, pool_d, pool_x, visited)
+        _, c0 = beam_search(keys[g], n, adj0[g], deg0[g], cur, q, ef, k, ip, pool_i, pool_d, pool_x, visited)
         for j in range(k):
             ids[g, i, j] = pool_i[j]
         scored[g, i] = cnt + c0

@@ -1,9 +1,10 @@
 """``keygraph``: a query-agnostic proximity graph over keys alone, the baseline that ``roar`` improves on.
 
 Each key's candidates are its exact ``knn`` nearest keys in L2 (chunked torch matmul + topk); they
-go through the same pruning, reverse edges and connectivity pass as ``roar``, with L2 distances, and
-queries are answered by inner product with the same numba beam search (``graph.GraphIndex``). It
-ignores training queries, so it shows what a key-only graph costs for attention queries.
+go through the same pruning, reverse edges and connectivity pass as ``roar``, all in L2, and ``add``
+links new keys to their L2 neighbours. Queries are answered by inner product with the same numba
+beam search (``graph.GraphIndex``). It ignores training queries, so it shows what a key-only graph
+costs for attention queries.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ class KeyGraphIndex(GraphIndex):
     """Key-only graph: exact L2 key kNN pruned to ``M`` + connectivity pass; searched by inner product."""
 
     name = "keygraph"
-    build_metric = L2
+    link_metric = L2
     params = {
         **GraphIndex.params,
         "knn": Param(64, 1, 2048, doc="exact L2 neighbours per key, pruned to M"),
     }
 
-    def _candidates(self, keys: np.ndarray, train_queries: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _candidates(
+        self, keys: np.ndarray, train_queries: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         groups, n, _ = keys.shape
         kk = min(self.config["knn"] + 1, n)  # +1: the key itself comes back first and is dropped later
         flat = exact_l2_neighbours(keys, kk).astype(np.int32).ravel()  # [G * n * kk]

@@ -3,22 +3,26 @@
 Keys that answer the same training query become neighbours, so a beam search driven by attention
 queries (out-of-distribution with respect to keys) walks where queries land instead of where keys
 cluster. This module owns the choice of training data and the projection of query -> key
-neighbourhoods onto key -> key edges; storage, the connectivity pass, ``add`` and the search kernel
-are the shared ones of ``graph.GraphIndex`` (all inner product).
+neighbourhoods onto key -> key edges; storage, pruning, the connectivity pass, ``add`` and the search
+kernel are the shared ones of ``graph`` (here all by inner product, distance = -<a, b>).
 
-Build, per group, for all groups of a layer at once:
+Build, for all groups of a layer at once:
 
-1. sample at most ``train_queries`` training queries (seeded, same rows for every group) and take
-   the exact top-``nq`` keys of each with a chunked torch matmul + topk;
-2. projection: the top key of a query is its *pivot*; each key's candidates are the other top keys
-   of every query it is the pivot of, sorted by distance to it and pruned to ``M`` (drop p if a kept
-   neighbour r has -<p, r> < -<p, pivot>); reverse edges are added and lists above ``M`` re-pruned;
-3. connectivity pass (``graph.build_graph``): each key searches its own vector from the entry point
-   (the key nearest, in L2, to the group's mean key) and links to the pruned results both ways
-   (degree <= 3M), which reaches keys that no training query selected.
+1. sample at most ``train_queries`` training queries per group (seeded, the same rows in every
+   group) and take the exact top-``nq`` keys of each with a chunked torch matmul + topk;
+2. projection: the top key of a query is its *pivot*; a key's candidates are the other top keys of
+   every query it is the pivot of (gathering them per pivot, rather than letting queries overwrite
+   each other, makes the result independent of thread timing), sorted by distance to it and pruned
+   to ``M`` (``graph._prune``: drop p if a kept neighbour r has -<p, r> < -<p, pivot>, then top up
+   with the nearest dropped ones); reverse edges are added and lists above ``M`` re-pruned;
+3. connectivity pass (``graph.build_graph``): every key beam-searches its own vector from the entry
+   point (the key nearest, in L2, to its group's mean key) and links to the pruned results both
+   ways (degree <= 3M), which reaches keys that no training query selected.
 
-``add`` links each new key by searching its own vector (inner product) and linking both ways with
-the same pruning, in row order, so decode-time keys stay reachable.
+``add`` treats each new key as a pseudo-query: it beam-searches the key's own vector by inner
+product, links it to the pruned results and them back to it, in row order, so keys spilled during
+decoding are reachable from where the queries that want them go (on the tests' data, after 2,000
+added keys, recall@10 stayed within 0.02 of a rebuild's; linking them by L2 instead lost 0.05).
 """
 
 from __future__ import annotations
@@ -54,14 +58,16 @@ class RoarIndex(GraphIndex):
 
     name = "roar"
     uses_train_queries = True
-    build_metric = IP
+    link_metric = IP
     params = {
         **GraphIndex.params,
         "nq": Param(100, 2, 10_000, doc="exact top keys per training query; the first is its pivot"),
         "train_queries": Param(8192, 1, None, doc="training queries sampled per group, at most"),
     }
 
-    def _candidates(self, keys: np.ndarray, train_queries: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _candidates(
+        self, keys: np.ndarray, train_queries: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if train_queries is None:
             raise ValueError("index 'roar' needs train_queries (groups, m, dim): the prefill queries of each group")
         groups, n, _ = keys.shape
