@@ -1,8 +1,10 @@
-"""The ``retrieval-attn`` command line: ``generate`` (long-context generation with retrieval).
+"""The ``retrieval-attn`` command line: ``generate`` and ``sweep``.
 
-The only module that prints. It loads a model (the embedded SmolLM2 by default), prefills the prompt
-in chunks with a progress bar, streams greedy decoding token by token, and ends with a table of where
-the tokens are and what each step cost.
+The only module of the package that prints. ``generate`` loads a model (the embedded SmolLM2 by
+default), prefills the prompt in chunks with a progress bar, streams greedy decoding token by token,
+and ends with a table of where the tokens are and what each step cost. ``sweep`` measures recall
+versus cost of every index backend on the model's real queries and keys (``retrieval_attn.sweep``)
+and prints its table; ``bench/recall_sweep.py`` is the same command.
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from .sweep import format_sweep_table, sweep_from_args
+
+    report = sweep_from_args(args)
+    print(format_sweep_table(report))
+    print(f"results: {args.out}/ (rows.csv, summary.csv, sweep.json, recall_vs_scanned.png, recall_vs_latency.png)")
+    print(json.dumps({"operating_points": report.operating_points, "capture": report.capture}))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval-attn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward pass")
     gen.set_defaults(func=_generate)
+
+    from .sweep import add_sweep_arguments
+
+    sweep = sub.add_parser("sweep", help="recall versus cost of every index backend on the model's real queries/keys")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=_sweep)
     return parser
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .index import available_indexes, index_class
+from .index import AUTO, available_indexes, params_class
 
 __all__ = ["RetrievalConfig"]
 
@@ -33,8 +33,10 @@ class RetrievalConfig:
     sink_tokens : first tokens of each sequence kept on the device for good (>= 0).
     window_tokens : most recent tokens kept on the device (>= 1); older ones spill to the CPU.
     top_k : keys retrieved from the CPU per query head per decode step (>= 1).
-    index : name of a registered index backend (see ``retrieval_attn.index.available_indexes()``).
-    index_params : parameters of that backend, checked against its declared ranges.
+    index : ``"auto"`` (flat for small offloaded sets, roar for large ones) or the name of a registered
+        backend (see ``retrieval_attn.index.available_indexes()``).
+    index_params : parameters of that backend (roar's for ``"auto"``), checked against its ranges;
+        for graph backends ``top_k`` must not exceed the search queue ``ef``.
     cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
     prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
     """
@@ -42,7 +44,7 @@ class RetrievalConfig:
     sink_tokens: int = 128
     window_tokens: int = 512
     top_k: int = 100
-    index: str = "flat"
+    index: str = AUTO
     index_params: Mapping[str, Any] = field(default_factory=dict)
     cpu_threads: int | None = None
     prefill_block: int = 1024
@@ -54,12 +56,20 @@ class RetrievalConfig:
         _check_int("prefill_block", self.prefill_block, 1)
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1)
-        if not isinstance(self.index, str) or self.index not in available_indexes():
-            raise ValueError(f"RetrievalConfig.index must be one of {available_indexes()}, got {self.index!r}")
+        names = [AUTO, *available_indexes()]
+        if not isinstance(self.index, str) or self.index not in names:
+            raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}")
         if not isinstance(self.index_params, Mapping):
             raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
+        cls = params_class(self.index)
         try:
-            index_class(self.index).validate_params(dict(self.index_params))
+            cls.validate_params(dict(self.index_params))
         except ValueError as err:
             raise ValueError(f"RetrievalConfig.index_params: {err}") from None
+        ef = self.index_params.get("ef", cls.params["ef"].default if "ef" in cls.params else None)
+        if ef is not None and self.top_k > ef:
+            raise ValueError(
+                f"RetrievalConfig.top_k ({self.top_k}) must be <= the search queue ef ({ef}) of index "
+                f"{cls.name!r}: raise index_params['ef'] or lower top_k"
+            )
         object.__setattr__(self, "index_params", MappingProxyType(dict(self.index_params)))

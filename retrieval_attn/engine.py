@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .attention import gathered_attention, merge_state, partial_attention
 from .config import RetrievalConfig
-from .index import index_class, make_index
+from .index import make_index, params_class, resolve_index
 from .offload import KVStore
 
 __all__ = ["RetrievalAttention", "EngineStats"]
@@ -143,7 +143,7 @@ class RetrievalAttention:
         self._ring_head = 0  # ring slot (relative to sink) holding the oldest window token
         self._store: KVStore | None = None
         self._index = None
-        cls = index_class(self.config.index)
+        cls = params_class(self.config.index)
         cap = {**{k: p.default for k, p in cls.params.items()}, **self.config.index_params}.get("train_queries")
         self._train = _QuerySample(cap) if cls.uses_train_queries else None
         self._decoding = False
@@ -295,9 +295,10 @@ class RetrievalAttention:
 
     def _build_index(self) -> None:
         """Index the keys offloaded by prefill (called by the first decode)."""
-        self._index = make_index(self.config.index, **self.config.index_params)
+        name = resolve_index(self.config.index, self._store.n)
+        self._index = make_index(name, **(self.config.index_params if name != "flat" else {}))
         if self._store.n:
-            train = self._train.queries().numpy() if self._train is not None else None
+            train = self._train.queries().numpy() if self._train is not None and self._index.uses_train_queries else None
             self._index.build(self._store.keys.numpy(), train)
         self._train = None  # only the first build trains on prefill queries
 

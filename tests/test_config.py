@@ -9,7 +9,7 @@ from retrieval_attn import RetrievalConfig
 
 def test_defaults():
     c = RetrievalConfig()
-    assert (c.sink_tokens, c.window_tokens, c.top_k, c.index) == (128, 512, 100, "flat")
+    assert (c.sink_tokens, c.window_tokens, c.top_k, c.index) == (128, 512, 100, "auto")
     assert dict(c.index_params) == {} and c.cpu_threads is None
 
 
@@ -23,7 +23,11 @@ def test_defaults():
         ({"top_k": True}, r"top_k must be an int"),
         ({"cpu_threads": 0}, r"cpu_threads must be an int in \[1, inf\]"),
         ({"prefill_block": 0}, r"prefill_block"),
-        ({"index": "nope"}, r"index must be one of \[.*'flat'.*\], got 'nope'"),
+        ({"index": "nope"}, r"index must be one of \['auto', .*'flat'.*\], got 'nope'"),
+        ({"index": "flat", "index_params": {"ef": 10}}, r"index 'flat': unknown parameter\(s\) \['ef'\]"),
+        ({"index": "roar", "index_params": {"ef": 0}}, r"parameter 'ef' must be in \[1, inf\]"),
+        ({"top_k": 200}, r"top_k \(200\) must be <= the search queue ef \(128\) of index 'roar'"),
+        ({"index": "keygraph", "top_k": 64, "index_params": {"ef": 32}}, r"top_k \(64\) must be <= .* ef \(32\)"),
         ({"index_params": {"bogus": 1}}, r"index_params.*unknown parameter\(s\) \['bogus'\]"),
         ({"index_params": [1]}, r"index_params must be a mapping"),
     ],
@@ -39,3 +43,13 @@ def test_frozen():
         c.top_k = 5  # type: ignore[misc]
     with pytest.raises(TypeError):
         c.index_params["x"] = 1  # type: ignore[index]
+
+
+def test_auto_resolves_by_size_and_takes_roar_params():
+    from retrieval_attn.index import AUTO_FLAT_BELOW, resolve_index
+
+    assert RetrievalConfig(index="auto", index_params={"ef": 256}, top_k=200).index_params["ef"] == 256
+    assert RetrievalConfig(index="flat", top_k=5000).top_k == 5000  # exact search has no queue limit
+    assert resolve_index("auto", AUTO_FLAT_BELOW - 1) == "flat"
+    assert resolve_index("auto", AUTO_FLAT_BELOW) == "roar"
+    assert resolve_index("hnsw", 10) == "hnsw"

@@ -39,7 +39,7 @@ def run_engine(engine, q, k, v, prompt, chunks=(None,)):
 def test_decode_equals_full_attention_at_every_step(batch, hq, hkv, chunks, dtype):
     sink, window, prompt, total, d = 5, 8, 60, 120, 16  # 60 decode steps: many more spills than the window holds
     q, k, v = random_qkv(batch, hq, hkv, total, d, seed=7, dtype=dtype)
-    engine = RetrievalAttention(RetrievalConfig(sink_tokens=sink, window_tokens=window, top_k=total), hq, hkv, d)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=sink, window_tokens=window, top_k=total, index="flat"), hq, hkv, d)
     out = run_engine(engine, q, k, v, prompt, chunks)
     ref = reference_attention(q.float(), k.float(), v.float(), d**-0.5)
     assert out.dtype == dtype
@@ -79,7 +79,7 @@ def test_small_top_k_retrieves_exactly_top_k_and_counts_scans():
 
 def test_reset_starts_over():
     q, k, v = random_qkv(1, 2, 2, 40, 4, seed=6)
-    engine = RetrievalAttention(RetrievalConfig(sink_tokens=2, window_tokens=4, top_k=100), 2, 2, 4)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=2, window_tokens=4, top_k=100, index="flat"), 2, 2, 4)
     first = run_engine(engine, q, k, v, 20)
     engine.reset()
     assert engine.stats.seen_tokens == 0
@@ -153,3 +153,22 @@ def test_train_query_sample_is_independent_of_chunking_and_capped():
     kept = one.queries()
     assert kept.shape == (6, 2 * 25, 4)  # stride 4: positions 0, 4, ..., 96
     assert torch.equal(kept[1, :25], q[0, 2, ::4]) and torch.equal(kept[1, 25:], q[0, 3, ::4])
+
+
+@pytest.mark.parametrize(
+    "index, params",
+    [
+        ("roar", {"ef": 200}),
+        ("keygraph", {"ef": 200}),
+        ("hnsw", {"ef": 200}),
+        ("ivf", {"nlist": 4, "nprobe": 4}),
+        ("auto", {"ef": 200}),
+    ],
+)
+def test_every_backend_is_exact_when_its_search_covers_all_keys(index, params):
+    q, k, v = random_qkv(2, 6, 2, 110, 16, seed=9)
+    cfg = RetrievalConfig(sink_tokens=5, window_tokens=8, top_k=200, index=index, index_params=params)
+    engine = RetrievalAttention(cfg, 6, 2, 16)
+    out = run_engine(engine, q, k, v, 60)  # the index is built on 47 keys, then 50 spills are added
+    assert (out.double() - reference_attention(q, k, v, 0.25)).abs().max() <= FP32_TOL
+    assert engine.stats.retrieved_last_step == 2 * 6 * (109 - 13)

@@ -16,7 +16,7 @@ def test_smollm_generate_matches_sdpa_and_offloads(smollm, passkey_ids):
     ids = passkey_ids
     assert ids.shape[1] >= 2000
     plain = model.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64)
-    exact = RetrievalCache(model, RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=ids.shape[1] + 64))
+    exact = RetrievalCache(model, RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=ids.shape[1] + 64, index="flat"))
     out = model.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64, past_key_values=exact)
     assert torch.equal(out, plain), (tokenizer.decode(out[0, ids.shape[1]:]), tokenizer.decode(plain[0, ids.shape[1]:]))
     assert exact.get_seq_length() == ids.shape[1] + 63  # the last token is never fed back
@@ -49,7 +49,7 @@ def test_tiny_random_model_generate_matches(cls, config_cls):
     model = _tiny(cls, config_cls)
     ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1))  # batch 2, equal lengths
     plain = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
-    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000))
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000, index="flat"))
     out = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40, past_key_values=cache)
     assert torch.equal(out, plain)
     assert cache.stats[1].offloaded_tokens == 300 + 39 - 48

@@ -4,6 +4,12 @@ Importing this package registers every backend, so ``make_index(name)`` finds it
 """
 
 from . import flat, hnsw, ivf, keygraph, roar  # noqa: F401  (register "flat", "hnsw", "ivf", "keygraph", "roar")
+from .auto import AUTO, AUTO_FLAT_BELOW, params_class, resolve_index
 from .base import KeyIndex, Param, SearchResult, available_indexes, index_class, make_index, register_index
 
-__all__ = ["KeyIndex", "Param", "SearchResult", "available_indexes", "index_class", "make_index", "register_index"]
+__all__ = [
+    "AUTO",
+    "AUTO_FLAT_BELOW",
+    "params_class",
+    "resolve_index",
+    "KeyIndex", "Param", "SearchResult", "available_indexes", "index_class", "make_index", "register_index"]
