@@ -1,0 +1,182 @@
+"""Tests of the recall sweep: its evaluation helpers on hand-made data, and small end-to-end sweeps.
+
+The end-to-end sweeps run a tiny random Llama (2 layers, 4 query heads, 2 KV heads) or take q/k
+arrays directly; the slow test runs the bench script on the embedded model at 1K tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_attn.index import available_indexes
+from retrieval_attn.sweep import (
+    BackendSpec,
+    CapturedQK,
+    SweepSettings,
+    attention_mass,
+    capture_layers,
+    default_layers,
+    evaluate_layer,
+    format_sweep_table,
+    load_or_capture,
+    operating_point,
+    parse_backend_spec,
+    recall_at_k,
+    run_sweep,
+    write_results,
+)
+
+SMALL = dict(sink=8, window=16, n_test=8, ks=(10,))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def random_qk(hq=4, hkv=2, n=300, d=16, seed=0) -> CapturedQK:
+    rng = np.random.default_rng(seed)
+    return CapturedQK.from_pairs({
+        0: (rng.standard_normal((hq, n, d), dtype=np.float32), rng.standard_normal((hkv, n, d), dtype=np.float32))
+    })
+
+
+def test_recall_at_k_by_intersection_with_ties():
+    scores = np.array([[5.0, 4.0, 3.0, 3.0, 1.0]])  # keys 2 and 3 tie for 3rd place
+    assert recall_at_k(np.array([[0, 1, 2]]), scores, 3)[0] == 1.0
+    assert recall_at_k(np.array([[3, 1, 0]]), scores, 3)[0] == 1.0  # the tied key counts too
+    assert recall_at_k(np.array([[0, 4, 1]]), scores, 3)[0] == pytest.approx(2 / 3)
+    assert recall_at_k(np.array([[0, 0, -1]]), scores, 3)[0] == pytest.approx(1 / 3)  # repeats and -1 miss
+    assert recall_at_k(np.array([[0, 1, 4, 2]]), scores, 2)[0] == 1.0  # only the first k count
+
+
+def test_attention_mass_matches_hand_computation():
+    mid = np.array([[1.0, 2.0, 0.0]])  # q . key of 3 middle keys
+    static = np.array([[0.5]])
+    scale = 2.0
+    w = np.exp(scale * np.array([1.0, 2.0, 0.0, 0.5]))
+    p = w / w.sum()
+    got = attention_mass(np.array([[1, -1]]), mid, static, scale)[0]
+    assert got == pytest.approx(p[1] + p[3], rel=1e-12)
+    assert attention_mass(np.array([[0, 1, 2]]), mid, static, scale)[0] == pytest.approx(1.0, rel=1e-12)
+    assert attention_mass(np.array([[2, 2]]), mid, static, scale)[0] == pytest.approx(p[2] + p[3], rel=1e-12)
+
+
+def test_operating_point_is_cheapest_point_reaching_target():
+    scanned = [0.01, 0.02, 0.05, 0.03]
+    min_recall = [0.80, 0.96, 0.99, 0.95]
+    assert operating_point(scanned, min_recall, 0.95) == 1
+    assert operating_point(scanned, min_recall, 0.97) == 2
+    assert operating_point(scanned, min_recall, 0.999) is None
+
+
+def test_parse_backend_spec_and_defaults():
+    spec = parse_backend_spec("hnsw:ef=100,400:M=32")
+    assert spec == BackendSpec("hnsw", {"ef": (100, 400), "M": (32,)})
+    assert str(spec) == "hnsw:ef=100,400:M=32"
+    with pytest.raises(ValueError, match="param=v1"):
+        parse_backend_spec("roar:ef")
+    assert default_layers(30) == (3, 9, 16, 22, 29)
+    assert default_layers(2) == (0, 1)
+    with pytest.raises(ValueError, match="sink \\+ window \\+ n_test"):
+        SweepSettings(lengths=(40,), **SMALL, backends=())  # 40 < 8 + 16 + 8 + 10
+
+
+def test_flat_has_recall_one_and_exact_mass():
+    qk = random_qk()
+    settings = SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"), BackendSpec("no-such-index")))
+    notes: set[str] = set()
+    rows = evaluate_layer(qk.q[0], qk.k[0], settings, qk.scale, layer=0, notes=notes)
+    assert [r["kv_head"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["recall"] == 1.0
+        assert r["mass"] == pytest.approx(r["mass_exact"], rel=1e-9)
+        assert r["scanned"] == 1.0 and r["n_keys"] == 300 - 8 - 16 - 8
+        assert r["us_per_query"] > 0 and r["index_bytes"] > 0
+    assert any("no-such-index" in note for note in notes)
+
+
+def test_sweep_on_given_qk_with_one_thread():
+    settings = SweepSettings(lengths=(200, 300), **SMALL, backends=(BackendSpec("flat"),), threads=1)
+    threads = torch.get_num_threads()
+    report = run_sweep(settings, qk={0: (torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16))}, progress=False)
+    assert torch.get_num_threads() == threads  # restored after the sweep
+    assert [s["length"] for s in report.summary] == [200, 300]
+    assert all(s["recall_min"] == 1.0 for s in report.summary)
+    assert all(o["reached"] for o in report.operating_points)
+
+
+def test_capture_cache_round_trip(tiny_llama, tmp_path):
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    direct = capture_layers(tiny_llama, ids, [1], progress=False)
+    first, seconds = load_or_capture(tiny_llama, ids, [0, 1], tmp_path, "tiny", progress=False)
+    assert seconds is not None and first.q[1].shape == (4, 64, 16) and first.k[0].shape == (2, 64, 16)
+    np.testing.assert_allclose(first.q[1], direct.q[1], rtol=1e-5, atol=1e-6)
+    again, seconds = load_or_capture(None, ids[:, :40], [0, 1], tmp_path, "tiny", progress=False)  # a cached prefix
+    assert seconds is None
+    np.testing.assert_array_equal(again.k[1], first.k[1][:, :40])
+    assert again.scale == pytest.approx(16**-0.5)
+    with pytest.raises(ValueError, match="not cached"):
+        load_or_capture(None, ids.flip(1), [0], tmp_path, "tiny", progress=False)  # other tokens: no match
+
+
+def test_end_to_end_tiny_llama_writes_results(tiny_llama, tmp_path):
+    backends = [BackendSpec("flat"), BackendSpec("roar", {"ef": (5, 10, 40)}), BackendSpec("ivf", {"nprobe": (1, 4)})]
+    backends = tuple(b for b in backends if b.name in available_indexes())
+    settings = SweepSettings(lengths=(256, 384), layers=(0, 1), **SMALL, backends=backends)
+    ids = torch.randint(0, 128, (1, 384), generator=torch.Generator().manual_seed(0))
+    report = run_sweep(settings, model=tiny_llama, token_ids=ids, progress=False)
+    paths = write_results(report, tmp_path / "out")
+
+    names = sorted(p.name for p in paths)
+    assert names == ["recall_vs_latency.png", "recall_vs_scanned.png", "rows.csv", "summary.csv", "sweep.json"]
+    for p in paths:
+        assert p.stat().st_size > 0
+    data = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert data["layers"] == [0, 1] and data["capture"]["tokens"] == 384
+    with open(tmp_path / "out" / "rows.csv") as f:
+        rows = list(csv.DictReader(f))
+    # per (length, layer, KV head) rows for every grid point: flat 1, roar 2 (ef=5 < k skipped), ivf 2
+    points = {"flat": 1, "roar": 2, "ivf": 2}
+    assert len(rows) == 2 * 2 * 2 * sum(points[b.name] for b in backends)
+    flat = [s for s in data["summary"] if s["backend"] == "flat"]
+    assert all(s["recall_min"] == 1.0 and s["scanned_median"] == 1.0 for s in flat)
+    assert any("ef=5 skipped" in note for note in data["notes"]) == ("roar" in available_indexes())
+    table = format_sweep_table(report)
+    assert "operating points" in table and "flat" in table
+
+
+@pytest.mark.slow
+def test_bench_script_on_embedded_model(tmp_path, capsys):
+    """The bench script end to end on the embedded model: 1,024 tokens, one layer, flat and roar."""
+    spec = importlib.util.spec_from_file_location("recall_sweep", Path(__file__).parents[1] / "bench" / "recall_sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    backends = ["--backend", "flat"] + (["--backend", "roar:ef=100,200"] if "roar" in available_indexes() else [])
+    argv = ["--lengths", "1024", "--layers", "16", "--sink", "16", "--window", "64", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), *backends]
+    assert bench.main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    points = {o["backend"]: o for o in last["operating_points"]}
+    assert points["flat"]["reached"] and points["flat"]["recall_min"] == 1.0
+    if "roar" in points:  # ~880 indexed keys: the query-aware graph reaches 0.95 at ef <= 200
+        assert points["roar"]["reached"], points["roar"]
+    assert (tmp_path / "out" / "recall_vs_scanned.png").is_file()
+    assert any((tmp_path / "cache").rglob("layer016.npz"))
+    assert last["capture"]["source"] == "forward"
+    assert bench.main(argv[:-2] if "roar" in points else argv) == 0  # again: q/k and tokens from the cache
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["capture"]["source"] == "cache"
