@@ -18,24 +18,9 @@ rows.csv, summary.csv, sweep.json, recall_vs_scanned.png and recall_vs_latency.p
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from retrieval_attn.sweep import add_sweep_arguments, format_sweep_table, sweep_from_args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse options, run the sweep, print its table and a JSON line of operating points."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_sweep_arguments(parser)
-    args = parser.parse_args(argv)
-    report = sweep_from_args(args)
-    print(format_sweep_table(report))
-    print(f"results: {args.out}/ (rows.csv, summary.csv, sweep.json, recall_vs_scanned.png, recall_vs_latency.png)")
-    print(json.dumps({"operating_points": report.operating_points, "capture": report.capture}))
-    return 0
-
+from retrieval_attn.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["sweep", *sys.argv[1:]]))

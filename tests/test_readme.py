@@ -42,3 +42,8 @@ def test_main_job_command_prints_the_answer():
     assert result.returncode == 0, result.stderr[-2000:]
     assert PASSKEY in result.stdout
     assert "offloaded" in result.stdout and "seconds per decoded token" in result.stdout
+
+
+def test_index_example_runs():
+    block = next(b for b in python_blocks() if "make_index(" in b)
+    exec(compile(block, "README.md", "exec"), {})

@@ -1,21 +1,22 @@
 """Tests of the recall sweep: its evaluation helpers on hand-made data, and small end-to-end sweeps.
 
 The end-to-end sweeps run a tiny random Llama (2 layers, 4 query heads, 2 KV heads) or take q/k
-arrays directly; the slow test runs the bench script on the embedded model at 1K tokens.
+arrays directly; the slow test runs ``retrieval-attn sweep`` on the embedded model at 1K tokens.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from retrieval_attn.index import available_indexes
+from retrieval_attn import cli
 from retrieval_attn.sweep import (
     BackendSpec,
     CapturedQK,
@@ -135,8 +136,7 @@ def test_capture_cache_round_trip(tiny_llama, tmp_path):
 
 
 def test_end_to_end_tiny_llama_writes_results(tiny_llama, tmp_path):
-    backends = [BackendSpec("flat"), BackendSpec("roar", {"ef": (5, 10, 40)}), BackendSpec("ivf", {"nprobe": (1, 4)})]
-    backends = tuple(b for b in backends if b.name in available_indexes())
+    backends = (BackendSpec("flat"), BackendSpec("roar", {"ef": (5, 10, 40)}), BackendSpec("ivf", {"nprobe": (1, 4)}))
     settings = SweepSettings(lengths=(256, 384), layers=(0, 1), **SMALL, backends=backends)
     ids = torch.randint(0, 128, (1, 384), generator=torch.Generator().manual_seed(0))
     report = run_sweep(settings, model=tiny_llama, token_ids=ids, progress=False)
@@ -155,28 +155,30 @@ def test_end_to_end_tiny_llama_writes_results(tiny_llama, tmp_path):
     assert len(rows) == 2 * 2 * 2 * sum(points[b.name] for b in backends)
     flat = [s for s in data["summary"] if s["backend"] == "flat"]
     assert all(s["recall_min"] == 1.0 and s["scanned_median"] == 1.0 for s in flat)
-    assert any("ef=5 skipped" in note for note in data["notes"]) == ("roar" in available_indexes())
+    assert any("ef=5 skipped" in note for note in data["notes"])
     table = format_sweep_table(report)
     assert "operating points" in table and "flat" in table
 
 
 @pytest.mark.slow
-def test_bench_script_on_embedded_model(tmp_path, capsys):
-    """The bench script end to end on the embedded model: 1,024 tokens, one layer, flat and roar."""
-    spec = importlib.util.spec_from_file_location("recall_sweep", Path(__file__).parents[1] / "bench" / "recall_sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    backends = ["--backend", "flat"] + (["--backend", "roar:ef=100,200"] if "roar" in available_indexes() else [])
-    argv = ["--lengths", "1024", "--layers", "16", "--sink", "16", "--window", "64", "--out", str(tmp_path / "out"),
-            "--cache-dir", str(tmp_path / "cache"), *backends]
-    assert bench.main(argv) == 0
+def test_sweep_command_on_embedded_model(tmp_path, capsys):
+    """``retrieval-attn sweep`` end to end on the embedded model: 1,024 tokens, one layer, flat and roar."""
+    argv = ["sweep", "--lengths", "1024", "--layers", "16", "--sink", "16", "--window", "64",
+            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--backend", "flat", "--backend", "roar:ef=100,200"]
+    assert cli.main(argv) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     points = {o["backend"]: o for o in last["operating_points"]}
     assert points["flat"]["reached"] and points["flat"]["recall_min"] == 1.0
-    if "roar" in points:  # ~880 indexed keys: the query-aware graph reaches 0.95 at ef <= 200
-        assert points["roar"]["reached"], points["roar"]
+    assert points["roar"]["reached"], points["roar"]  # ~880 indexed keys: 0.95 at ef <= 200
     assert (tmp_path / "out" / "recall_vs_scanned.png").is_file()
     assert any((tmp_path / "cache").rglob("layer016.npz"))
     assert last["capture"]["source"] == "forward"
-    assert bench.main(argv[:-2] if "roar" in points else argv) == 0  # again: q/k and tokens from the cache
+    assert cli.main(argv) == 0  # again: q/k and tokens from the cache
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["capture"]["source"] == "cache"
+
+
+def test_bench_script_is_the_sweep_command():
+    script = Path(__file__).parents[1] / "bench" / "recall_sweep.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--backend" in result.stdout
