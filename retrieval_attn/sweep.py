@@ -70,11 +70,14 @@ __all__ = [
     "recall_at_k",
     "attention_mass",
     "operating_point",
+    "insertion_drift",
     "parse_backend_spec",
     "evaluate_layer",
     "run_sweep",
     "write_results",
     "format_sweep_table",
+    "format_columns",
+    "model_and_tokens",
     "add_sweep_arguments",
     "sweep_from_args",
 ]
@@ -405,6 +408,70 @@ def operating_point(scanned: Sequence[float], min_recall: Sequence[float], targe
     return min(ok, key=lambda i: scanned[i]) if ok else None
 
 
+def insertion_drift(
+    q: np.ndarray,
+    k: np.ndarray,
+    backend: str,
+    params: Mapping[str, Any],
+    prefill: int,
+    steps: int,
+    sink: int = 128,
+    window: int = 512,
+    top_k: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Recall of an index that grows by ``add`` during decoding, step by step, against a rebuild.
+
+    Replays decoding of one layer from q (Hq, n, D), k (Hkv, n, D): the index is built on the middle
+    keys [sink, prefill - window) (trained on the queries before ``prefill``); at step t the queries of
+    position p = prefill + t search it (one call, all heads), then the key leaving the window
+    (p - window) is added, as the engine does. Returns per-step mean recall@top_k against exact search
+    over the keys indexed at that step, the seconds of each search and add, and the recall of the
+    last 64 steps' queries on an index rebuilt from scratch over the final keys.
+    """
+    hq, n, dim = q.shape
+    groups = k.shape[0]
+    rep = hq // groups
+    if not sink + top_k <= prefill - window and prefill + steps <= n:
+        raise ValueError(f"need sink + top_k <= prefill - window and prefill + steps <= {n}")
+    qg = q.reshape(groups, rep, n, dim)  # query head h -> group h // rep
+
+    def build(end: int) -> Any:
+        index = make_index(backend, **params)
+        train = np.ascontiguousarray(qg[:, :, :end].reshape(groups, -1, dim)) if index.uses_train_queries else None
+        index.build(np.ascontiguousarray(k[:, sink : end - window]), train)
+        return index
+
+    index = build(prefill)
+    recall = np.empty(steps)
+    search_s, add_s = np.empty(steps), np.empty(steps)
+    for t in tqdm(range(steps), desc=f"{backend} add drift", disable=not progress):
+        p = prefill + t
+        queries = np.ascontiguousarray(qg[:, :, p])  # [G, rep, D]
+        start = time.perf_counter()
+        res = index.search(queries, top_k)
+        search_s[t] = time.perf_counter() - start
+        exact = np.einsum("grd,gnd->grn", queries, k[:, sink : p - window])  # [G, rep, n_indexed]
+        recall[t] = recall_at_k(res.ids, exact, top_k).mean()
+        start = time.perf_counter()
+        index.add(np.ascontiguousarray(k[:, p - window : p - window + 1]))
+        add_s[t] = time.perf_counter() - start
+    last = min(64, steps)
+    rebuilt = build(prefill + steps - last)
+    rebuilt_recall = []
+    for t in range(steps - last, steps):
+        p = prefill + t
+        queries = np.ascontiguousarray(qg[:, :, p])
+        exact = np.einsum("grd,gnd->grn", queries, k[:, sink : prefill + steps - last - window])
+        rebuilt_recall.append(recall_at_k(rebuilt.search(queries, top_k).ids, exact, top_k).mean())
+    return {
+        "recall": recall,
+        "search_s": search_s,
+        "add_s": add_s,
+        "rebuilt_recall_last": float(np.mean(rebuilt_recall)),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------
 # one layer
 
@@ -632,7 +699,7 @@ class SweepReport:
         }
 
 
-def _model_and_tokens(
+def model_and_tokens(
     model_path: str | Path | None, cache_dir: str | Path | None, need: int
 ) -> tuple[Path, str, Callable[[], torch.nn.Module] | torch.nn.Module, int, torch.Tensor]:
     """For a model file or folder (None: the embedded one): its path, cache key, the model or a loader of
@@ -772,7 +839,7 @@ def run_sweep(
     else:
         cache_key = None
         if model is None:
-            path, cache_key, model, n_layers, token_ids = _model_and_tokens(model_path, cache_dir, need)
+            path, cache_key, model, n_layers, token_ids = model_and_tokens(model_path, cache_dir, need)
             name = str(path)
         else:
             name = type(model).__name__
@@ -880,7 +947,7 @@ def _plot(report: SweepReport, folder: Path) -> list[Path]:
     return out
 
 
-def _columns(header: list[str], rows: list[list]) -> str:
+def format_columns(header: list[str], rows: list[list]) -> str:
     """Aligned columns: first column left-aligned, others right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
@@ -917,10 +984,10 @@ def format_sweep_table(report: SweepReport) -> str:
         f"sink {report.settings.sink}, window {report.settings.window}, {report.settings.n_test} test positions, "
         f"{report.settings.threads or 'default'} threads; recall over (layer, KV head) groups; "
         f"mass = softmax mass of static + retrieved keys; us/query median (best) over decode steps",
-        _columns(header, rows),
+        format_columns(header, rows),
         "",
         f"operating points: cheapest setting with recall@k >= {report.settings.target_recall} on every sampled head",
-        _columns(
+        format_columns(
             ["tokens", "backend", "k", "setting", "scanned", "us/query", "R min"],
             [
                 [o["length"], o["backend"], o["k"],
