@@ -432,7 +432,7 @@ def insertion_drift(
     hq, n, dim = q.shape
     groups = k.shape[0]
     rep = hq // groups
-    if not sink + top_k <= prefill - window and prefill + steps <= n:
+    if not (sink + top_k <= prefill - window and prefill + steps <= n):
         raise ValueError(f"need sink + top_k <= prefill - window and prefill + steps <= {n}")
     qg = q.reshape(groups, rep, n, dim)  # query head h -> group h // rep
 
