@@ -311,23 +311,26 @@ def _merge_extra(keys, work, ptr, src, extra, extra_deg, metric, adj, deg):
         deg[g, v] = _append_new(keys[g], v, adj[g, v], cnt, src[ptr[w] : ptr[w + 1]], metric)
 
 
-def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg):
+def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg, conn=None):
     """Build a graph on the first ``n`` rows of every group from per-node candidate lists.
 
     keys [G, cap, D]; work [W, 2] (group, node), ptr [W + 1], flat: CSR candidate lists (nodes not
-    in ``work`` start with no edges); adj [G, cap, 3M] and deg [G, cap] are filled in place.
+    in ``work`` start with no edges); adj [G, cap, maxdeg] and deg [G, cap] are filled in place.
     Steps, all with ``metric``: (1) prune each candidate list to M; (2) add reverse edges, re-pruning
     lists above M; (3) connectivity pass: beam-search each node's own vector from its group's entry
-    point, prune the results to M and add them, then their reverse edges (final degree <= 3M = maxdeg).
-    Every prune is ``_prune``'s rule + fill.
+    point, prune the results to ``conn`` (default M; 0 skips the pass) and add them, then their
+    reverse edges, while a list has room (degree <= maxdeg). Every prune is ``_prune``'s rule + fill.
     """
     deg[:, :n] = 0
     _link(keys, work, ptr, flat, M, metric, adj, deg)
     work_all, both_ptr, both = _in_edges(adj, deg, n, True)
     _link(keys, work_all, both_ptr, both, M, metric, adj, deg)
-    extra = np.empty((adj.shape[0], n, M), np.int32)
+    conn = M if conn is None else conn
+    if conn == 0:
+        return
+    extra = np.empty((adj.shape[0], n, conn), np.int32)
     extra_deg = np.zeros((adj.shape[0], n), np.int32)
-    _search_own(keys, n, adj, deg, entries, build_ef, M, metric, extra, extra_deg)
+    _search_own(keys, n, adj, deg, entries, build_ef, conn, metric, extra, extra_deg)
     work_all, in_ptr, in_src = _in_edges(extra, extra_deg, n, False)
     _merge_extra(keys, work_all, in_ptr, in_src, extra, extra_deg, metric, adj, deg)
 
@@ -373,8 +376,10 @@ class GraphIndex(KeyIndex):
     """Base of the numba graph backends: storage, growth, ``add`` and inner-product beam search.
 
     Subclasses implement ``_candidates(keys, train_queries) -> (work, ptr, flat)`` (the initial
-    candidate list of each node, CSR) and set ``link_metric``, the distance that builds the graph and
-    links added keys (``IP`` or ``L2``); search always ranks by inner product.
+    candidate list of each node, CSR; it may also replace the default entry points ``self._entries``,
+    the key nearest in L2 to its group's mean key) and set ``link_metric``, the distance that builds
+    the graph and links added keys (``IP`` or ``L2``); ``_conn_degree`` is the number of extra edges
+    per node of the connectivity pass (default ``M``). Search always ranks by inner product.
     """
 
     link_metric: ClassVar[int] = IP
@@ -400,7 +405,11 @@ class GraphIndex(KeyIndex):
         self._entries[:] = ((keys - centre) ** 2).sum(axis=2).argmin(axis=1)  # [G]
         work, ptr, flat = self._candidates(keys, train_queries)
         build_graph(self._keys.buffer, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
-                    self._entries, self.link_metric, self._adj, self._deg)
+                    self._entries, self.link_metric, self._adj, self._deg, self._conn_degree())
+
+    def _conn_degree(self) -> int:
+        """Extra edges per node from the connectivity pass of the build (``build_graph``'s ``conn``)."""
+        return self.config["M"]
 
     @property
     def _capacity(self) -> int:

@@ -1,37 +1,44 @@
-"""``roar``: a query-aware proximity graph (RoarGraph-style) built from each group's prefill queries.
+"""``roar``: a query-aware proximity graph built from each group's prefill queries.
 
 Keys that answer the same training query become neighbours, so a beam search driven by attention
 queries (out-of-distribution with respect to keys) walks where queries land instead of where keys
-cluster. This module owns the choice of training data and the projection of query -> key
-neighbourhoods onto key -> key edges; storage, pruning, the connectivity pass, ``add`` and the search
-kernel are the shared ones of ``graph`` (here all by inner product, distance = -<a, b>).
+cluster. This module owns the choice of training data, the query -> key co-occurrence candidates and
+the entry point; storage, pruning, the connectivity pass, ``add`` and the search kernel are the
+shared ones of ``graph``. Edges are chosen in L2 between keys (inner product between keys is
+dominated by key norms: every list would fill up with the few largest keys); search ranks by inner
+product.
 
 Build, for all groups of a layer at once:
 
 1. sample at most ``train_queries`` training queries per group (seeded, the same rows in every
    group) and take the exact top-``nq`` keys of each with a chunked torch matmul + topk;
-2. projection: the top key of a query is its *pivot*; a key's candidates are the other top keys of
-   every query it is the pivot of (gathering them per pivot, rather than letting queries overwrite
-   each other, makes the result independent of thread timing), sorted by distance to it and pruned
-   to ``M`` (``graph._prune``: drop p if a kept neighbour r has -<p, r> < -<p, pivot>, then top up
-   with the nearest dropped ones); reverse edges are added and lists above ``M`` re-pruned;
-3. connectivity pass (``graph.build_graph``): every key beam-searches its own vector from the entry
-   point (the key nearest, in L2, to its group's mean key) and links to the pruned results both
-   ways (degree <= 3M), which reaches keys that no training query selected.
+2. co-occurrence candidates (``_cooccurrence``, numba, parallel over nodes): in every training
+   query's ranked top list, each key is paired with the keys at most ``window`` ranks away; a key's
+   candidates are its ``cands`` most frequent partners over all lists (ties: lower row first). Each
+   key gets its own list, so keys that are the top-1 of many queries (large-norm "hub" keys) do not
+   absorb the information, and keys of the same answer sets link to each other;
+3. ``graph.build_graph`` in L2: prune each list to ``M`` (``graph._prune``: drop p if a kept
+   neighbour r has |p - r| < |p - node|, then top up with the nearest dropped ones), add reverse
+   edges (re-pruning lists above ``M``), then the connectivity pass: every key beam-searches its own
+   vector and links to its ``conn`` pruned results both ways while lists have room (degree <= 3M),
+   which reaches keys that no training query selected.
 
-``add`` treats each new key as a pseudo-query: it beam-searches the key's own vector by inner
-product, links it to the pruned results and them back to it, in row order, so keys spilled during
-decoding are reachable from where the queries that want them go (on the tests' data, after 2,000
-added keys, recall@10 stayed within 0.02 of a rebuild's; linking them by L2 instead lost 0.05).
+Entry point of a group: its most frequent top-1 key over the training queries. The search cost of a
+query is close to the number of distinct neighbours of its true top keys, so ``conn`` is kept small:
+most edges are query-aware ones.
+
+``add`` links each new key like the connectivity pass: it beam-searches the key's own vector (L2),
+links it to the pruned results and them back to it, in row order.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import njit, prange
 
 from .base import Param, register_index
-from .graph import IP, GraphIndex
+from .graph import L2, GraphIndex
 
 __all__ = ["RoarIndex", "exact_top_keys"]
 
@@ -52,18 +59,67 @@ def exact_top_keys(queries: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+@njit(parallel=True, cache=True)
+def _cooccurrence(top, occ_ptr, occ, n, window, out, out_cnt):
+    """Each node's most frequent partners within ``window`` ranks in the training queries' top lists.
+
+    top [G, s, nq] int32: ranked top keys of each training query; node v = g * n + x occurs at
+    occ[occ_ptr[v]:occ_ptr[v + 1]] = query * nq + rank. Writes out [G * n, C] int32 (partners, most
+    frequent first, ties by lower row) and out_cnt [G * n]. Nodes are processed in blocks that share
+    one dense counter (reset after each node), each node writing only its own row.
+    """
+    groups, _, nq = top.shape
+    total = groups * n
+    cap = out.shape[1]
+    block = 256
+    for b in prange((total + block - 1) // block):
+        count = np.zeros(n, np.int32)
+        touched = np.empty(n, np.int32)
+        for v in range(b * block, min(total, (b + 1) * block)):
+            g = v // n
+            x = v - g * n
+            nt = 0
+            for o in range(occ_ptr[v], occ_ptr[v + 1]):
+                qi = occ[o] // nq
+                r = occ[o] - qi * nq
+                for r2 in range(max(0, r - window), min(nq, r + window + 1)):
+                    y = top[g, qi, r2]
+                    if y == x:
+                        continue
+                    if count[y] == 0:
+                        touched[nt] = y
+                        nt += 1
+                    count[y] += 1
+            ids = np.sort(touched[:nt])
+            key = np.empty(nt, np.int64)
+            for a in range(nt):
+                key[a] = -count[ids[a]]
+                count[ids[a]] = 0
+            order = np.argsort(key, kind="mergesort")  # stable: ties keep ascending rows
+            c = min(cap, nt)
+            for a in range(c):
+                out[v, a] = ids[order[a]]
+            out_cnt[v] = c
+
+
 @register_index
 class RoarIndex(GraphIndex):
-    """Query-aware graph over keys: projected top-``nq`` neighbourhoods of training queries, inner product."""
+    """Query-aware graph over keys: co-occurrence in training queries' top lists, L2 pruning; inner-product search."""
 
     name = "roar"
     uses_train_queries = True
-    link_metric = IP
+    link_metric = L2
     params = {
         **GraphIndex.params,
-        "nq": Param(100, 2, 10_000, doc="exact top keys per training query; the first is its pivot"),
+        "nq": Param(100, 2, 10_000, doc="exact top keys per training query"),
         "train_queries": Param(8192, 1, None, doc="training queries sampled per group, at most"),
+        "window": Param(4, 1, 10_000, doc="keys at most this many ranks apart in a top list are partners"),
+        "cands": Param(64, 1, 10_000, doc="most frequent partners per key, pruned to M"),
+        "conn": Param(8, 0, 512, doc="extra edges per key from the connectivity pass (0: none)"),
     }
+
+    def _conn_degree(self) -> int:
+        return self.config["conn"]
 
     def _candidates(
         self, keys: np.ndarray, train_queries: np.ndarray | None
@@ -75,12 +131,21 @@ class RoarIndex(GraphIndex):
         picked = np.sort(np.random.default_rng(0).choice(m, min(m, self.config["train_queries"]), replace=False))
         queries = np.ascontiguousarray(train_queries[:, picked])  # [G, s, D]
         s, nq = queries.shape[1], min(self.config["nq"], n)
-        top = exact_top_keys(queries, keys, nq)  # [G, s, nq]
-        # queries grouped by (group, pivot): each distinct pivot is one work item
-        pivot = (np.arange(groups)[:, None] * n + top[:, :, 0]).ravel()  # [G * s], group-major node number
-        order = np.argsort(pivot, kind="stable")
-        nodes, first = np.unique(pivot[order], return_index=True)  # [W]
-        work = np.stack([nodes // n, nodes % n], axis=1)  # [W, 2] (group, node)
-        flat = top[:, :, 1:].reshape(groups * s, nq - 1)[order].ravel().astype(np.int32)  # candidates, by work item
-        ptr = np.append(first, groups * s).astype(np.int64) * (nq - 1)  # [W + 1]
-        return work, ptr, flat
+        top = exact_top_keys(queries, keys, nq).astype(np.int32)  # [G, s, nq]
+        # entry point: the most frequent top-1 key of each group
+        for g in range(groups):
+            self._entries[g] = np.bincount(top[g, :, 0], minlength=n).argmax()
+        # occurrences of each node (group-major number) as query * nq + rank, in that order
+        node = (np.arange(groups, dtype=np.int64)[:, None, None] * n + top).ravel()
+        order = np.argsort(node, kind="stable")
+        occ = order % (s * nq)
+        occ_ptr = np.zeros(groups * n + 1, np.int64)
+        occ_ptr[1:] = np.cumsum(np.bincount(node, minlength=groups * n))
+        out = np.empty((groups * n, self.config["cands"]), np.int32)
+        out_cnt = np.zeros(groups * n, np.int64)
+        _cooccurrence(top, occ_ptr, occ, n, self.config["window"], out, out_cnt)
+        flat = out[np.arange(out.shape[1])[None, :] < out_cnt[:, None]]
+        ptr = np.zeros(groups * n + 1, np.int64)
+        ptr[1:] = np.cumsum(out_cnt)
+        nodes = np.arange(groups * n)
+        return np.stack([nodes // n, nodes % n], axis=1), ptr, flat
