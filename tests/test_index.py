@@ -285,3 +285,21 @@ def test_roar_with_hub_keys():
     result = index.search(test, K)
     assert recall(result.ids, truth.ids) >= 0.98
     assert result.scored_fraction(N_KEYS) <= 0.12
+
+
+def test_roar_links_added_keys_to_keys_recent_queries_returned():
+    keys, queries = attention_like(2, 3000, 2000, seed=3)
+    index = make_index("roar")
+    index.build(keys, np.ascontiguousarray(queries[:, :1500]))
+    test = np.ascontiguousarray(queries[:, 1500:1504])
+    res = index.search(test, 100)
+    # a new key that every recent query ranks first: its candidates are the tops of their result lists
+    new = test.sum(axis=1, keepdims=True)
+    new = np.ascontiguousarray(1e3 * new / np.linalg.norm(new, axis=2, keepdims=True))  # [G, 1, D]
+    assert (np.einsum("gmd,gtd->gm", test, new) > res.scores[:, :, 0]).all()
+    cands = index._insert_candidates(new)  # [G, 1, E]
+    for g in range(2):
+        got = set(cands[g, 0][cands[g, 0] >= 0].tolist())
+        assert got and got <= set(res.ids[g, :, :4].ravel().tolist())  # ranks 0..window-1 of the lists it tops
+    index.add(new)
+    assert index.search(test, 1).ids[:, :, 0].tolist() == [[3000] * 4] * 2  # and it is found

@@ -336,13 +336,16 @@ def build_graph(keys, n, work, ptr, flat, M, build_ef, entries, metric, adj, deg
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
+def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric, cooc, conn):
     """Link rows n_old..n_old+t-1 of every group into its graph, in row order (groups in parallel).
 
-    Each new node beam-searches its own vector (by ``metric``) over the nodes before it, keeps the
-    pruned and filled results (M) as out-edges, and is added to each of those neighbours' lists:
-    appended while the list has room, else the neighbour's list plus the new node is pruned and
-    filled back to maxdeg (dropping one). A group with no nodes yet takes its first node as entry point.
+    Each new node beam-searches its own vector (by ``metric``) over the nodes before it. Its out-edges
+    are its pruned and filled candidates ``cooc[g, v - n_old]`` (int32, -1 padded; e.g. keys it
+    co-occurs with in recent queries' results) followed by ``conn`` of the pruned search results, or,
+    without candidates, the pruned search results alone (M). It is then added to each of those
+    neighbours' lists: appended while the list has room, else the neighbour's list plus the new node
+    is pruned and filled back to maxdeg (dropping one). A group with no nodes yet takes its first
+    node as entry point.
     """
     groups, maxdeg = adj.shape[0], adj.shape[2]
     for g in prange(groups):
@@ -359,7 +362,13 @@ def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric):
             size, _ = beam_search(keys[g], v, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                                   pool_i, pool_d, pool_x, visited)
             cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
-            deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, adj[g, v])
+            given, given_d = _sorted_candidates(keys[g], v, cooc[g, v - n_old], metric)
+            if given.shape[0] == 0:
+                deg[g, v] = _prune(keys[g], cand, cand_d, M, metric, adj[g, v])
+            else:
+                cnt = _prune(keys[g], given, given_d, M, metric, adj[g, v])
+                room = min(cnt + conn, maxdeg)
+                deg[g, v] = _append_new(keys[g], v, adj[g, v, :room], np.int64(cnt), pool_i[:size], metric)
             for a in range(deg[g, v]):
                 r = np.int64(adj[g, v, a])
                 if deg[g, r] < maxdeg:
@@ -432,7 +441,12 @@ class GraphIndex(KeyIndex):
             deg[:, :n_old] = self._deg[:, :n_old]
             self._adj, self._deg = adj, deg
         insert_nodes(self._keys.buffer, n_old, t, self._adj, self._deg, self._entries,
-                     self.config["build_ef"], self.config["M"], self.link_metric)
+                     self.config["build_ef"], self.config["M"], self.link_metric,
+                     self._insert_candidates(keys), self._conn_degree())
+
+    def _insert_candidates(self, keys: np.ndarray) -> np.ndarray:
+        """Given candidates of each new key (groups, t, E) int32, -1 padded; none by default."""
+        return np.full((keys.shape[0], keys.shape[1], 0), -1, np.int32)
 
     def __len__(self) -> int:
         return self._keys.n if self.dim else 0

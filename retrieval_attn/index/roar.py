@@ -27,8 +27,11 @@ Entry point of a group: its most frequent top-1 key over the training queries. T
 query is close to the number of distinct neighbours of its true top keys, so ``conn`` is kept small:
 most edges are query-aware ones.
 
-``add`` links each new key like the connectivity pass: it beam-searches the key's own vector (L2),
-links it to the pruned results and them back to it, in row order.
+``add`` applies the same co-occurrence rule online, with the queries the index served last (during
+decoding: the current step's queries) as training queries: a new key that would rank r-th in one of
+their result lists gets the keys ranked within ``window`` of r as candidates, pruned to ``M`` (L2),
+plus ``conn`` edges from a beam search of its own vector (L2); a key that ranks in no list is linked
+by that search alone. Neighbours link back to it, in row order.
 """
 
 from __future__ import annotations
@@ -118,10 +121,47 @@ class RoarIndex(GraphIndex):
         "window": Param(4, 1, 10_000, doc="keys at most this many ranks apart in a top list are partners"),
         "cands": Param(64, 1, 10_000, doc="most frequent partners per key, pruned to M"),
         "conn": Param(8, 0, 512, doc="extra edges per key from the connectivity pass (0: none)"),
+        "recent": Param(32, 1, 4096, doc="search calls whose queries and results link keys added later"),
     }
 
     def _conn_degree(self) -> int:
         return self.config["conn"]
+
+    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
+        self._recent = None  # (queries [G, m, D], their result scores [G, m, k], ids [G, m, k]) of the last search
+        super()._build(keys, train_queries)
+
+    def _search(self, queries: np.ndarray, k: int, config: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, scores, scored = super()._search(queries, k, config)
+        if self._recent is None or self._recent[1].shape[2] != k:
+            self._recent = (queries.copy(), scores, ids)
+        else:  # keep the last `recent` calls' queries and results
+            keep = self.config["recent"] * queries.shape[1]
+            self._recent = tuple(np.concatenate([old, new], axis=1)[:, -keep:]
+                                 for old, new in zip(self._recent, (queries, scores, ids)))
+        return ids, scores, scored
+
+    def _insert_candidates(self, keys: np.ndarray) -> np.ndarray:
+        """Co-occurrence candidates of new keys (groups, t, E) from the last search's results.
+
+        The queries served last are the freshest training queries there are: a new key that would
+        rank r-th in a query's result list gets the keys ranked within ``window`` of r as candidates,
+        the rule the build applies to the prefill queries' top lists.
+        """
+        groups, t, _ = keys.shape
+        if self._recent is None:
+            return np.full((groups, t, 0), -1, np.int32)
+        queries, scores, ids = self._recent  # [G, m, D], [G, m, k], [G, m, k]
+        k, w = ids.shape[2], self.config["window"]
+        new_scores = np.einsum("gmd,gtd->gtm", queries, keys)  # [G, t, m]
+        rank = (scores[:, None, :, :] > new_scores[..., None]).sum(axis=3)  # [G, t, m], its place in each list
+        offsets = np.arange(-w, w)  # the w ranks above and the w below its place
+        pos = rank[..., None] + offsets  # [G, t, m, 2w]
+        valid = (rank[..., None] < k) & (pos >= 0) & (pos < k)
+        g_idx = np.arange(groups)[:, None, None, None]
+        m_idx = np.arange(queries.shape[1])[None, None, :, None]
+        picked = np.where(valid, ids[g_idx, m_idx, np.clip(pos, 0, k - 1)], -1)  # [G, t, m, 2w]
+        return picked.reshape(groups, t, -1).astype(np.int32)
 
     def _candidates(
         self, keys: np.ndarray, train_queries: np.ndarray | None
