@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .config import RetrievalConfig
-from .index import available_indexes
+from .index import AUTO, available_indexes
 
 __all__ = ["main"]
 
@@ -102,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
         format_table([
             ("prompt tokens", n),
             ("tokens on device / offloaded (per layer)", f"{stats[0].device_tokens} / {stats[0].offloaded_tokens}"),
-            ("index", f"{config.index} (top_k {config.top_k})"),
+            ("index", f"{config.index} -> {stats[0].index} (top_k {config.top_k})"),
             ("prefill seconds", f"{prefill_s:.2f}"),
             ("seconds per decoded token", f"{decode_s / steps:.4f}"),
             ("keys scanned per step (all layers, heads)", f"{sum(scanned) / max(len(scanned), 1):.0f}"),
@@ -140,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=defaults.top_k, help="keys retrieved per query head per step")
     gen.add_argument("--sink", type=int, default=defaults.sink_tokens, help="first tokens kept on the device")
     gen.add_argument("--window", type=int, default=defaults.window_tokens, help="recent tokens kept on the device")
-    gen.add_argument("--index", default=defaults.index, choices=available_indexes(), help="index backend")
+    gen.add_argument("--index", default=defaults.index, choices=[AUTO, *available_indexes()],
+                     help="index backend (auto: flat for small offloaded sets, roar for large ones)")
     gen.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU search and attention")
     gen.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda:0")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

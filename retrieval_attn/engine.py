@@ -39,11 +39,13 @@ __all__ = ["RetrievalAttention", "EngineStats"]
 class EngineStats:
     """Where the tokens of one layer are, and what the last decode step cost.
 
+    ``index`` is the backend in use ("" before the first decode builds it; ``auto`` resolved).
     ``keys_scanned_last_step`` sums, over all query heads of the batch, the offloaded keys whose score
     the index computed in the last decode step; ``keys_scanned_fraction`` is its mean per query head
     divided by the keys indexed at that moment.
     """
 
+    index: str
     seen_tokens: int
     device_tokens: int
     offloaded_tokens: int
@@ -363,6 +365,7 @@ class RetrievalAttention:
             self._index.nbytes if self._index is not None else 0
         )
         return EngineStats(
+            index=self._index.name if self._index is not None else "",
             seen_tokens=self.seen,
             device_tokens=self._filled(),
             offloaded_tokens=off,

@@ -172,3 +172,4 @@ def test_every_backend_is_exact_when_its_search_covers_all_keys(index, params):
     out = run_engine(engine, q, k, v, 60)  # the index is built on 47 keys, then 50 spills are added
     assert (out.double() - reference_attention(q, k, v, 0.25)).abs().max() <= FP32_TOL
     assert engine.stats.retrieved_last_step == 2 * 6 * (109 - 13)
+    assert engine.stats.index == ("flat" if index == "auto" else index)  # auto: 47 keys, below the crossover
