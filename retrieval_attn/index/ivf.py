@@ -69,6 +69,7 @@ class IvfIndex(KeyIndex):
         self._indexes = []
         for g in range(groups):
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.min_points_per_centroid = 1  # few keys per cell is expected here: train on all of them, no warning
             index.train(keys[g])
             index.add(keys[g])
             self._indexes.append(index)
