@@ -81,9 +81,10 @@ def _generate(args: argparse.Namespace) -> int:
     generated: list[int] = []
     scanned: list[int] = []
     printed = ""
-    step_start = time.perf_counter()
+    step_seconds: list[float] = []  # the first decode step also builds every layer's index
     with torch.no_grad():
         for _ in range(args.max_new_tokens):
+            step_start = time.perf_counter()
             token = int(logits[0, -1].argmax())
             if token == tokenizer.eos_token_id:
                 break
@@ -93,18 +94,19 @@ def _generate(args: argparse.Namespace) -> int:
             printed = text
             logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
             scanned.append(sum(s.keys_scanned_last_step for s in cache.stats))
-    decode_s = time.perf_counter() - step_start
+            step_seconds.append(time.perf_counter() - step_start)
     print()
     stats = cache.stats
-    steps = max(len(generated), 1)
     layers = len(stats)
+    later = step_seconds[1:]
     print(
         format_table([
             ("prompt tokens", n),
             ("tokens on device / offloaded (per layer)", f"{stats[0].device_tokens} / {stats[0].offloaded_tokens}"),
             ("index", f"{config.index} -> {stats[0].index} (top_k {config.top_k})"),
             ("prefill seconds", f"{prefill_s:.2f}"),
-            ("seconds per decoded token", f"{decode_s / steps:.4f}"),
+            ("first decode step seconds (builds the indexes)", f"{step_seconds[0]:.2f}" if step_seconds else "-"),
+            ("seconds per decoded token (after the first)", f"{sum(later) / len(later):.4f}" if later else "-"),
             ("keys scanned per step (all layers, heads)", f"{sum(scanned) / max(len(scanned), 1):.0f}"),
             ("keys scanned per query head (mean fraction)",
              f"{sum(s.keys_scanned_fraction for s in stats) / layers:.3f}"),
