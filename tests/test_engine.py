@@ -136,6 +136,11 @@ def test_bad_call_order_and_types():
         engine.decode(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
     with pytest.raises(ValueError, match="batch size changed from 1 to 2"):
         engine.decode(torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8))
+    bad = one[1].clone()
+    bad[0, 1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        engine.decode(one[0], bad, one[2])
+    assert engine.stats.seen_tokens == 3  # the bad step left no trace
     engine.decode(*one)
     with pytest.raises(ValueError, match="prefill called after decode started"):
         engine.prefill(*one)
