@@ -484,6 +484,7 @@ class _Plan:
     build: dict[str, int | float]
     grid_param: str | None
     grid: tuple[int | float | None, ...]
+    label: str  # the backend's name in results: with the build parameters the spec fixed, e.g. "roar(conn=4)"
 
 
 def _resolve(spec: BackendSpec, n_keys: int, notes: set[str]) -> _Plan:
@@ -503,11 +504,12 @@ def _resolve(spec: BackendSpec, n_keys: int, notes: set[str]) -> _Plan:
             f"values, got {spec.params}"
         )
     build = {p: vs[0] for p, vs in spec.params.items() if p not in grid_names}
+    label = f"{spec.name}({' '.join(f'{p}={v}' for p, v in build.items())})" if build else spec.name
     if spec.name == "ivf" and "nlist" not in build:
         build["nlist"] = int(max(1, min(n_keys, round(4 * math.sqrt(n_keys)))))
     cls.validate_params(build)
     if not grid_names:
-        return _Plan(spec.name, build, None, (None,))
+        return _Plan(spec.name, build, None, (None,), label)
     name = grid_names[0]
     grid = []
     for v in spec.params[name]:
@@ -516,7 +518,7 @@ def _resolve(spec: BackendSpec, n_keys: int, notes: set[str]) -> _Plan:
             notes.add(f"{spec.name}: nprobe={v} skipped at {n_keys} keys (nlist={build['nlist']})")
         else:
             grid.append(v)
-    return _Plan(spec.name, build, name, tuple(grid))
+    return _Plan(spec.name, build, name, tuple(grid), label)
 
 
 def _warm_up(plans: Iterable[_Plan], dim: int) -> None:
@@ -636,7 +638,7 @@ def evaluate_layer(
                             "length": prob.n,
                             "layer": layer,
                             "kv_head": g,
-                            "backend": plan.name,
+                            "backend": plan.label,
                             "param": plan.grid_param or "",
                             "value": "" if value is None else value,
                             "build_params": " ".join(f"{p}={v}" for p, v in plan.build.items()),

@@ -194,3 +194,13 @@ def test_insertion_drift_replays_decode_and_is_exact_for_flat():
     assert r["recall"].shape == (50,) and (r["recall"] == 1.0).all() and r["rebuilt_recall_last"] == 1.0
     with pytest.raises(ValueError, match="prefill \\+ steps"):
         insertion_drift(q, k, "flat", {}, prefill=300, steps=200, sink=4, window=16, top_k=10, progress=False)
+
+
+def test_backends_with_different_build_parameters_stay_apart():
+    g = np.random.default_rng(1)
+    qk = CapturedQK.from_pairs({0: (g.standard_normal((4, 700, 8)), g.standard_normal((2, 700, 8)))})
+    settings = SweepSettings(lengths=(700,), layers=(0,), **SMALL, backends=(
+        BackendSpec("roar", {"conn": (4,), "ef": (40,)}), BackendSpec("roar", {"conn": (8,), "ef": (40,)})))
+    report = run_sweep(settings, qk=qk, progress=False)
+    assert sorted(s["backend"] for s in report.summary) == ["roar(conn=4)", "roar(conn=8)"]
+    assert sorted(o["backend"] for o in report.operating_points) == ["roar(conn=4)", "roar(conn=8)"]
