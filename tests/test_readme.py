@@ -47,3 +47,9 @@ def test_main_job_command_prints_the_answer():
 def test_index_example_runs():
     block = next(b for b in python_blocks() if "make_index(" in b)
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_cmd = next(line for line in README.splitlines() if line.startswith("pip install") and "pytest" in line)
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == test_cmd
