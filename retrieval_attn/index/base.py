@@ -77,6 +77,13 @@ class GrowableKeys:
         self._buf = np.empty((groups, max(capacity, 1), dim), dtype=np.float32)
         self.n = 0
 
+    @classmethod
+    def holding(cls, keys: np.ndarray) -> GrowableKeys:
+        """A buffer holding a copy of keys (groups, n, dim), with room for as many again (at least 1024 rows)."""
+        buf = cls(keys.shape[0], keys.shape[2], capacity=max(2 * keys.shape[1], 1024))
+        buf.append(keys)
+        return buf
+
     def append(self, keys: np.ndarray) -> None:
         """Append keys (groups, t, dim) after the filled rows."""
         t = keys.shape[1]

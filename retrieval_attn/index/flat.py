@@ -22,8 +22,7 @@ class FlatIndex(KeyIndex):
     name = "flat"
 
     def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
-        self._keys = GrowableKeys(keys.shape[0], keys.shape[2], capacity=max(keys.shape[1] * 2, 1024))
-        self._keys.append(keys)
+        self._keys = GrowableKeys.holding(keys)
 
     def _add(self, keys: np.ndarray) -> None:
         self._keys.append(keys)

@@ -29,7 +29,7 @@ from numba import njit, prange
 from .base import GrowableKeys, KeyIndex, Param
 
 __all__ = [
-    "IP", "L2", "FASTMATH", "distance", "beam_search", "search_graph", "build_graph", "insert_nodes", "GraphIndex"
+    "IP", "L2", "FASTMATH", "distance", "beam_scratch", "beam_search", "search_graph", "build_graph", "insert_nodes", "GraphIndex"
 ]
 
 IP = 0
@@ -62,6 +62,12 @@ def _visit(visited, node):
         return True
     visited[w] |= bit
     return False
+
+
+@njit(inline="always")
+def beam_scratch(ef, n):
+    """Scratch of one beam search of queue length ``ef`` over ``n`` nodes: pool ids, distances, expanded flags, visited bitset."""
+    return np.empty(ef, np.int32), np.empty(ef, np.float32), np.empty(ef, np.bool_), np.zeros((n + 63) >> 6, np.uint64)
 
 
 @njit(inline="always")
@@ -148,15 +154,11 @@ def search_graph(keys, n, adj, deg, entries, queries, k, ef, ids, scores, scored
     writes ids [G, m, k] int64, scores [G, m, k] fp32 (exact q . key) and scored [G, m] int64.
     """
     groups, m = queries.shape[0], queries.shape[1]
-    words = (n + 63) >> 6
     ip = np.int64(IP)  # a plain int64 (a global is a literal), so beam_search compiles once for all callers
     for t in prange(groups * m):
         g = t // m
         i = t - g * m
-        pool_i = np.empty(ef, np.int32)
-        pool_d = np.empty(ef, np.float32)
-        pool_x = np.empty(ef, np.bool_)
-        visited = np.zeros(words, np.uint64)
+        pool_i, pool_d, pool_x, visited = beam_scratch(ef, n)
         _, cnt = beam_search(keys[g], n, adj[g], deg[g], entries[g], queries[g, i], ef, k, ip,
                              pool_i, pool_d, pool_x, visited)
         for j in range(k):
@@ -264,14 +266,10 @@ def _in_edges(adj, deg, n, with_own):
 def _search_own(keys, n, adj, deg, entries, ef, cap, metric, extra, extra_deg):
     """Connectivity pass, step 1: beam-search every node's own vector; its pruned results -> extra [G, n, cap]."""
     groups = adj.shape[0]
-    words = (n + 63) >> 6
     for t in prange(groups * n):
         g = t // n
         v = t - g * n
-        pool_i = np.empty(ef, np.int32)
-        pool_d = np.empty(ef, np.float32)
-        pool_x = np.empty(ef, np.bool_)
-        visited = np.zeros(words, np.uint64)
+        pool_i, pool_d, pool_x, visited = beam_scratch(ef, n)
         size, _ = beam_search(keys[g], n, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                               pool_i, pool_d, pool_x, visited)
         cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
@@ -349,16 +347,14 @@ def insert_nodes(keys, n_old, t, adj, deg, entries, ef, M, metric, cooc, conn):
     """
     groups, maxdeg = adj.shape[0], adj.shape[2]
     for g in prange(groups):
-        pool_i = np.empty(ef, np.int32)
-        pool_d = np.empty(ef, np.float32)
-        pool_x = np.empty(ef, np.bool_)
+        pool_i, pool_d, pool_x, visited = beam_scratch(ef, n_old + t)
         scratch = np.empty(maxdeg + 1, np.int32)
         for v in range(n_old, n_old + t):
             deg[g, v] = 0
             if entries[g] < 0:
                 entries[g] = v
                 continue
-            visited = np.zeros((v + 63) >> 6, np.uint64)
+            visited[:] = 0
             size, _ = beam_search(keys[g], v, adj[g], deg[g], entries[g], keys[g, v], ef, ef, metric,
                                   pool_i, pool_d, pool_x, visited)
             cand, cand_d = _sorted_candidates(keys[g], v, pool_i[:size], metric)
@@ -401,8 +397,7 @@ class GraphIndex(KeyIndex):
 
     def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
         groups, n, dim = keys.shape
-        self._keys = GrowableKeys(groups, dim, capacity=max(2 * n, 1024))
-        self._keys.append(keys)
+        self._keys = GrowableKeys.holding(keys)
         self._maxdeg = 3 * self.config["M"]
         self._adj = np.empty((groups, self._capacity, self._maxdeg), np.int32)
         self._deg = np.zeros((groups, self._capacity), np.int32)

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .base import GrowableKeys, KeyIndex, Param, register_index
-from .graph import FASTMATH, IP, beam_search, distance
+from .graph import FASTMATH, IP, beam_scratch, beam_search, distance
 
 __all__ = ["HnswIndex"]
 
@@ -42,7 +42,6 @@ def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top
     has its level-l block (count word, then links) at upper[upper_ptr[g, i] + (l - 1) * words_per_level].
     """
     groups, m = queries.shape[0], queries.shape[1]
-    words = (n + 63) >> 6
     ip = np.int64(IP)  # a plain int64, as graph.search_graph passes it: one compiled beam_search
     for t in prange(groups * m):
         g = t // m
@@ -64,10 +63,7 @@ def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top
                         cur_d = d
                         cur = cand
                         changed = True
-        pool_i = np.empty(ef, np.int32)
-        pool_d = np.empty(ef, np.float32)
-        pool_x = np.empty(ef, np.bool_)
-        visited = np.zeros(words, np.uint64)
+        pool_i, pool_d, pool_x, visited = beam_scratch(ef, n)
         _, c0 = beam_search(keys[g], n, adj0[g], deg0[g], cur, q, ef, k, ip, pool_i, pool_d, pool_x, visited)
         for j in range(k):
             ids[g, i, j] = pool_i[j]
@@ -88,8 +84,7 @@ class HnswIndex(KeyIndex):
 
     def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
         groups, n, dim = keys.shape
-        self._keys = GrowableKeys(groups, dim, capacity=max(2 * n, 1024))
-        self._keys.append(keys)
+        self._keys = GrowableKeys.holding(keys)
         self._indexes = []
         for _ in range(groups):
             index = hnswlib.Index(space="ip", dim=dim)
