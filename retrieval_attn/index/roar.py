@@ -128,30 +128,37 @@ class RoarIndex(GraphIndex):
         return self.config["conn"]
 
     def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
-        self._recent = None  # (queries [G, m, D], their result scores [G, m, k], ids [G, m, k]) of the last search
+        # ring of the last `recent` search calls: queries [G, R, m, D], result scores and ids [G, R, m, k]
+        self._ring: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._ring_calls = 0
         super()._build(keys, train_queries)
 
     def _search(self, queries: np.ndarray, k: int, config: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, scores, scored = super()._search(queries, k, config)
-        if self._recent is None or self._recent[1].shape[2] != k:
-            self._recent = (queries.copy(), scores, ids)
-        else:  # keep the last `recent` calls' queries and results
-            keep = self.config["recent"] * queries.shape[1]
-            self._recent = tuple(np.concatenate([old, new], axis=1)[:, -keep:]
-                                 for old, new in zip(self._recent, (queries, scores, ids)))
+        groups, m, dim = queries.shape
+        if self._ring is None or self._ring[2].shape[2:] != (m, k):  # first call, or another query count or k
+            r = self.config["recent"]
+            self._ring = (np.empty((groups, r, m, dim), np.float32), np.empty((groups, r, m, k), np.float32),
+                          np.empty((groups, r, m, k), np.int64))
+            self._ring_calls = 0
+        slot = self._ring_calls % self._ring[0].shape[1]
+        for buf, new in zip(self._ring, (queries, scores, ids)):
+            buf[:, slot] = new
+        self._ring_calls += 1
         return ids, scores, scored
 
     def _insert_candidates(self, keys: np.ndarray) -> np.ndarray:
-        """Co-occurrence candidates of new keys (groups, t, E) from the last search's results.
+        """Co-occurrence candidates of new keys (groups, t, E) from the results of the last ``recent`` searches.
 
         The queries served last are the freshest training queries there are: a new key that would
         rank r-th in a query's result list gets the keys ranked within ``window`` of r as candidates,
         the rule the build applies to the prefill queries' top lists.
         """
         groups, t, _ = keys.shape
-        if self._recent is None:
+        if self._ring is None:
             return np.full((groups, t, 0), -1, np.int32)
-        queries, scores, ids = self._recent  # [G, m, D], [G, m, k], [G, m, k]
+        filled = min(self._ring_calls, self._ring[0].shape[1])
+        queries, scores, ids = (b[:, :filled].reshape(groups, -1, b.shape[3]) for b in self._ring)  # [G, m', D|k]
         k, w = ids.shape[2], self.config["window"]
         new_scores = np.einsum("gmd,gtd->gtm", queries, keys)  # [G, t, m]
         rank = (scores[:, None, :, :] > new_scores[..., None]).sum(axis=3)  # [G, t, m], its place in each list
