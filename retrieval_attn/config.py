@@ -63,10 +63,9 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
         cls = params_class(self.index)
         try:
-            cls.validate_params(dict(self.index_params))
+            ef = cls.resolved_params(dict(self.index_params)).get("ef")
         except ValueError as err:
             raise ValueError(f"RetrievalConfig.index_params: {err}") from None
-        ef = self.index_params.get("ef", cls.params["ef"].default if "ef" in cls.params else None)
         if ef is not None and self.top_k > ef:
             raise ValueError(
                 f"RetrievalConfig.top_k ({self.top_k}) must be <= the search queue ef ({ef}) of index "

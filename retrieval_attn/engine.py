@@ -146,7 +146,7 @@ class RetrievalAttention:
         self._store: KVStore | None = None
         self._index = None
         cls = params_class(self.config.index)
-        cap = {**{k: p.default for k, p in cls.params.items()}, **self.config.index_params}.get("train_queries")
+        cap = cls.resolved_params(dict(self.config.index_params)).get("train_queries")
         self._train = _QuerySample(cap) if cls.uses_train_queries else None
         self._decoding = False
         self._scanned_last = 0

@@ -123,10 +123,15 @@ class KeyIndex(ABC):
     uses_train_queries: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
-        self.config = {**{k: p.default for k, p in self.params.items()}, **self.validate_params(params)}
+        self.config = self.resolved_params(params)
         self.groups = 0
         self.dim = 0
         self.build_seconds = 0.0
+
+    @classmethod
+    def resolved_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Every parameter's value: the defaults overridden by ``params``, which are checked."""
+        return {**{k: p.default for k, p in cls.params.items()}, **cls.validate_params(params)}
 
     @classmethod
     def validate_params(cls, params: dict[str, Any], only: tuple[str, ...] | None = None) -> dict[str, Any]:
