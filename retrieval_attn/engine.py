@@ -18,10 +18,8 @@ Plain tensors in, tensors out: this module knows nothing about transformers or t
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import numba
 import torch
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 
 from .attention import gathered_attention, merge_state, partial_attention
 from .config import RetrievalConfig
-from .index import make_index, params_class, resolve_index
+from .index import cpu_threads, make_index, params_class, resolve_index
 from .offload import KVStore
 
 __all__ = ["RetrievalAttention", "EngineStats"]
@@ -54,22 +52,6 @@ class EngineStats:
     retrieved_last_step: int
     cpu_bytes: int
     device_bytes: int
-
-
-@contextlib.contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch and numba threads (None: leave both as they are)."""
-    if n is None:
-        yield
-        return
-    old_torch, old_numba = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(n)
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_torch)
-        numba.set_num_threads(old_numba)
 
 
 class _QuerySample:
@@ -322,10 +304,10 @@ class RetrievalAttention:
         """
         self._check(q, k, v, decode=True)
         if not self._decoding:
-            with _cpu_threads(self.config.cpu_threads):
+            with cpu_threads(self.config.cpu_threads):
                 self._build_index()
             self._decoding = True
-        b, cap = q.shape[0], self._device_capacity
+        cap = self._device_capacity
         slot = min(self.seen, cap)  # where the new token goes: next free slot, or the scratch slot
         self._k_dev[:, :, slot : slot + 1] = k
         self._v_dev[:, :, slot : slot + 1] = v
@@ -334,7 +316,7 @@ class RetrievalAttention:
         self._scanned_last = self._retrieved_last = 0
         self._scanned_fraction_last = 0.0
         if n_off:
-            with _cpu_threads(self.config.cpu_threads):
+            with cpu_threads(self.config.cpu_threads):
                 o_r, lse_r = self._retrieve(q, min(self.config.top_k, n_off))
             o, lse = merge_state(o, lse, o_r.to(q.device, non_blocking=True), lse_r.to(q.device, non_blocking=True))
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot

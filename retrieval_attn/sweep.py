@@ -39,7 +39,6 @@ This module computes and writes result files; it does not print (progress bars g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import json
@@ -47,13 +46,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .index import available_indexes, index_class, make_index
+from .index import available_indexes, cpu_threads, index_class, make_index
 
 __all__ = [
     "BackendSpec",
@@ -729,27 +728,6 @@ def model_and_tokens(
     return path, key, model, n_layers, ids[:, :need]
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Within the block, torch, numba and faiss use ``n`` CPU threads (None: leave them as they are)."""
-    if n is None:
-        yield
-        return
-    import faiss
-    import numba
-
-    old = torch.get_num_threads(), numba.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old[0])
-        numba.set_num_threads(old[1])
-        faiss.omp_set_num_threads(old[2])
-
-
 def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -871,7 +849,7 @@ def run_sweep(
     dim = next(iter(captured.k.values())).shape[2]
     rows: list[dict[str, Any]] = []
     total = len(settings.lengths) * len(layers) * len(settings.backends)
-    with _threads(settings.threads), tqdm(total=total, desc="sweep", unit="index", disable=not progress) as bar:
+    with cpu_threads(settings.threads), tqdm(total=total, desc="sweep", unit="index", disable=not progress) as bar:
         _warm_up([_resolve(b, 512, set()) for b in settings.backends if b.name in registered], dim)
         for n in sorted(settings.lengths):
             for layer in layers:

@@ -23,7 +23,7 @@ def problem(smollm):
     model, tokenizer = smollm
     cap = capture_layers(model, builtin_token_ids(tokenizer, TOKENS), [LAYER], progress=False)
     q, k = cap.q[LAYER], cap.k[LAYER]  # [Hq, N, D], [Hkv, N, D]
-    groups, rep = k.shape[0], q.shape[0] // k.shape[0]
+    groups = k.shape[0]
     keys = np.ascontiguousarray(k[:, SINK : TOKENS - TEST - WINDOW])
     train = np.ascontiguousarray(q[:, : TOKENS - TEST].reshape(groups, -1, q.shape[2]))
     test = np.ascontiguousarray(q[:, TOKENS - TEST :].reshape(groups, -1, q.shape[2]))
