@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["merge_state", "partial_attention", "gathered_attention", "reference_attention"]
+__all__ = ["merge_state", "partial_attention", "gathered_attention", "scored_attention", "reference_attention"]
 
 
 def merge_state(
@@ -119,14 +119,25 @@ def gathered_attention(
     out : (groups, m, head_dim) fp32
     lse : (groups, m) fp32; -inf when k == 0.
     """
-    g, m, kk = ids.shape
-    if kk == 0:
-        out = values.new_zeros((g, m, values.shape[-1]), dtype=torch.float32)
-        return out, torch.full((g, m), float("-inf"), dtype=torch.float32, device=values.device)
+    rows = torch.arange(ids.shape[0], device=values.device)[:, None, None]
+    return scored_attention(scores, values[rows, ids], scale)  # values[rows, ids]: [G, m, k, D]
+
+
+def scored_attention(scores: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its own keys given their raw scores and their (already gathered) values.
+
+    Parameters
+    ----------
+    scores : (groups, m, k), raw inner products q . key.
+    values : (groups, m, k, head_dim), the value of each of those keys.
+
+    Returns
+    -------
+    out : (groups, m, head_dim) fp32
+    lse : (groups, m) fp32; -inf when k == 0.
+    """
     p, lse = _softmax_with_lse(scores.float() * scale)  # p: [G, m, k]
-    rows = torch.arange(g, device=values.device)[:, None, None]
-    v_sel = values[rows, ids]  # [G, m, k, D]
-    out = torch.matmul(p.unsqueeze(-2), v_sel.float()).squeeze(-2)  # [G, m, D]
+    out = torch.matmul(p.unsqueeze(-2), values.float()).squeeze(-2)  # [G, m, D]
     return out, lse
 
 

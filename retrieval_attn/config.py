@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 from .index import AUTO, available_indexes, params_class
 
-__all__ = ["RetrievalConfig"]
+__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
+
+RETRIEVED_ATTENTION = ("cpu", "device")
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -39,6 +41,14 @@ class RetrievalConfig:
         for graph backends ``top_k`` must not exceed the search queue ``ef``.
     cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
     prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
+    overlap : run a decode step's CPU search and attention on a worker thread while the device attends
+        over sink + window (True), or one after the other (False); the results are identical.
+    retrieved_attention : where the retrieved keys are attended: ``"cpu"`` (only out and lse of each
+        query head cross to the device) or ``"device"`` (their scores and values are shipped and
+        attended there).
+    gpu_memory_gib : device memory budget in GiB (> 0), or None for what the device has. A request that
+        would need more is refused before prefill (``retrieval_attn.planner``); on CUDA the budget is
+        also enforced as the process's memory fraction.
     """
 
     sink_tokens: int = 128
@@ -48,6 +58,9 @@ class RetrievalConfig:
     index_params: Mapping[str, Any] = field(default_factory=dict)
     cpu_threads: int | None = None
     prefill_block: int = 1024
+    overlap: bool = True
+    retrieved_attention: str = "cpu"
+    gpu_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0)
@@ -56,6 +69,16 @@ class RetrievalConfig:
         _check_int("prefill_block", self.prefill_block, 1)
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1)
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"RetrievalConfig.overlap must be True or False, got {self.overlap!r}")
+        if self.retrieved_attention not in RETRIEVED_ATTENTION:
+            raise ValueError(
+                f"RetrievalConfig.retrieved_attention must be one of {list(RETRIEVED_ATTENTION)}, "
+                f"got {self.retrieved_attention!r}"
+            )
+        gib = self.gpu_memory_gib
+        if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf")):
+            raise ValueError(f"RetrievalConfig.gpu_memory_gib must be a finite number > 0 (GiB) or None, got {gib!r}")
         names = [AUTO, *available_indexes()]
         if not isinstance(self.index, str) or self.index not in names:
             raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}")

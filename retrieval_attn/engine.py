@@ -8,6 +8,13 @@ top-k offloaded keys of every query head from the index on the CPU, attends over
 merges both parts exactly by log-sum-exp. The new token joins the window; once the window is full,
 its oldest token spills to the CPU store and into the index.
 
+A decode step leaves no hardware idle: q is copied once into a preallocated (pinned, on CUDA)
+host buffer; with ``config.overlap`` the CPU part (search of all heads of the layer, then attention
+over the retrieved rows, two numba calls that release the GIL) runs on a worker thread while the
+device attends over sink + window, and only out and lse of each query head come back. The index can
+be built on a background thread as soon as prefill ends (``start_index_build``), overlapping the
+prefill of later layers; the first decode waits for it.
+
 Device layout (one buffer per K and V): ``(batch, kv_heads, sink + window + 1, head_dim)``; slots
 ``[0, sink)`` hold the sink, ``[sink, sink + window)`` are a ring of the window, and the last slot
 receives the new token of a decode step before it replaces the oldest window token. Until the
@@ -19,18 +26,30 @@ Plain tensors in, tensors out: this module knows nothing about transformers or t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 import numba
 import torch
 import torch.nn.functional as F
 
-from .attention import gathered_attention, merge_state, partial_attention
+from .attention import merge_state, partial_attention, scored_attention
 from .config import RetrievalConfig
 from .index import cpu_threads, make_index, params_class, resolve_index
-from .offload import KVStore
+from .offload import KVStore, attend_rows, gather_rows
 
-__all__ = ["RetrievalAttention", "EngineStats"]
+__all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
+
+# Parts of a decode step timed in ``EngineStats.step_seconds``.
+STEP_PARTS = ("device_attention", "cpu_search", "cpu_attention", "transfer")
+
+# One worker runs the CPU part of decode steps (overlap), one builds indexes in the background; each
+# call waits for its own future, so engines used from several threads stay independent.
+_CPU_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-attn-cpu")
+_INDEX_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-attn-build")
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,10 @@ class EngineStats:
     ``index`` is the backend in use ("" before the first decode builds it; ``auto`` resolved).
     ``keys_scanned_last_step`` sums, over all query heads of the batch, the offloaded keys whose score
     the index computed in the last decode step; ``keys_scanned_fraction`` is its mean per query head
-    divided by the keys indexed at that moment.
+    divided by the keys indexed at that moment. ``step_seconds`` splits the last decode step into
+    ``STEP_PARTS``: device attention over sink + window (CUDA event time on a GPU), CPU search, CPU
+    attention over the retrieved rows, and host/device copies of q and of the retrieved part's result.
+    With ``overlap`` the device attention and the two CPU parts run at the same time.
     """
 
     index: str
@@ -52,6 +74,8 @@ class EngineStats:
     retrieved_last_step: int
     cpu_bytes: int
     device_bytes: int
+    index_build_seconds: float = 0.0
+    step_seconds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType(dict.fromkeys(STEP_PARTS, 0.0)))
 
 
 class _QuerySample:
@@ -119,7 +143,15 @@ class RetrievalAttention:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every token; the next call must be a prefill."""
+        """Forget every token (waiting for an index build in flight); the next call must be a prefill."""
+        pending = getattr(self, "_build_future", None)
+        if pending is not None:
+            pending.exception()  # wait; a failed build is of no interest once its tokens are dropped
+        self._build_future: Future | None = None
+        self._host: dict[str, torch.Tensor] = {}  # preallocated host buffers of the decode step
+        self._step_seconds = dict.fromkeys(STEP_PARTS, 0.0)
+        self._device_events: tuple | None = None  # CUDA (start, end) of the last device attention
+        self._build_seconds = 0.0
         self.seen = 0
         self._batch: int | None = None
         self._k_dev: torch.Tensor | None = None  # [B, Hkv, sink + window + 1, D]
@@ -172,6 +204,8 @@ class RetrievalAttention:
                 raise ValueError(f"{name} contains NaN or Inf; nothing was stored")
         if not decode and self._decoding:
             raise ValueError("prefill called after decode started; call reset() to start a new sequence")
+        if not decode and self._build_future is not None:
+            raise ValueError("prefill called after start_index_build(); call reset() to start a new sequence")
 
     # ------------------------------------------------------------------ layout helpers
 
@@ -190,6 +224,17 @@ class RetrievalAttention:
         self._k_dev = torch.empty(shape, dtype=k.dtype, device=k.device)
         self._v_dev = torch.empty(shape, dtype=k.dtype, device=k.device)
         self._store = KVStore(b * self.num_kv_heads, self.head_dim)
+        pin = k.device.type == "cuda"
+        groups = b * self.num_kv_heads
+        # q, out: [B * Hkv, group, D], lse: [B * Hkv, group] (row j of group g is query head g % Hkv * group + j)
+        for name, shape in (("q", (groups, self.group, self.head_dim)), ("out", (groups, self.group, self.head_dim)),
+                            ("lse", (groups, self.group))):
+            self._host[name] = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+        if self.config.retrieved_attention == "device":
+            top_k = self.config.top_k
+            self._host["scores"] = torch.empty((groups, self.group, top_k), dtype=torch.float32, pin_memory=pin)
+            self._host["values"] = torch.empty((groups, self.group, top_k, self.head_dim), dtype=torch.float32,
+                                               pin_memory=pin)
 
     def _window_in_age_order(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full window ring, oldest first: k, v (B, Hkv, window, D)."""
@@ -280,14 +325,44 @@ class RetrievalAttention:
         self._append(k, v)
         return out
 
-    def _build_index(self) -> None:
-        """Index the keys offloaded by prefill (called by the first decode)."""
-        name = resolve_index(self.config.index, self._store.n)
-        self._index = make_index(name, **(self.config.index_params if name != "flat" else {}))
-        if self._store.n:
-            train = self._train.queries().numpy() if self._train is not None and self._index.uses_train_queries else None
-            self._index.build(self._store.keys.numpy(), train)
+    def start_index_build(self) -> None:
+        """Start building the index over the offloaded keys on a background thread; decode waits for it.
+
+        Call it after the last prefill chunk (``RetrievalCache.last_prefill_chunk`` does, layer by
+        layer), so the build of this layer overlaps the prefill of the next ones. Without it, the first
+        ``decode`` builds the index itself. A second call is a no-op; prefill afterwards is an error.
+        """
+        if self.seen == 0:
+            raise ValueError("start_index_build called before prefill")
+        if self._build_future is None and not self._decoding:
+            self._build_future = _INDEX_BUILDER.submit(self._build_index, self._store_device)
+
+    def _build_index(self, device: torch.device | None) -> None:
+        """Index the keys offloaded by prefill; the exact training top lists are computed on ``device``."""
+        start = time.perf_counter()
+        with cpu_threads(self.config.cpu_threads):
+            name = resolve_index(self.config.index, self._store.n)
+            index = make_index(name, **(self.config.index_params if name != "flat" else {}))
+            train = self._train.queries().numpy() if self._train is not None and index.uses_train_queries else None
+            index.build(self._store.keys.numpy(), train, device=device)
         self._train = None  # only the first build trains on prefill queries
+        self._index = index
+        self._build_seconds = time.perf_counter() - start
+
+    def _wait_for_index(self) -> None:
+        """Make sure the index exists: wait for the background build, or build it here."""
+        if self._decoding:
+            return
+        if self._build_future is not None:
+            self._build_future.result()  # re-raises a failed build's error
+        else:
+            self._build_index(self._store_device)
+        self._decoding = True
+
+    @property
+    def _store_device(self) -> torch.device:
+        """The device of this layer's tensors (where dense work of the index build runs)."""
+        return self._k_dev.device
 
     @torch.no_grad()
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -303,22 +378,32 @@ class RetrievalAttention:
         out : (batch, num_heads, 1, head_dim), q's dtype and device.
         """
         self._check(q, k, v, decode=True)
-        if not self._decoding:
-            with cpu_threads(self.config.cpu_threads):
-                self._build_index()
-            self._decoding = True
+        self._wait_for_index()
         cap = self._device_capacity
         slot = min(self.seen, cap)  # where the new token goes: next free slot, or the scratch slot
         self._k_dev[:, :, slot : slot + 1] = k
         self._v_dev[:, :, slot : slot + 1] = v
-        o, lse = partial_attention(q, self._k_dev[:, :, : slot + 1], self._v_dev[:, :, : slot + 1], self.scale)
         n_off = self._store.n
         self._scanned_last = self._retrieved_last = 0
         self._scanned_fraction_last = 0.0
+        self._step_seconds = dict.fromkeys(STEP_PARTS, 0.0)
         if n_off:
-            with cpu_threads(self.config.cpu_threads):
-                o_r, lse_r = self._retrieve(q, min(self.config.top_k, n_off))
-            o, lse = merge_state(o, lse, o_r.to(q.device, non_blocking=True), lse_r.to(q.device, non_blocking=True))
+            top_k = min(self.config.top_k, n_off)
+            t0 = time.perf_counter()
+            self._host["q"].copy_(q.reshape(self._host["q"].shape), non_blocking=True)
+            if q.is_cuda:
+                torch.cuda.current_stream(q.device).synchronize()  # q is on the host before the CPU reads it
+            self._step_seconds["transfer"] += time.perf_counter() - t0
+            if self.config.overlap:
+                cpu_part = _CPU_WORKER.submit(self._cpu_part, top_k)
+                o, lse = self._device_attention(q, slot)
+                cpu_part.result()
+            else:
+                self._cpu_part(top_k)
+                o, lse = self._device_attention(q, slot)
+            o, lse = merge_state(o, lse, *self._retrieved_part(q, top_k))
+        else:
+            o, lse = self._device_attention(q, slot)
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot
             ring = self.config.sink_tokens + self._ring_head
             self._offload(self._k_dev[:, :, ring : ring + 1], self._v_dev[:, :, ring : ring + 1])
@@ -328,17 +413,61 @@ class RetrievalAttention:
         self.seen += 1
         return o.to(q.dtype)
 
-    def _retrieve(self, q: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CPU side of decode: search and attend for q (B, Hq, 1, D) -> out (B, Hq, 1, D), lse (B, Hq, 1)."""
-        b = q.shape[0]
-        # qg: [B * Hkv, group, D], row j of group g is query head g % Hkv * group + j
-        qg = q.reshape(b * self.num_kv_heads, self.group, self.head_dim).float().cpu().contiguous()
-        res = self._index.search(qg.numpy(), top_k)
+    def _device_attention(self, q: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q (B, Hq, 1, D) over device slots [0, slot] -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
+        if q.is_cuda:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+        t0 = time.perf_counter()
+        o, lse = partial_attention(q, self._k_dev[:, :, : slot + 1], self._v_dev[:, :, : slot + 1], self.scale)
+        if q.is_cuda:
+            events[1].record()
+            self._device_events = events
+        else:
+            self._step_seconds["device_attention"] = time.perf_counter() - t0
+        return o, lse
+
+    def _cpu_part(self, top_k: int) -> None:
+        """Search all heads of the layer for the query in the host buffer, then attend over what was found.
+
+        ``retrieved_attention="cpu"``: writes out and lse to the host buffers; ``"device"``: writes the
+        scores and gathers the values of the retrieved rows for the device to attend over.
+        """
+        with cpu_threads(self.config.cpu_threads):
+            t0 = time.perf_counter()
+            res = self._index.search(self._host["q"].numpy(), top_k)  # ids, scores: [B * Hkv, group, top_k]
+            t1 = time.perf_counter()
+            if self.config.retrieved_attention == "cpu":
+                attend_rows(res.scores, res.ids, self._store.values.numpy(), self.scale,
+                            self._host["out"].numpy(), self._host["lse"].numpy())
+            else:
+                scores, values = self._device_inputs(top_k)
+                scores.numpy()[:] = res.scores
+                gather_rows(res.ids, self._store.values.numpy(), values.numpy())
+            t2 = time.perf_counter()
+        self._step_seconds["cpu_search"], self._step_seconds["cpu_attention"] = t1 - t0, t2 - t1
         self._scanned_last = int(res.scored.sum())
         self._scanned_fraction_last = res.scored_fraction(len(self._index))
         self._retrieved_last = int(res.ids.size)
-        ids = torch.from_numpy(res.ids)  # [G, group, top_k]
-        out, lse = gathered_attention(torch.from_numpy(res.scores), ids, self._store.values, self.scale)
+
+    def _device_inputs(self, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous views of the host buffers for ``top_k`` rows: scores (G, group, top_k), values (G, group, top_k, D)."""
+        g, m = self._host["q"].shape[:2]
+        scores = self._host["scores"].view(-1)[: g * m * top_k].view(g, m, top_k)
+        values = self._host["values"].view(-1)[: g * m * top_k * self.head_dim].view(g, m, top_k, self.head_dim)
+        return scores, values
+
+    def _retrieved_part(self, q: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The retrieved part of the step on q's device: out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
+        b = q.shape[0]
+        t0 = time.perf_counter()
+        if self.config.retrieved_attention == "cpu":
+            out = self._host["out"].to(q.device, non_blocking=True)
+            lse = self._host["lse"].to(q.device, non_blocking=True)
+        else:
+            scores, values = (x.to(q.device, non_blocking=True) for x in self._device_inputs(top_k))
+            out, lse = scored_attention(scores, values, self.scale)  # [G, group, D], [G, group]
+        self._step_seconds["transfer"] += time.perf_counter() - t0
         return out.reshape(b, self.num_heads, 1, self.head_dim), lse.reshape(b, self.num_heads, 1)
 
     @property
@@ -359,4 +488,14 @@ class RetrievalAttention:
             retrieved_last_step=self._retrieved_last,
             cpu_bytes=cpu_bytes,
             device_bytes=dev_bytes,
+            index_build_seconds=self._build_seconds,
+            step_seconds=MappingProxyType(self._measured_step_seconds()),
         )
+
+    def _measured_step_seconds(self) -> dict[str, float]:
+        """The last decode step's ``STEP_PARTS``, the device attention read from its CUDA events if any."""
+        seconds = dict(self._step_seconds)
+        if self._device_events is not None:
+            self._device_events[1].synchronize()
+            seconds["device_attention"] = self._device_events[0].elapsed_time(self._device_events[1]) / 1000
+        return seconds

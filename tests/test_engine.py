@@ -178,3 +178,73 @@ def test_every_backend_is_exact_when_its_search_covers_all_keys(index, params):
     assert (out.double() - reference_attention(q, k, v, 0.25)).abs().max() <= FP32_TOL
     assert engine.stats.retrieved_last_step == 2 * 6 * (109 - 13)
     assert engine.stats.index == ("flat" if index == "auto" else index)  # auto: 47 keys, below the crossover
+
+
+@pytest.mark.parametrize("index", ["flat", "roar"])
+def test_overlapped_path_equals_sequential_path(index):
+    """The CPU part on a worker thread (overlap) gives bit-identical outputs to running it inline."""
+    q, k, v = random_qkv(2, 6, 2, 700, 16, seed=11)
+    base = dict(sink_tokens=8, window_tokens=32, top_k=20, index=index)
+    outs = {}
+    for overlap in (True, False):
+        engine = RetrievalAttention(RetrievalConfig(overlap=overlap, **base), 6, 2, 16)
+        outs[overlap] = run_engine(engine, q, k, v, 600)
+        assert engine.stats.retrieved_last_step == 2 * 6 * 20
+    assert torch.equal(outs[True], outs[False])
+
+
+def test_retrieved_attention_on_device_equals_cpu():
+    """Shipping the retrieved scores and values to the device gives the CPU kernel's result."""
+    q, k, v = random_qkv(1, 9, 3, 300, 16, seed=12)
+    outs = {}
+    for where in ("cpu", "device"):
+        cfg = RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=30, retrieved_attention=where)
+        outs[where] = run_engine(RetrievalAttention(cfg, 9, 3, 16), q, k, v, 250)
+    assert (outs["cpu"] - outs["device"]).abs().max() <= FP32_TOL
+    full = RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=300, index="flat", retrieved_attention="device")
+    out = run_engine(RetrievalAttention(full, 9, 3, 16), q, k, v, 250)
+    assert (out.double() - reference_attention(q, k, v, 16**-0.5)).abs().max() <= FP32_TOL
+
+
+@pytest.mark.parametrize("index", ["flat", "roar"])
+def test_background_index_build_equals_build_at_first_decode(index):
+    q, k, v = random_qkv(1, 4, 2, 600, 16, seed=13)
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=32, top_k=20, index=index)
+    inline = run_engine(RetrievalAttention(cfg, 4, 2, 16), q, k, v, 500)
+    engine = RetrievalAttention(cfg, 4, 2, 16)
+    outs = [engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])]
+    engine.start_index_build()
+    engine.start_index_build()  # a second call is a no-op
+    with pytest.raises(ValueError, match="after start_index_build"):
+        engine.prefill(q[:, :, 500:501], k[:, :, 500:501], v[:, :, 500:501])
+    for t in range(500, 600):
+        outs.append(engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]))
+    assert torch.equal(torch.cat(outs, dim=2), inline)
+    s = engine.stats
+    assert s.index == index and s.index_build_seconds > 0
+    assert set(s.step_seconds) == {"device_attention", "cpu_search", "cpu_attention", "transfer"}
+    assert s.step_seconds["cpu_search"] > 0 and s.step_seconds["device_attention"] > 0
+
+
+def test_start_index_build_needs_a_prefill():
+    engine = RetrievalAttention(RetrievalConfig(), 4, 2, 16)
+    with pytest.raises(ValueError, match="before prefill"):
+        engine.start_index_build()
+
+
+def test_cpu_kernel_equals_torch_gathered_attention():
+    """offload.attend_rows (numba, preallocated outputs) against attention.gathered_attention, wide logits."""
+    import numpy as np
+
+    from retrieval_attn.attention import gathered_attention
+    from retrieval_attn.offload import attend_rows
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(6, 400, 32, generator=g)
+    ids = torch.randint(0, 400, (6, 3, 64), generator=g)
+    scores = torch.randn(6, 3, 64, generator=g) * 200  # logits far beyond exp's range without the max shift
+    out, lse = np.empty((6, 3, 32), np.float32), np.empty((6, 3), np.float32)
+    attend_rows(scores.numpy(), ids.numpy(), values.numpy(), 0.5, out, lse)
+    ref_out, ref_lse = gathered_attention(scores, ids, values, 0.5)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    assert np.abs(out - ref_out.numpy()).max() <= 1e-5 and np.abs(lse - ref_lse.numpy()).max() <= 1e-3

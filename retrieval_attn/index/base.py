@@ -127,6 +127,7 @@ class KeyIndex(ABC):
         self.groups = 0
         self.dim = 0
         self.build_seconds = 0.0
+        self.build_device: Any = None
 
     @classmethod
     def resolved_params(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +145,12 @@ class KeyIndex(ABC):
             )
         return {k: allowed[k].check(f"index {cls.name!r}", k, v) for k, v in params.items()}
 
-    def build(self, keys: np.ndarray, train_queries: np.ndarray | None = None) -> None:
-        """Index ``keys`` (groups, n, dim); ``train_queries`` (groups, m, dim) are prefill queries of each group."""
+    def build(self, keys: np.ndarray, train_queries: np.ndarray | None = None, device: Any = None) -> None:
+        """Index ``keys`` (groups, n, dim); ``train_queries`` (groups, m, dim) are prefill queries of each group.
+
+        ``device`` (a torch device or its name; None: the CPU) is where a backend may run the dense,
+        exact part of its build, such as roar's training-query top lists.
+        """
         keys = _check_array("keys", keys)
         if train_queries is not None:
             train_queries = _check_array("train_queries", train_queries)
@@ -154,6 +159,7 @@ class KeyIndex(ABC):
                     f"train_queries {train_queries.shape} must have keys' groups and dim {keys.shape[0], keys.shape[2]}"
                 )
         self.groups, self.dim = keys.shape[0], keys.shape[2]
+        self.build_device = device
         start = time.perf_counter()
         self._build(keys, train_queries)
         self.build_seconds = time.perf_counter() - start

@@ -11,7 +11,8 @@ product.
 Build, for all groups of a layer at once:
 
 1. sample at most ``train_queries`` training queries per group (seeded, the same rows in every
-   group) and take the exact top-``nq`` keys of each with a chunked torch matmul + topk;
+   group) and take the exact top-``nq`` keys of each with a chunked torch matmul + topk, on the
+   build's device (the GPU when the layer's tensors are there);
 2. co-occurrence candidates (``_cooccurrence``, numba, parallel over nodes): in every training
    query's ranked top list, each key is paired with the keys at most ``window`` ranks away; a key's
    candidates are its ``cands`` most frequent partners over all lists (ties: lower row first). Each
@@ -46,19 +47,25 @@ from .graph import L2, GraphIndex
 __all__ = ["RoarIndex", "exact_top_keys"]
 
 
-def exact_top_keys(queries: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+def exact_top_keys(queries: np.ndarray, keys: np.ndarray, k: int, device=None) -> np.ndarray:
     """Rows of the ``k`` largest inner products, best first: queries [G, m, D], keys [G, n, D] -> [G, m, k] int64.
 
-    Scores are computed in chunks of queries so the [G, chunk, n] block stays near 64 MiB.
+    Runs on ``device`` (None: the CPU) in blocks of groups and queries: at most 256 MiB of keys and a
+    [g, chunk, n] score block near 64 MiB are on the device at once.
     """
-    groups, m, _ = queries.shape
+    groups, m, dim = queries.shape
     n = keys.shape[1]
-    chunk = max(1, (1 << 24) // max(groups * n, 1))
-    key_t = torch.from_numpy(keys).transpose(1, 2)  # [G, D, n]
+    device = torch.device("cpu") if device is None else torch.device(device)
+    per_block = max(1, (1 << 26) // max(n * dim, 1))  # groups whose keys fit in 256 MiB of fp32
     out = np.empty((groups, m, k), np.int64)
-    for s in range(0, m, chunk):
-        scores = torch.bmm(torch.from_numpy(queries[:, s : s + chunk]), key_t)  # [G, c, n]
-        out[:, s : s + chunk] = torch.topk(scores, k, dim=2, sorted=True).indices.numpy()
+    for g0 in range(0, groups, per_block):
+        g1 = min(groups, g0 + per_block)
+        key_t = torch.from_numpy(keys[g0:g1]).to(device).transpose(1, 2)  # [g, D, n]
+        chunk = max(1, (1 << 24) // max((g1 - g0) * n, 1))
+        for s in range(0, m, chunk):
+            q = torch.from_numpy(np.ascontiguousarray(queries[g0:g1, s : s + chunk])).to(device)  # [g, c, D]
+            top = torch.topk(torch.bmm(q, key_t), k, dim=2, sorted=True).indices  # [g, c, k]
+            out[g0:g1, s : s + chunk] = top.cpu().numpy()
     return out
 
 
@@ -180,7 +187,7 @@ class RoarIndex(GraphIndex):
         picked = np.sort(np.random.default_rng(0).choice(m, min(m, self.config["train_queries"]), replace=False))
         queries = np.ascontiguousarray(train_queries[:, picked])  # [G, s, D]
         s, nq = queries.shape[1], min(self.config["nq"], n)
-        top = exact_top_keys(queries, keys, nq).astype(np.int32)  # [G, s, nq]
+        top = exact_top_keys(queries, keys, nq, self.build_device).astype(np.int32)  # [G, s, nq]
         # entry point: the most frequent top-1 key of each group
         for g in range(groups):
             self._entries[g] = np.bincount(top[g, :, 0], minlength=n).argmax()
