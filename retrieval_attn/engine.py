@@ -140,7 +140,16 @@ class RetrievalAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self.scale = float(scale) if scale is not None else head_dim**-0.5
+        self._reserved = 0  # offloaded rows to allocate at the first prefill (``reserve``)
         self.reset()
+
+    def reserve(self, tokens: int) -> None:
+        """Size the CPU store for a context of ``tokens`` tokens per sequence at the first prefill (memory planning)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+        self._reserved = max(0, tokens - self._device_capacity)
+        if self._store is not None:
+            self._store.reserve(self._reserved)
 
     def reset(self) -> None:
         """Forget every token (waiting for an index build in flight); the next call must be a prefill."""
@@ -224,6 +233,7 @@ class RetrievalAttention:
         self._k_dev = torch.empty(shape, dtype=k.dtype, device=k.device)
         self._v_dev = torch.empty(shape, dtype=k.dtype, device=k.device)
         self._store = KVStore(b * self.num_kv_heads, self.head_dim)
+        self._store.reserve(self._reserved)
         pin = k.device.type == "cuda"
         groups = b * self.num_kv_heads
         # q, out: [B * Hkv, group, D], lse: [B * Hkv, group] (row j of group g is query head g % Hkv * group + j)
@@ -299,20 +309,23 @@ class RetrievalAttention:
             self._allocate(k)
         b, n = q.shape[0], q.shape[2]
         f, off = self._filled(), self._store.n
-        # past_k/v: [B, Hkv, f + off, D], every token before this chunk (visible to all of its queries)
-        past_k, past_v = self._k_dev[:, :, :f], self._v_dev[:, :, :f]
-        if off:
-            shape = (b, self.num_kv_heads, off, self.head_dim)
-            off_k = self._store.keys.reshape(shape).to(device=q.device, dtype=q.dtype, non_blocking=True)
-            off_v = self._store.values.reshape(shape).to(device=q.device, dtype=q.dtype, non_blocking=True)
-            past_k, past_v = torch.cat([past_k, off_k], dim=2), torch.cat([past_v, off_v], dim=2)
-        p = past_k.shape[2]
+        p = f + off  # tokens before this chunk, visible to all of its queries
+        if p:
+            # one copy of the context on the device: [B, Hkv, p + n, D] = device part, offloaded part, chunk
+            shape = (b, self.num_kv_heads, p + n, self.head_dim)
+            keys_all, vals_all = q.new_empty(shape), q.new_empty(shape)
+            for dst, dev, stored, new in ((keys_all, self._k_dev, self._store.keys, k),
+                                          (vals_all, self._v_dev, self._store.values, v)):
+                dst[:, :, :f] = dev[:, :, :f]
+                dst[:, :, f:p].copy_(stored.reshape(b, self.num_kv_heads, off, self.head_dim), non_blocking=True)
+                dst[:, :, p:] = new
+        else:
+            keys_all, vals_all = k, v
         out = torch.empty_like(q)
         step = self.config.prefill_block
         for i0 in range(0, n, step):
             i1 = min(n, i0 + step)
-            keys = torch.cat([past_k, k[:, :, :i1]], dim=2) if p else k[:, :, :i1]  # [B, Hkv, p + i1, D]
-            vals = torch.cat([past_v, v[:, :, :i1]], dim=2) if p else v[:, :, :i1]
+            keys, vals = keys_all[:, :, : p + i1], vals_all[:, :, : p + i1]  # [B, Hkv, p + i1, D]
             mask = None
             if p or i0:  # query i0 + r sees the past and chunk tokens j <= i0 + r
                 cols = torch.arange(p + i1, device=q.device)

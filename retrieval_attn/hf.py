@@ -29,6 +29,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .config import RetrievalConfig
 from .engine import RetrievalAttention
+from .planner import GIB, MemoryPlan, ModelShape, plan_memory
 
 __all__ = ["RetrievalCache", "load_model", "capture_qk", "embedded_model_path", "ATTN_IMPLEMENTATION"]
 
@@ -52,6 +53,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.engine, self.layer_idx = engine, layer_idx
         self.cumulative_length = 0
         self._pending_key: torch.Tensor | None = None
+        self.build_after_prefill = False  # set by RetrievalCache.last_prefill_chunk
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -75,7 +77,10 @@ class RetrievalLayer(CacheLayerMixin):
         self._pending_key = None
         if query.shape[2] == 1 and self.engine.seen > 0:
             return self.engine.decode(query, key, value)
-        return self.engine.prefill(query, key, value)
+        out = self.engine.prefill(query, key, value)
+        if self.build_after_prefill:
+            self.engine.start_index_build()  # overlaps the prefill of the following layers
+        return out
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any, **kwargs: Any) -> tuple[int, int]:
         """(kv_length, kv_offset); accepts the query length as an int or as a cache_position tensor."""
@@ -121,13 +126,34 @@ class RetrievalCache(Cache):
     model : a loaded Llama/Mistral/Qwen2/Qwen3-family causal LM. Its attention implementation is set
         to ``"retrieval_attn"`` (plain runs with another cache still use sdpa).
     config : the retrieval settings shared by all layers.
+    max_context : tokens per sequence (prompt + generated) the cache is planned for, or None. If
+        given, the memory planner checks before any work that the request fits the device budget
+        (``config.gpu_memory_gib``, else the device's free memory) and the CPU's available memory,
+        raising ``planner.MemoryBudgetError`` with the numbers if not, and each layer's CPU store is
+        sized for it up front.
+    batch, prefill_chunk : the request's batch size and prefill chunk length, for the planner.
     """
 
-    def __init__(self, model: torch.nn.Module, config: RetrievalConfig | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: RetrievalConfig | None = None,
+        max_context: int | None = None,
+        batch: int = 1,
+        prefill_chunk: int = 4096,
+    ):
         config = config if config is not None else RetrievalConfig()
         if not isinstance(config, RetrievalConfig):
             raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
         attn_modules = _attention_modules(model)
+        self.memory_plan: MemoryPlan | None = None
+        if max_context is not None:
+            self.memory_plan = plan_memory(
+                ModelShape.from_model(model), max_context, config, batch=batch, prefill_chunk=prefill_chunk,
+                dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
+            )
+            self.memory_plan.check()
+        _enforce_gpu_budget(model, config)
         text = model.config.get_text_config()
         hq, hkv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         layers = [
@@ -136,7 +162,22 @@ class RetrievalCache(Cache):
         ]
         super().__init__(layers=layers)
         self.retrieval_config = config
+        if max_context is not None:
+            for layer in layers:
+                layer.engine.reserve(max_context)
         _use_retrieval_attention(model)
+
+    @contextlib.contextmanager
+    def last_prefill_chunk(self) -> Iterator[None]:
+        """Within the block (the forward pass of the prompt's last chunk), each layer starts building its
+        index on a background thread right after its prefill, overlapping the following layers."""
+        for layer in self.layers:
+            layer.build_after_prefill = True
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.build_after_prefill = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         """Hand the new k, v of layer ``layer_idx`` to its engine's next attention call."""
@@ -153,6 +194,21 @@ class RetrievalCache(Cache):
     def stats(self) -> list:
         """Per-layer ``EngineStats``."""
         return [layer.engine.stats for layer in self.layers]
+
+
+def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:
+    """On CUDA, cap this process's allocator at ``config.gpu_memory_gib`` (emulating a smaller card)."""
+    device = next(model.parameters()).device
+    if config.gpu_memory_gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = config.gpu_memory_gib * GIB
+    if budget > total:
+        raise ValueError(
+            f"RetrievalConfig.gpu_memory_gib ({config.gpu_memory_gib}) exceeds the device's "
+            f"{total / GIB:.2f} GiB: it must be in (0, {total / GIB:.2f}]"
+        )
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

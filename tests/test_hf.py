@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -102,3 +104,26 @@ def test_signature_drift_is_tolerated():
     assert cache.get_seq_length() == 5
     assert cache.get_mask_sizes(3, 0) == (8, 0)
     assert cache.get_mask_sizes(torch.arange(5, 8), 0) == (8, 0)  # mask size from a cache_position tensor
+
+
+def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_tokens():
+    """Chunked prefill whose last chunk starts every layer's index build gives the tokens of build-at-decode."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(2))
+    cfg = RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=40, index="roar")
+    tokens = {}
+    for background in (False, True):
+        cache = RetrievalCache(model, cfg, max_context=430)
+        with torch.no_grad():
+            model(ids[:, :200], past_key_values=cache)
+            with cache.last_prefill_chunk() if background else contextlib.nullcontext():
+                logits = model(ids[:, 200:], past_key_values=cache).logits
+            started = [layer.engine._build_future is not None for layer in cache.layers]
+            assert started == [background] * 2
+            out = []
+            for _ in range(30):
+                out.append(int(logits[0, -1].argmax()))
+                logits = model(torch.tensor([[out[-1]]]), past_key_values=cache).logits
+        tokens[background] = out
+        assert all(s.index == "roar" and s.index_build_seconds > 0 for s in cache.stats)
+    assert tokens[True] == tokens[False]

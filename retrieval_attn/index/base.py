@@ -187,6 +187,21 @@ class KeyIndex(ABC):
         ids, scores, scored = self._search(queries, int(k), config)
         return SearchResult(ids, scores, scored, time.perf_counter() - start)
 
+    @classmethod
+    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
+        """Bytes an index of ``n`` keys per group will hold (the memory planner's figure).
+
+        Default: the backend's own fp32 copy of the keys, in a ``GrowableKeys`` sized for ``n`` keys
+        built at once (room for 2n), plus ``_bytes_per_row`` for each of those rows.
+        """
+        rows = groups * _grown_capacity(n)
+        return rows * (dim * 4 + cls._bytes_per_row(cls.resolved_params(params)))
+
+    @classmethod
+    def _bytes_per_row(cls, config: dict[str, Any]) -> int:
+        """Bytes besides the key itself per row of the backend's key buffer (0: a plain copy)."""
+        return 0
+
     @abstractmethod
     def __len__(self) -> int:
         """Keys per group."""
@@ -206,6 +221,11 @@ class KeyIndex(ABC):
     def _search(
         self, queries: np.ndarray, k: int, config: dict[str, Any]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+def _grown_capacity(n: int) -> int:
+    """Rows a ``GrowableKeys`` holding ``n`` keys at build, then grown one key at a time to ``n``, has: its peak."""
+    return max(2 * n, 1024)
 
 
 def _check_array(name: str, a: np.ndarray) -> np.ndarray:

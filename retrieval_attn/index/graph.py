@@ -411,6 +411,10 @@ class GraphIndex(KeyIndex):
         build_graph(self._keys.buffer, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
                     self._entries, self.link_metric, self._adj, self._deg, self._conn_degree())
 
+    @classmethod
+    def _bytes_per_row(cls, config: dict[str, Any]) -> int:
+        return 4 * (3 * config["M"] + 1)  # adjacency [3M] and degree, int32
+
     def _conn_degree(self) -> int:
         """Extra edges per node from the connectivity pass of the build (``build_graph``'s ``conn``)."""
         return self.config["M"]

@@ -82,6 +82,17 @@ class HnswIndex(KeyIndex):
         "ef": Param(128, 1, None, doc="search beam width; must be >= k"),
     }
 
+    @classmethod
+    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
+        """Our key copy and the replay's level-0 links, plus hnswlib's element data (vector, 2M links, label)."""
+        m = cls.resolved_params(params)["M"]
+        ours = super().estimate_nbytes(groups, n, dim, params)
+        return ours + groups * max(2 * n, 1024) * (dim * 4 + 2 * m * 4 + 4 + 8)
+
+    @classmethod
+    def _bytes_per_row(cls, config: dict[str, Any]) -> int:
+        return 4 * (2 * config["M"] + 1)  # the replay's level-0 adjacency and degree
+
     def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
         groups, n, dim = keys.shape
         self._keys = GrowableKeys.holding(keys)

@@ -61,6 +61,12 @@ class IvfIndex(KeyIndex):
         if nprobe > self.config["nlist"]:
             raise ValueError(f"index 'ivf': nprobe ({nprobe}) must be <= nlist ({self.config['nlist']})")
 
+    @classmethod
+    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
+        """Centroids plus each key's vector and int64 id in its inverted list (``nbytes``' formula)."""
+        nlist = cls.resolved_params(params)["nlist"]
+        return groups * (nlist * dim * 4 + n * (dim * 4 + 8))
+
     def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
         groups, n, dim = keys.shape
         nlist = self.config["nlist"]

@@ -3,7 +3,8 @@
 Storage is fp32, contiguous ``(groups, capacity, head_dim)`` per tensor, where a group is one
 (batch element, KV head) pair; row ``i`` of a group is the ``i``-th token offloaded for it, which is
 also the id an index returns. Memory is pinned when CUDA is available so copies to the GPU can be
-asynchronous. Growth doubles the capacity, so appends are amortised O(1).
+asynchronous. Growth doubles the capacity, so appends are amortised O(1); ``reserve`` sizes it
+exactly for a planned context instead.
 
 This module knows nothing about indexes or models.
 """
@@ -32,6 +33,17 @@ class KVStore:
     def capacity(self) -> int:
         return self._k.shape[1]
 
+    def reserve(self, capacity: int) -> None:
+        """Grow to hold ``capacity`` rows now (no-op if it already does), so appends up to it never reallocate."""
+        if capacity > self.capacity:
+            self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        new_k, new_v = self._alloc(capacity), self._alloc(capacity)
+        new_k[:, : self.n] = self._k[:, : self.n]
+        new_v[:, : self.n] = self._v[:, : self.n]
+        self._k, self._v = new_k, new_v
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append k, v (groups, t, head_dim), any device and float dtype, converted to CPU fp32."""
         t = k.shape[1]
@@ -41,11 +53,7 @@ class KVStore:
                 f"({self.groups}, t, {self.head_dim})"
             )
         if self.n + t > self.capacity:
-            cap = max(self.n + t, 2 * self.capacity)
-            new_k, new_v = self._alloc(cap), self._alloc(cap)
-            new_k[:, : self.n] = self._k[:, : self.n]
-            new_v[:, : self.n] = self._v[:, : self.n]
-            self._k, self._v = new_k, new_v
+            self._grow(max(self.n + t, 2 * self.capacity))
         self._k[:, self.n : self.n + t].copy_(k)
         self._v[:, self.n : self.n + t].copy_(v)
         self.n += t

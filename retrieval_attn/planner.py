@@ -1,0 +1,231 @@
+"""The memory planner: the device and CPU bytes a request needs, checked before any work is done.
+
+``plan_memory`` adds up, for a model shape, a context length and a ``RetrievalConfig``:
+
+- device: the weights; each layer's sink + window (+1 scratch slot) of K and V; the activations of
+  the largest prefill chunk (hidden states, q/k/v, the MLP, the chunk's logits, and one copy of the
+  keys and values of the whole context, which prefill attention reads back); on a CPU
+  device also the fp32 attention scores of a prefill block (sdpa's math path; CUDA kernels tile
+  them away); and, when roar trains on the device, its block of keys and scores;
+- CPU: each layer's offloaded K and V in fp32 (exactly, the store being reserved for the context), the index
+  (``KeyIndex.estimate_nbytes`` of the backend ``auto`` resolves to), and the prefill queries kept
+  for training.
+
+``MemoryPlan.check`` raises ``MemoryBudgetError`` with needed and available bytes when either side
+does not fit. Available device memory is ``RetrievalConfig.gpu_memory_gib`` when set, else what the
+device reports (free memory on CUDA; on a CPU device the device *is* host memory, so both sides
+are checked against it together). The CUDA context (a few hundred MiB outside torch's allocator)
+is not counted.
+
+This module knows nothing about transformers: ``ModelShape.from_config`` reads attribute names any
+Llama-style config has.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import RetrievalConfig
+from .index import index_class, params_class, resolve_index
+
+__all__ = ["ModelShape", "MemoryPlan", "MemoryBudgetError", "plan_memory", "available_cpu_bytes", "GIB"]
+
+GIB = 1 << 30
+_STORE_INITIAL_ROWS = 1024  # KVStore's first capacity (reserve only grows it)
+
+
+class MemoryBudgetError(ValueError):
+    """A request needs more device or CPU memory than is available; the message gives both numbers."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory planning needs of a decoder-only model.
+
+    ``weight_bytes`` are the bytes of all parameters and buffers on the device.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    weight_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype, weight_bytes: int | None = None) -> ModelShape:
+        """From a Llama-style model config; without ``weight_bytes`` the parameter count of a Llama layout."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hq = text.num_attention_heads
+        hkv = getattr(text, "num_key_value_heads", None) or hq
+        d = getattr(text, "head_dim", None) or text.hidden_size // hq
+        h, inter, vocab, layers = text.hidden_size, text.intermediate_size, text.vocab_size, text.num_hidden_layers
+        if weight_bytes is None:
+            per_layer = h * d * (2 * hq + 2 * hkv) + 3 * h * inter + 2 * h
+            heads = vocab * h * (1 if getattr(text, "tie_word_embeddings", False) else 2)
+            weight_bytes = (layers * per_layer + heads + h) * _itemsize(dtype)
+        return cls(layers, h, hq, hkv, d, inter, vocab, int(weight_bytes))
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> ModelShape:
+        """From a loaded model: its config, and the bytes its parameters and buffers actually hold."""
+        tensors = [*model.parameters(), *model.buffers()]
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        return cls.from_config(model.config, tensors[0].dtype, weight_bytes)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes needed per item on each side, and what is available there (None: not checked)."""
+
+    context_tokens: int
+    batch: int
+    device_kind: str
+    device: dict[str, int]
+    cpu: dict[str, int]
+    device_available: int | None
+    cpu_available: int | None
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(self.cpu.values())
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(item, GiB) rows for a table: every item, then the totals against what is available."""
+        out = [(f"device: {k}", f"{v / GIB:.2f} GiB") for k, v in self.device.items()]
+        out += [(f"cpu: {k}", f"{v / GIB:.2f} GiB") for k, v in self.cpu.items()]
+        for side, total, avail in (("device", self.device_total, self.device_available),
+                                   ("cpu", self.cpu_total, self.cpu_available)):
+            out.append((f"{side} total / available", f"{total / GIB:.2f} / " + (
+                "unchecked" if avail is None else f"{avail / GIB:.2f} GiB")))
+        return out
+
+    def check(self) -> None:
+        """Raise ``MemoryBudgetError`` naming each side that does not fit, with needed and available bytes."""
+        problems = []
+        if self.device_kind == "cpu" and self.cpu_available is not None:
+            need = self.device_total + self.cpu_total  # the "device" is host memory too
+            if need > self.cpu_available:
+                problems.append(_shortfall("host memory (device part on the CPU + offloaded part)", need,
+                                           self.cpu_available))
+            if self.device_available is not None and self.device_total > self.device_available:
+                problems.append(_shortfall("device budget", self.device_total, self.device_available))
+        else:
+            if self.device_available is not None and self.device_total > self.device_available:
+                problems.append(_shortfall(f"{self.device_kind} memory", self.device_total, self.device_available))
+            if self.cpu_available is not None and self.cpu_total > self.cpu_available:
+                problems.append(_shortfall("CPU memory", self.cpu_total, self.cpu_available))
+        if problems:
+            detail = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in {**self.device, **self.cpu}.items())
+            raise MemoryBudgetError(
+                f"a context of {self.context_tokens} tokens (batch {self.batch}) does not fit: "
+                + "; ".join(problems) + f". Needed: {detail}"
+            )
+
+
+def _shortfall(side: str, need: int, available: int) -> str:
+    return f"{side} needs {need} bytes ({need / GIB:.2f} GiB) but {available} bytes ({available / GIB:.2f} GiB) are available"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def available_cpu_bytes() -> int:
+    """Host memory the process may still use: MemAvailable on Linux, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _available_device_bytes(device: torch.device, config: RetrievalConfig) -> int | None:
+    if config.gpu_memory_gib is not None:
+        return int(config.gpu_memory_gib * GIB)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
+
+
+def plan_memory(
+    shape: ModelShape,
+    context_tokens: int,
+    config: RetrievalConfig,
+    *,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    prefill_chunk: int = 4096,
+    device: str | torch.device = "cpu",
+    check_available: bool = True,
+) -> MemoryPlan:
+    """Bytes a request of ``context_tokens`` tokens per sequence needs on the device and on the CPU.
+
+    Parameters
+    ----------
+    shape : the model (``ModelShape.from_model`` or ``from_config``).
+    context_tokens : prompt plus generated tokens (>= 1).
+    config : sink, window, index and the device budget ``gpu_memory_gib``.
+    batch : sequences (>= 1).
+    dtype : activation and KV dtype on the device.
+    prefill_chunk : tokens per prefill forward pass (>= 1).
+    device : where the model runs.
+    check_available : fill in the available bytes (False: leave them None, nothing is checked).
+    """
+    for name, value in (("context_tokens", context_tokens), ("batch", batch), ("prefill_chunk", prefill_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    device = torch.device(device)
+    t, b, c = context_tokens, batch, min(prefill_chunk, context_tokens)
+    hq, hkv, d, h = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
+    es = _itemsize(dtype)
+    on_device = min(t, config.sink_tokens + config.window_tokens)
+    n_off = t - on_device
+    kv_context = 2 * b * hkv * t * d * es  # K and V of the whole context, one layer
+    activations = b * c * (4 * h + (hq + 2 * hkv) * d + 3 * shape.intermediate_size) * es + b * c * shape.vocab_size * 4
+    dev = {
+        "weights": shape.weight_bytes,
+        "sink + window KV": shape.num_layers * 2 * b * hkv * (config.sink_tokens + config.window_tokens + 1) * d * es,
+        "prefill activations (one chunk)": activations,
+        "prefill attention keys/values (the whole context)": kv_context,
+    }
+    if device.type == "cpu":
+        block = min(config.prefill_block, c)
+        dev["prefill attention scores (fp32, math path)"] = 2 * b * hq * block * t * 4
+    name = resolve_index(config.index, n_off)
+    groups = b * hkv
+    train_rows = 0
+    if index_class(name).uses_train_queries and n_off:
+        cap = params_class(config.index).resolved_params(dict(config.index_params))["train_queries"]
+        train_rows = min(t, cap) * (hq // hkv)  # kept positions x query heads of the group
+        if device.type != "cpu":
+            dev["roar training top lists (build)"] = min(n_off * d * 4, 1 << 28) + (1 << 26)
+    params = dict(config.index_params) if name != "flat" else {}
+    cpu = {
+        "offloaded KV (fp32)": shape.num_layers * 2 * groups * max(n_off, _STORE_INITIAL_ROWS) * d * 4,
+        f"index ({name})": shape.num_layers * index_class(name).estimate_nbytes(groups, n_off, d, params) if n_off else 0,
+        "training queries": shape.num_layers * groups * train_rows * d * 4,
+    }
+    return MemoryPlan(
+        context_tokens=t,
+        batch=b,
+        device_kind=device.type,
+        device=dev,
+        cpu=cpu,
+        device_available=_available_device_bytes(device, config) if check_available else None,
+        cpu_available=available_cpu_bytes() if check_available else None,
+    )

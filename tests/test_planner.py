@@ -1,0 +1,87 @@
+"""The memory planner: its figures match what the runtime allocates, and over-budget requests are refused first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_attn import RetrievalAttention, RetrievalConfig
+from retrieval_attn.index import make_index
+from retrieval_attn.planner import GIB, MemoryBudgetError, ModelShape, plan_memory
+
+LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                       intermediate_size=14336, vocab_size=128256, weight_bytes=16_060_522_496)
+
+
+def test_plan_counts_offloaded_kv_and_device_window_exactly():
+    cfg = RetrievalConfig(sink_tokens=128, window_tokens=512, index="flat")
+    plan = plan_memory(LLAMA3_8B, 131072, cfg, dtype=torch.bfloat16, device="cuda", check_available=False)
+    n_off = 131072 - 640
+    assert plan.cpu["offloaded KV (fp32)"] == 32 * 2 * 8 * n_off * 128 * 4
+    assert plan.device["sink + window KV"] == 32 * 2 * 8 * 641 * 128 * 2
+    assert plan.device["weights"] == LLAMA3_8B.weight_bytes
+    assert plan.device_available is None and plan.cpu_available is None
+    plan.check()  # nothing available is known: nothing to refuse
+
+
+@pytest.mark.parametrize("name", ["flat", "roar", "keygraph", "hnsw", "ivf"])
+def test_index_estimate_bounds_what_the_index_holds(name):
+    """estimate_nbytes is what a freshly built index of n keys holds (hnsw: within 10%)."""
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2, 3000, 16)).astype(np.float32)
+    params = {"nlist": 16, "nprobe": 4} if name == "ivf" else {}
+    index = make_index(name, **params)
+    index.build(keys, rng.standard_normal((2, 200, 16)).astype(np.float32) if index.uses_train_queries else None)
+    est = type(index).estimate_nbytes(2, 3000, 16, params)
+    assert 0.9 * est <= index.nbytes <= 1.1 * est
+
+
+def test_engine_store_matches_plan_when_reserved():
+    cfg = RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=4, index="flat")
+    shape = ModelShape(1, 32, 4, 2, 8, 64, 100, 0)
+    plan = plan_memory(shape, 3000, cfg, dtype=torch.float32, check_available=False)
+    engine = RetrievalAttention(cfg, 4, 2, 8)
+    engine.reserve(3000)
+    x = torch.randn(1, 4, 2999, 8)
+    engine.prefill(x, x[:, :2], x[:, :2])
+    engine.decode(x[:, :, :1], x[:, :2, :1], x[:, :2, :1])
+    assert engine._store.nbytes == plan.cpu["offloaded KV (fp32)"]
+
+
+def test_over_budget_request_is_refused_with_needed_and_available_bytes():
+    cfg = RetrievalConfig(gpu_memory_gib=24)
+    fits = plan_memory(LLAMA3_8B, 1 << 19, cfg, device="cuda", check_available=False)
+    assert fits.device_total <= 24 * GIB  # 512K tokens fit a 24 GiB card
+    over = plan_memory(LLAMA3_8B, 1 << 22, cfg, device="meta")  # 4M: the prefill's context copy is 16 GiB
+    with pytest.raises(MemoryBudgetError) as err:
+        over.check()
+    msg = str(err.value)
+    assert over.device_available == 24 * GIB and over.device_total > 24 * GIB
+    assert "4194304 tokens" in msg and "meta memory needs" in msg and f"{over.device_total} bytes" in msg and f"{24 * GIB} bytes" in msg
+
+
+def test_retrieval_cache_refuses_before_any_work(smollm):
+    """RetrievalCache(max_context=...) checks the plan at construction: nothing is allocated or run."""
+    from retrieval_attn.hf import RetrievalCache
+
+    model, _ = smollm
+    cfg = RetrievalConfig(gpu_memory_gib=0.001)
+    with pytest.raises(MemoryBudgetError, match="device budget needs .* bytes .* but 1073741 bytes"):
+        RetrievalCache(model, cfg, max_context=4096)
+    cache = RetrievalCache(model, RetrievalConfig(), max_context=4096)
+    assert cache.memory_plan.device["weights"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    assert all(layer.engine.seen == 0 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_plan_rejects_bad_context(bad):
+    with pytest.raises(ValueError, match="context_tokens must be an int >= 1"):
+        plan_memory(LLAMA3_8B, bad, RetrievalConfig(), check_available=False)
+
+
+@pytest.mark.parametrize("bad", [0, -2.0, float("inf"), float("nan"), "24", True])
+def test_config_rejects_bad_gpu_budget(bad):
+    with pytest.raises(ValueError, match="gpu_memory_gib must be a finite number > 0"):
+        RetrievalConfig(gpu_memory_gib=bad)
