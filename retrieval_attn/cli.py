@@ -1,15 +1,18 @@
-"""The ``retrieval-attn`` command line: ``generate`` and ``sweep``.
+"""The ``retrieval-attn`` command line: ``generate``, ``sweep`` and ``bench``.
 
 The only module of the package that prints. ``generate`` loads a model (the embedded SmolLM2 by
 default), prefills the prompt in chunks with a progress bar, streams greedy decoding token by token,
 and ends with a table of where the tokens are and what each step cost. ``sweep`` measures recall
 versus cost of every index backend on the model's real queries and keys (``retrieval_attn.sweep``)
-and prints its table; ``bench/recall_sweep.py`` is the same command.
+and prints its table; ``bench/recall_sweep.py`` is the same command. ``bench`` measures decode speed
+and memory against transformers' full and offloaded caches (``retrieval_attn.decode_bench``);
+``bench/decode.py`` is the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from importlib import resources
@@ -45,11 +48,12 @@ def format_table(rows: list[tuple[str, object]]) -> str:
 
 def _generate(args: argparse.Namespace) -> int:
     from .hf import RetrievalCache, load_model
+    from .planner import MemoryBudgetError
 
     try:
         config = RetrievalConfig(
             sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
-            cpu_threads=args.cpu_threads,
+            cpu_threads=args.cpu_threads, gpu_memory_gib=args.gpu_memory_gib,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -64,7 +68,10 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, n]
     n = ids.shape[1]
-    cache = RetrievalCache(model, config)
+    try:
+        cache = RetrievalCache(model, config, max_context=n + args.max_new_tokens, prefill_chunk=args.prefill_chunk)
+    except MemoryBudgetError as err:
+        raise SystemExit(f"error: {err}") from None
 
     start = time.perf_counter()
     with torch.no_grad(), tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr) as bar:
@@ -72,7 +79,8 @@ def _generate(args: argparse.Namespace) -> int:
             j = min(n, i + args.prefill_chunk)
             if n - j == 1:  # never leave a 1-token chunk: it would be taken for a decode step
                 j = n
-            logits = model(ids[:, i:j], past_key_values=cache, use_cache=True).logits
+            with cache.last_prefill_chunk() if j == n else contextlib.nullcontext():  # last: indexes build meanwhile
+                logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             bar.update(j - i)
             if j == n:
                 break
@@ -112,6 +120,8 @@ def _generate(args: argparse.Namespace) -> int:
              f"{sum(s.keys_scanned_fraction for s in stats) / layers:.3f}"),
             ("CPU / device MiB (all layers)",
              f"{sum(s.cpu_bytes for s in stats) / 2**20:.1f} / {sum(s.device_bytes for s in stats) / 2**20:.1f}"),
+            ("planned device / CPU GiB (weights included)",
+             f"{cache.memory_plan.device_total / 2**30:.2f} / {cache.memory_plan.cpu_total / 2**30:.2f}"),
         ])
     )
     return 0
@@ -127,6 +137,60 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"results: {args.out}/ (rows.csv, summary.csv, sweep.json, recall_vs_scanned.png, recall_vs_latency.png)")
     print(json.dumps({"operating_points": report.operating_points, "capture": report.capture}))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import platform
+
+    from .decode_bench import BenchSettings, ratio_rows, run_decode_bench, write_results
+    from .sweep import format_columns
+
+    cuda = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda else "cpu")
+    on_gpu = device.startswith("cuda")
+    try:
+        settings = BenchSettings(
+            shape=args.shape or ("llama3-8b" if on_gpu else "small"),
+            contexts=tuple(args.contexts or ((32768, 65536, 131072) if on_gpu else (4096, 8192, 16384))),
+            methods=tuple(args.methods), steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk,
+            device=device, dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
+            gpu_memory_gib=args.gpu_memory_gib,
+            retrieval=RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k,
+                                      cpu_threads=args.cpu_threads),
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    machine = (f"{torch.cuda.get_device_name(device)}, " if on_gpu else "CPU only, ") + (
+        f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
+    print(f"decode benchmark: shape {settings.shape}, {settings.dtype} on {device} ({machine})", file=sys.stderr)
+    results = run_decode_bench(settings, progress=lambda msg: print(msg, file=sys.stderr))
+    folder = write_results(results, settings, args.out, machine)
+    print(format_columns(
+        ["context", "method", "s/token", "TTFT s", "prefill s", "peak dev GiB", "CPU RSS GiB",
+         "dev attn ms", "search ms", "CPU attn ms", "transfer ms", "rest ms", "status"],
+        [[r.context, r.method, _num(r.s_per_token, 4), _num(r.ttft_s, 2), _num(r.prefill_s, 2),
+          _num(r.peak_device_gib, 2), _num(r.cpu_rss_gib, 2),
+          *(_num(r.breakdown_s[p] * 1e3, 2) if r.breakdown_s else "-" for p in
+            ("device_attention", "cpu_search", "cpu_attention", "transfer", "rest_of_model")),
+          r.status if r.status == "ok" else r.status[:60]] for r in results],
+    ))
+    ratios = ratio_rows(results)
+    if ratios:
+        print()
+        print(format_columns(
+            ["context", "method", "x faster than full", "x faster than offloaded", "TTFT / full TTFT"],
+            [[r["context"], r["method"], _num(r["speedup_vs_full"], 2), _num(r["speedup_vs_offloaded"], 2),
+              _num(r["ttft_over_full"], 2)] for r in ratios],
+        ))
+    print(f"results: {folder}/ (decode.json, decode.csv)")
+    print(json.dumps({"ratios": ratios}))
+    return 0
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda:0")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward pass")
+    gen.add_argument("--gpu-memory-gib", type=float, default=None,
+                     help="device memory budget in GiB: a prompt that would not fit is refused before prefill")
     gen.set_defaults(func=_generate)
 
     from .sweep import add_sweep_arguments
@@ -155,6 +221,29 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="recall versus cost of every index backend on the model's real queries/keys")
     add_sweep_arguments(sweep)
     sweep.set_defaults(func=_sweep)
+
+    from .decode_bench import METHODS, SHAPES
+
+    bench = sub.add_parser("bench", help="decode speed and memory against transformers (full and offloaded cache)")
+    bench.add_argument("--shape", choices=list(SHAPES), default=None,
+                       help="random model shape (default: llama3-8b on a GPU, small on CPU)")
+    bench.add_argument("--contexts", type=int, nargs="+", default=None,
+                       help="context lengths (default: 32768 65536 131072 on a GPU, 4096 8192 16384 on CPU)")
+    bench.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    bench.add_argument("--steps", type=int, default=32, help="decode steps measured (median), after the warm-up")
+    bench.add_argument("--warmup", type=int, default=4, help="decode steps before measuring")
+    bench.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill forward pass")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="default: bfloat16 on a GPU, float32 on CPU")
+    bench.add_argument("--gpu-memory-gib", type=float, default=None,
+                       help="device memory budget of retrieval-attn, enforced (e.g. 24 to emulate a consumer card)")
+    bench.add_argument("--top-k", type=int, default=defaults.top_k)
+    bench.add_argument("--sink", type=int, default=defaults.sink_tokens)
+    bench.add_argument("--window", type=int, default=defaults.window_tokens)
+    bench.add_argument("--cpu-threads", type=int, default=None)
+    bench.add_argument("--out", default="results/decode", help="folder for decode.json and decode.csv")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -31,7 +31,10 @@ from .config import RetrievalConfig
 from .engine import RetrievalAttention
 from .planner import GIB, MemoryPlan, ModelShape, plan_memory
 
-__all__ = ["RetrievalCache", "load_model", "capture_qk", "embedded_model_path", "ATTN_IMPLEMENTATION"]
+__all__ = [
+    "RetrievalCache", "load_model", "random_model", "plain_cache", "capture_qk", "embedded_model_path",
+    "ATTN_IMPLEMENTATION",
+]
 
 ATTN_IMPLEMENTATION = "retrieval_attn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -333,3 +336,21 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
     return model.eval(), tokenizer
+
+
+def random_model(
+    shape: dict[str, int], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.nn.Module:
+    """A randomly initialised Llama of ``shape`` (LlamaConfig fields), created on ``device``: for latency and
+    memory measurements only (random weights do not show real attention patterns)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(max_position_embeddings=1 << 21, rope_theta=500000.0, tie_word_embeddings=False, **shape)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def plain_cache(offloading: bool = False) -> Cache:
+    """transformers' own ``DynamicCache``: the full KV cache on the device, or with ``offloading`` the
+    cache of every layer but the current one moved to the CPU and prefetched back (needs CUDA)."""
+    return DynamicCache(offloading=offloading)

@@ -1,0 +1,294 @@
+"""The decode-speed benchmark behind ``retrieval-attn bench`` and ``bench/decode.py``.
+
+For a randomly initialised Llama of a given shape and each context length, it measures side by side
+in one run: transformers with the full KV cache on the device (``full``), transformers' offloaded
+cache (``offloaded``, CUDA only), and retrieval-attn with the ``flat`` and ``roar`` indexes. For each:
+time to first token (chunked prefill + the first decode step, which waits for the index builds),
+seconds per decoded token (median over ``steps`` steps after ``warmup``, the device synchronised
+around each step), peak device memory, the process's resident CPU memory, and for retrieval-attn the
+per-step breakdown summed over layers (device attention, CPU search, CPU attention, transfers, and
+the rest of the model). A method whose request does not fit is reported as such, with the reason
+(the memory planner's message for retrieval-attn), not skipped silently.
+
+Prefill feeds ``prefill_chunk`` tokens per forward pass with only the last position's logits; for
+retrieval-attn the last chunk runs inside ``RetrievalCache.last_prefill_chunk`` so each layer's index
+builds on CPU threads while later layers prefill. Random weights cost what real ones cost, so
+latency and memory are meaningful; recall is not (see the recall sweep for that).
+
+Results: a table, ``decode.json`` (every measurement plus ratios) and ``decode.csv`` in ``out``.
+This module does not print; ``cli.py`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import RetrievalConfig
+from .engine import STEP_PARTS
+from .planner import GIB, MemoryBudgetError
+
+__all__ = ["SHAPES", "METHODS", "BenchSettings", "MethodResult", "run_decode_bench", "write_results", "ratio_rows"]
+
+SHAPES: dict[str, dict[str, int]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64, vocab_size=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=256),
+}
+METHODS = ("full", "offloaded", "flat", "roar")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to run: model shape, contexts, methods, and how to measure."""
+
+    shape: str = "llama3-8b"
+    contexts: tuple[int, ...] = (32768, 65536, 131072)
+    methods: tuple[str, ...] = METHODS
+    steps: int = 32
+    warmup: int = 4
+    prefill_chunk: int = 4096
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    gpu_memory_gib: float | None = None
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {list(SHAPES)}, got {self.shape!r}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
+        for name, value, low in (("steps", self.steps, 1), ("warmup", self.warmup, 0),
+                                 ("prefill_chunk", self.prefill_chunk, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.contexts):
+            raise ValueError(f"contexts must be ints >= 2, got {list(self.contexts)}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MethodResult:
+    """One (context, method) measurement; ``status`` is "ok" or why it did not run."""
+
+    context: int
+    method: str
+    status: str = "ok"
+    ttft_s: float | None = None
+    prefill_s: float | None = None
+    s_per_token: float | None = None
+    step_p90_s: float | None = None
+    step_max_s: float | None = None
+    peak_device_gib: float | None = None
+    cpu_rss_gib: float | None = None
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    keys_scanned_fraction: float | None = None
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(
+    model: torch.nn.Module, ids: torch.Tensor, cache: Any, settings: BenchSettings, result: MethodResult,
+    last_chunk: Callable[[], Any],
+) -> list[list[dict[str, float]]]:
+    """Prefill ``ids`` (1, n) into ``cache``, then decode greedily; fill the timings of ``result``.
+
+    Returns the per-step, per-layer ``step_seconds`` of a RetrievalCache (empty lists otherwise).
+    """
+    device = ids.device
+    n = ids.shape[1]
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, settings.prefill_chunk):
+            j = min(n, i + settings.prefill_chunk)
+            if n - j == 1:  # a 1-token last chunk would be taken for a decode step
+                j = n
+            with last_chunk() if j == n else contextlib.nullcontext():
+                logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            if j == n:
+                break
+        _sync(device)
+        result.prefill_s = time.perf_counter() - start
+        token = logits[:, -1:].argmax(-1)  # [1, 1]
+        steps, parts = [], []
+        for s in range(1 + settings.warmup + settings.steps):
+            t0 = time.perf_counter()
+            logits = model(token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if s == 0:
+                result.ttft_s = time.perf_counter() - start
+            elif s > settings.warmup:
+                steps.append(dt)
+                if hasattr(cache, "stats"):
+                    parts.append([dict(st.step_seconds) for st in cache.stats])
+    result.s_per_token = statistics.median(steps)
+    ordered = sorted(steps)
+    result.step_p90_s = ordered[int(0.9 * (len(ordered) - 1))]
+    result.step_max_s = ordered[-1]
+    return parts
+
+
+def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[str, float]:
+    """Median over steps of each part summed over layers, and the rest of the model.
+
+    With overlap the device attention runs while the CPU searches, so a layer's critical path is
+    transfer + max(device attention, CPU search + CPU attention); the rest is what the step took beyond.
+    """
+    out = {p: statistics.median(sum(layer[p] for layer in step) for step in parts) for p in STEP_PARTS}
+    critical = statistics.median(
+        sum(layer["transfer"] + max(layer["device_attention"], layer["cpu_search"] + layer["cpu_attention"])
+            for layer in step)
+        for step in parts
+    )
+    out["rest_of_model"] = max(0.0, s_per_token - critical)
+    return out
+
+
+def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda msg: None) -> list[MethodResult]:
+    """Measure every (context, method) of ``settings``; see the module docstring."""
+    from .hf import random_model
+
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch has no CUDA device here; use --device cpu")
+    model = random_model(SHAPES[settings.shape], device=device, dtype=_DTYPES[settings.dtype])
+    vocab = SHAPES[settings.shape]["vocab_size"]
+    short = min(min(settings.contexts), settings.retrieval.sink_tokens + settings.retrieval.window_tokens + 512)
+    warm = torch.randint(0, vocab, (1, short), generator=torch.Generator().manual_seed(0)).to(device)
+    for method in settings.methods:  # compile numba kernels and warm allocators; not recorded
+        progress(f"warm-up ({short} tokens): {method}")
+        _run_method(model, warm, method, BenchSettings(**{**_settings_fields(settings), "steps": 1, "warmup": 0}))
+    results = []
+    for context in settings.contexts:
+        ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
+        for method in settings.methods:
+            progress(f"context {context}: {method}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            results.append(_run_method(model, ids, method, settings))
+    return results
+
+
+def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings: BenchSettings) -> MethodResult:
+    """One (context, method) measurement; the method's cache is freed when this returns."""
+    from .hf import RetrievalCache, plain_cache
+
+    device = ids.device
+    result = MethodResult(ids.shape[1], method)
+    if method == "offloaded" and device.type != "cuda":
+        result.status = "needs CUDA (transformers' offloaded cache)"
+        return result
+    try:
+        if method in ("full", "offloaded"):
+            if device.type == "cuda":  # baselines run uncapped: a --gpu-memory-gib cap is retrieval-attn's
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            model.set_attn_implementation("sdpa")
+            cache, last_chunk = plain_cache(offloading=method == "offloaded"), contextlib.nullcontext
+        else:
+            config = RetrievalConfig(**{**asdict_config(settings.retrieval), "index": method,
+                                        "gpu_memory_gib": settings.gpu_memory_gib})
+            total = ids.shape[1] + 1 + settings.warmup + settings.steps
+            cache = RetrievalCache(model, config, max_context=total, prefill_chunk=settings.prefill_chunk)
+            last_chunk = cache.last_prefill_chunk
+        parts = _measure(model, ids, cache, settings, result, last_chunk)
+    except MemoryBudgetError as err:
+        result.status = f"refused by the planner: {err}"
+        return result
+    except torch.OutOfMemoryError:
+        result.status = "out of device memory"
+        return result
+    if parts:
+        result.breakdown_s = _breakdown(parts, result.s_per_token)
+        result.keys_scanned_fraction = statistics.mean(s.keys_scanned_fraction for s in cache.stats)
+    if device.type == "cuda":
+        result.peak_device_gib = torch.cuda.max_memory_allocated(device) / GIB
+    result.cpu_rss_gib = _rss_bytes() / GIB
+    return result
+
+
+def _settings_fields(settings: BenchSettings) -> dict[str, Any]:
+    """The fields of ``settings`` as a shallow dict (the RetrievalConfig kept as is)."""
+    return {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+
+
+def asdict_config(config: RetrievalConfig) -> dict[str, Any]:
+    """A RetrievalConfig's fields as a plain dict (index_params copied)."""
+    out = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    out["index_params"] = dict(config.index_params)
+    return out
+
+
+def ratio_rows(results: list[MethodResult]) -> list[dict[str, Any]]:
+    """Per context and retrieval-attn method: speed-up over each baseline, and TTFT over full attention's."""
+    rows = []
+    by = {(r.context, r.method): r for r in results if r.status == "ok"}
+    for (context, method), r in sorted(by.items()):
+        if method not in ("flat", "roar"):
+            continue
+        row: dict[str, Any] = {"context": context, "method": method}
+        for base in ("full", "offloaded"):
+            b = by.get((context, base))
+            row[f"speedup_vs_{base}"] = b.s_per_token / r.s_per_token if b else None
+        full = by.get((context, "full"))
+        row["ttft_over_full"] = r.ttft_s / full.ttft_s if full else None
+        rows.append(row)
+    return rows
+
+
+def write_results(results: list[MethodResult], settings: BenchSettings, out: str | Path, machine: str) -> Path:
+    """Write decode.json (settings, machine, results, ratios) and decode.csv into ``out``; return the folder."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "settings": {**_settings_fields(settings), "contexts": list(settings.contexts),
+                     "methods": list(settings.methods), "retrieval": asdict_config(settings.retrieval)},
+        "machine": machine,
+        "results": [asdict(r) for r in results],
+        "ratios": ratio_rows(results),
+    }
+    (folder / "decode.json").write_text(json.dumps(payload, indent=2))
+    columns = [f for f in MethodResult.__dataclass_fields__ if f != "breakdown_s"] + [*STEP_PARTS, "rest_of_model"]
+    with open(folder / "decode.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in results:
+            row = {k: v for k, v in asdict(r).items() if k != "breakdown_s"}
+            writer.writerow({**row, **r.breakdown_s})
+    return folder
