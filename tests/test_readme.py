@@ -53,3 +53,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test_cmd = next(line for line in README.splitlines() if line.startswith("pip install") and "pytest" in line)
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == test_cmd
+
+
+def test_planner_example_runs(capsys):
+    block = next(b for b in python_blocks() if "plan_memory(" in b)
+    exec(compile(block, "README.md", "exec"), {})
+    assert "cpu: offloaded KV (fp32) 31.84 GiB" in capsys.readouterr().out
