@@ -158,6 +158,7 @@ class RetrievalAttention:
             pending.exception()  # wait; a failed build is of no interest once its tokens are dropped
         self._build_future: Future | None = None
         self._host: dict[str, torch.Tensor] = {}  # preallocated host buffers of the decode step
+        self._stream: torch.cuda.Stream | None = None
         self._step_seconds = dict.fromkeys(STEP_PARTS, 0.0)
         self._device_events: tuple | None = None  # CUDA (start, end) of the last device attention
         self._build_seconds = 0.0
@@ -262,8 +263,9 @@ class RetrievalAttention:
         if k.shape[2] == 0:
             return
         kg, vg = self._to_groups(k), self._to_groups(v)
-        self._store.append(kg, vg)
+        self._store.append(kg, vg)  # asynchronous from a GPU: prefill does not wait for it
         if self._index is not None:
+            self._store.synchronize()
             self._index.add(self._store.keys[:, -k.shape[2] :].numpy())
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -353,6 +355,7 @@ class RetrievalAttention:
     def _build_index(self, device: torch.device | None) -> None:
         """Index the keys offloaded by prefill; the exact training top lists are computed on ``device``."""
         start = time.perf_counter()
+        self._store.synchronize()
         with cpu_threads(self.config.cpu_threads):
             name = resolve_index(self.config.index, self._store.n)
             index = make_index(name, **(self.config.index_params if name != "flat" else {}))
@@ -463,6 +466,12 @@ class RetrievalAttention:
         self._scanned_fraction_last = res.scored_fraction(len(self._index))
         self._retrieved_last = int(res.ids.size)
 
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """This engine's CUDA stream for host -> device copies of the retrieved part (created once)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
     def _device_inputs(self, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous views of the host buffers for ``top_k`` rows: scores (G, group, top_k), values (G, group, top_k, D)."""
         g, m = self._host["q"].shape[:2]
@@ -474,12 +483,21 @@ class RetrievalAttention:
         """The retrieved part of the step on q's device: out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
         b = q.shape[0]
         t0 = time.perf_counter()
-        if self.config.retrieved_attention == "cpu":
-            out = self._host["out"].to(q.device, non_blocking=True)
-            lse = self._host["lse"].to(q.device, non_blocking=True)
+        shipped = (self._host["out"], self._host["lse"]) if self.config.retrieved_attention == "cpu" else (
+            self._device_inputs(top_k))
+        if q.is_cuda:  # on the copy stream, which the compute stream then waits for
+            main, stream = torch.cuda.current_stream(q.device), self._copy_stream(q.device)
+            with torch.cuda.stream(stream):
+                moved = [x.to(q.device, non_blocking=True) for x in shipped]
+            main.wait_stream(stream)
+            for x in moved:
+                x.record_stream(main)
         else:
-            scores, values = (x.to(q.device, non_blocking=True) for x in self._device_inputs(top_k))
-            out, lse = scored_attention(scores, values, self.scale)  # [G, group, D], [G, group]
+            moved = [x.to(q.device) for x in shipped]
+        if self.config.retrieved_attention == "cpu":
+            out, lse = moved
+        else:
+            out, lse = scored_attention(moved[0], moved[1], self.scale)  # [G, group, D], [G, group]
         self._step_seconds["transfer"] += time.perf_counter() - t0
         return out.reshape(b, self.num_heads, 1, self.head_dim), lse.reshape(b, self.num_heads, 1)
 

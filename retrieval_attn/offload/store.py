@@ -3,7 +3,8 @@
 Storage is fp32, contiguous ``(groups, capacity, head_dim)`` per tensor, where a group is one
 (batch element, KV head) pair; row ``i`` of a group is the ``i``-th token offloaded for it, which is
 also the id an index returns. Memory is pinned when CUDA is available so copies to the GPU can be
-asynchronous. Growth doubles the capacity, so appends are amortised O(1); ``reserve`` sizes it
+asynchronous: appends from a GPU return before the rows land, and ``synchronize`` waits for
+them before the CPU reads. Growth doubles the capacity, so appends are amortised O(1); ``reserve`` sizes it
 exactly for a planned context instead.
 
 This module knows nothing about indexes or models.
@@ -23,6 +24,7 @@ class KVStore:
         self.groups, self.head_dim = groups, head_dim
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.n = 0
+        self._copied: torch.cuda.Event | None = None  # recorded after the last asynchronous append
         self._k = self._alloc(max(capacity, 1))
         self._v = self._alloc(max(capacity, 1))
 
@@ -39,6 +41,7 @@ class KVStore:
             self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
+        self.synchronize()
         new_k, new_v = self._alloc(capacity), self._alloc(capacity)
         new_k[:, : self.n] = self._k[:, : self.n]
         new_v[:, : self.n] = self._v[:, : self.n]
@@ -54,9 +57,19 @@ class KVStore:
             )
         if self.n + t > self.capacity:
             self._grow(max(self.n + t, 2 * self.capacity))
-        self._k[:, self.n : self.n + t].copy_(k)
-        self._v[:, self.n : self.n + t].copy_(v)
+        asynchronous = self.pin_memory and k.is_cuda  # device -> pinned host copies return at once
+        self._k[:, self.n : self.n + t].copy_(k, non_blocking=asynchronous)
+        self._v[:, self.n : self.n + t].copy_(v, non_blocking=asynchronous)
+        if asynchronous:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.n += t
+
+    def synchronize(self) -> None:
+        """Wait until every appended row has landed (copies from a GPU are asynchronous); call before reading rows on the CPU."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
 
     @property
     def keys(self) -> torch.Tensor:
@@ -70,6 +83,7 @@ class KVStore:
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` (groups, ...) int64 of each group -> keys, values (groups, ..., head_dim)."""
+        self.synchronize()
         if ids.shape[0] != self.groups:
             raise ValueError(f"KVStore.gather: ids {tuple(ids.shape)} must start with groups={self.groups}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
