@@ -3,7 +3,7 @@
 ``plan_memory`` adds up, for a model shape, a context length and a ``RetrievalConfig``:
 
 - device: the weights; each layer's sink + window (+1 scratch slot) of K and V; the activations of
-  the largest prefill chunk (hidden states, q/k/v, the MLP, the chunk's logits, and one copy of the
+  the largest prefill chunk (hidden states, q/k/v, the MLP, the last position's logits, and one copy of the
   keys and values of the whole context, which prefill attention reads back); on a CPU
   device also the fp32 attention scores of a prefill block (sdpa's math path; CUDA kernels tile
   them away); and, when roar trains on the device, its block of keys and scores;
@@ -196,7 +196,8 @@ def plan_memory(
     on_device = min(t, config.sink_tokens + config.window_tokens)
     n_off = t - on_device
     kv_context = 2 * b * hkv * t * d * es  # K and V of the whole context, one layer
-    activations = b * c * (4 * h + (hq + 2 * hkv) * d + 3 * shape.intermediate_size) * es + b * c * shape.vocab_size * 4
+    # the last position's fp32 logits only: generate() and our CLI/bench prefill with logits_to_keep=1
+    activations = b * c * (4 * h + (hq + 2 * hkv) * d + 3 * shape.intermediate_size) * es + b * shape.vocab_size * 4
     dev = {
         "weights": shape.weight_bytes,
         "sink + window KV": shape.num_layers * 2 * b * hkv * (config.sink_tokens + config.window_tokens + 1) * d * es,

@@ -79,8 +79,8 @@ class GrowableKeys:
 
     @classmethod
     def holding(cls, keys: np.ndarray) -> GrowableKeys:
-        """A buffer holding a copy of keys (groups, n, dim), with room for as many again (at least 1024 rows)."""
-        buf = cls(keys.shape[0], keys.shape[2], capacity=max(2 * keys.shape[1], 1024))
+        """A buffer holding a copy of keys (groups, n, dim), with ``build_capacity(n)`` rows."""
+        buf = cls(keys.shape[0], keys.shape[2], capacity=build_capacity(keys.shape[1]))
         buf.append(keys)
         return buf
 
@@ -191,10 +191,10 @@ class KeyIndex(ABC):
     def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
         """Bytes an index of ``n`` keys per group will hold (the memory planner's figure).
 
-        Default: the backend's own fp32 copy of the keys, in a ``GrowableKeys`` sized for ``n`` keys
-        built at once (room for 2n), plus ``_bytes_per_row`` for each of those rows.
+        Default: the backend's own fp32 copy of the keys, in a ``GrowableKeys`` of ``build_capacity(n)``
+        rows (an index built over ``n`` keys), plus ``_bytes_per_row`` for each of those rows.
         """
-        rows = groups * _grown_capacity(n)
+        rows = groups * build_capacity(n)
         return rows * (dim * 4 + cls._bytes_per_row(cls.resolved_params(params)))
 
     @classmethod
@@ -223,9 +223,13 @@ class KeyIndex(ABC):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
-def _grown_capacity(n: int) -> int:
-    """Rows a ``GrowableKeys`` holding ``n`` keys at build, then grown one key at a time to ``n``, has: its peak."""
-    return max(2 * n, 1024)
+def build_capacity(n: int) -> int:
+    """Rows an index built over ``n`` keys allocates: a quarter more (at least 1024) for decode's adds.
+
+    Decoding adds one key per step, usually far fewer than the prompt's; doubling room would cost as
+    much memory as the keys themselves at long contexts. Beyond it, the buffer doubles.
+    """
+    return n + max(1024, n // 4)
 
 
 def _check_array(name: str, a: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import hnswlib
 import numpy as np
 from numba import njit, prange
 
-from .base import GrowableKeys, KeyIndex, Param, register_index
+from .base import GrowableKeys, KeyIndex, Param, build_capacity, register_index
 from .graph import FASTMATH, IP, beam_scratch, beam_search, distance
 
 __all__ = ["HnswIndex"]
@@ -87,7 +87,7 @@ class HnswIndex(KeyIndex):
         """Our key copy and the replay's level-0 links, plus hnswlib's element data (vector, 2M links, label)."""
         m = cls.resolved_params(params)["M"]
         ours = super().estimate_nbytes(groups, n, dim, params)
-        return ours + groups * max(2 * n, 1024) * (dim * 4 + 2 * m * 4 + 4 + 8)
+        return ours + groups * build_capacity(n) * (dim * 4 + 2 * m * 4 + 4 + 8)
 
     @classmethod
     def _bytes_per_row(cls, config: dict[str, Any]) -> int:
