@@ -1,7 +1,8 @@
 """The math of split attention: partial attention with its log-sum-exp, the exact merge of two partial
 attentions, and a plain reference attention for tests.
 
-Every function here works on torch tensors on any device. Partial results are always fp32 and the
+Every function here works on torch tensors on any device. Inputs are checked (shapes, finite values,
+ids in range) and a bad one raises ``ValueError`` naming it. Partial results are always fp32 and the
 log-sum-exp (``lse``) is natural-log: ``lse = log(sum_j exp(scale * q . k_j))``. An empty key set has
 ``lse = -inf`` and ``out = 0``; merging with it is the identity. Maxima are subtracted before every
 ``exp``, so logits of any finite magnitude neither overflow nor produce NaN.
@@ -14,6 +15,13 @@ from __future__ import annotations
 import torch
 
 __all__ = ["merge_state", "partial_attention", "gathered_attention", "reference_attention"]
+
+
+def _require_finite(where: str, **tensors: torch.Tensor) -> None:
+    """ValueError naming the tensors if any holds NaN or Inf (one device sync for all of them)."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+        bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        raise ValueError(f"{where}: {', '.join(bad)} contains NaN or Inf")
 
 
 def merge_state(
@@ -38,6 +46,9 @@ def merge_state(
             f"merge_state: o_a {tuple(o_a.shape)}, o_b {tuple(o_b.shape)} must be equal and lse_a "
             f"{tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} must equal o's shape without the last dimension"
         )
+    _require_finite("merge_state", o_a=o_a, o_b=o_b)
+    if bool((torch.isnan(lse_a) | torch.isnan(lse_b) | (lse_a == float("inf")) | (lse_b == float("inf"))).any()):
+        raise ValueError("merge_state: lse_a and lse_b must be finite or -inf (an empty key set), got NaN or +inf")
     lse_a, lse_b = lse_a.float(), lse_b.float()
     m = torch.maximum(lse_a, lse_b)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # both empty: keep exp() finite
@@ -84,8 +95,19 @@ def partial_attention(
     out : (batch, num_heads, q_len, head_dim), fp32
     lse : (batch, num_heads, q_len), fp32; -inf where a query sees no key.
     """
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"partial_attention: q {tuple(q.shape)} must be (batch, heads, q_len, head_dim) and k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)} one shape (batch, kv_heads, kv_len, head_dim)"
+        )
     b, hq, n, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d or hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"partial_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim, "
+            "and q's heads must be a multiple of k's"
+        )
+    _require_finite("partial_attention", q=q, k=k, v=v)
     group = hq // hkv
     # qg: [B, Hkv, group * N, D], row r is query head (r // N) of the group at position r % N
     qg = q.float().reshape(b, hkv, group * n, d)
@@ -119,13 +141,25 @@ def gathered_attention(
     out : (groups, m, head_dim) fp32
     lse : (groups, m) fp32; -inf when k == 0.
     """
+    if ids.dim() != 3 or scores.shape != ids.shape or values.dim() != 3 or values.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"gathered_attention: scores {tuple(scores.shape)} and ids {tuple(ids.shape)} must both be "
+            f"(groups, m, k) and values {tuple(values.shape)} (groups, n, head_dim)"
+        )
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"gathered_attention: ids must be int32 or int64, got {ids.dtype}")
     g, m, kk = ids.shape
+    n = values.shape[1]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"gathered_attention: ids must be rows of values in [0, {n - 1}]")
+    _require_finite("gathered_attention", scores=scores)
     if kk == 0:
         out = values.new_zeros((g, m, values.shape[-1]), dtype=torch.float32)
         return out, torch.full((g, m), float("-inf"), dtype=torch.float32, device=values.device)
     p, lse = _softmax_with_lse(scores.float() * scale)  # p: [G, m, k]
     rows = torch.arange(g, device=values.device)[:, None, None]
     v_sel = values[rows, ids]  # [G, m, k, D]
+    _require_finite("gathered_attention", values=v_sel)  # only the retrieved rows: the store is not rescanned
     out = torch.matmul(p.unsqueeze(-2), v_sel.float()).squeeze(-2)  # [G, m, D]
     return out, lse
 

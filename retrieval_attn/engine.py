@@ -131,6 +131,7 @@ class RetrievalAttention:
         cap = cls.resolved_params(dict(self.config.index_params)).get("train_queries")
         self._train = _QuerySample(cap) if cls.uses_train_queries else None
         self._decoding = False
+        self._dirty = False  # True while a call updates the state: an interruption there leaves it set
         self._scanned_last = 0
         self._scanned_fraction_last = 0.0
         self._retrieved_last = 0
@@ -161,8 +162,19 @@ class RetrievalAttention:
             raise ValueError(f"batch and seq_len must be >= 1, got q shape {tuple(q.shape)}")
         if k.device != q.device or v.device != q.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if q.device.type == "meta":
+            raise ValueError("q, k, v are meta tensors (no data); pass tensors on a real device")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if self._dirty:
+            raise ValueError("an earlier call was interrupted while it updated the engine's state; call reset() first")
         if self._batch is not None and b != self._batch:
             raise ValueError(f"batch size changed from {self._batch} to {b}; call reset() first")
+        if self._k_dev is not None and (q.dtype, q.device) != (self._k_dev.dtype, self._k_dev.device):
+            raise ValueError(
+                f"q, k, v are {q.dtype} on {q.device}, the engine holds {self._k_dev.dtype} on "
+                f"{self._k_dev.device}; call reset() first to change dtype or device"
+            )
         if decode and n != 1:
             raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {n}")
         if decode and self.seen == 0:
@@ -275,9 +287,11 @@ class RetrievalAttention:
             out[:, :, i0:i1] = F.scaled_dot_product_attention(
                 q[:, :, i0:i1], keys, vals, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
+        self._dirty = True
         if self._train is not None:
             self._train.add(q, self.seen, self.num_kv_heads)
         self._append(k, v)
+        self._dirty = False
         return out
 
     def _build_index(self) -> None:
@@ -319,6 +333,7 @@ class RetrievalAttention:
             with cpu_threads(self.config.cpu_threads):
                 o_r, lse_r = self._retrieve(q, min(self.config.top_k, n_off))
             o, lse = merge_state(o, lse, o_r.to(q.device, non_blocking=True), lse_r.to(q.device, non_blocking=True))
+        self._dirty = True  # everything above only computed; from here on the state changes
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot
             ring = self.config.sink_tokens + self._ring_head
             self._offload(self._k_dev[:, :, ring : ring + 1], self._v_dev[:, :, ring : ring + 1])
@@ -326,6 +341,7 @@ class RetrievalAttention:
             self._v_dev[:, :, ring] = self._v_dev[:, :, cap]
             self._ring_head = (self._ring_head + 1) % self.config.window_tokens
         self.seen += 1
+        self._dirty = False
         return o.to(q.dtype)
 
     def _retrieve(self, q: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import struct
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -177,6 +178,8 @@ class RetrievalCache(Cache):
         config = config if config is not None else RetrievalConfig()
         if not isinstance(config, RetrievalConfig):
             raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ValueError(f"model must be a transformers causal LM, got {type(model).__name__}")
         attn_modules = _attention_modules(model)
         text = model.config.get_text_config()
         hq, hkv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -338,6 +341,14 @@ def load_model(
     device : where the weights go.
     dtype : weight dtype (GGUF weights are dequantised to it).
     """
+    if path is not None and not isinstance(path, (str, Path)):
+        raise ValueError(f"path must be a str, a Path or None (the embedded model), got {type(path).__name__}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {err}") from None
     path = embedded_model_path() if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
@@ -350,9 +361,20 @@ def load_model(
         folder, kwargs = path, {}
     else:
         raise ValueError(f"model folder {str(path)!r} has no config.json (expected a .gguf or a model folder)")
-    model_type = getattr(AutoConfig.from_pretrained(folder, **kwargs).get_text_config(), "model_type", None)
+    with _unreadable_as_value_error(path):
+        model_type = getattr(AutoConfig.from_pretrained(folder, **kwargs).get_text_config(), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported architecture {model_type!r}: retrieval-attn supports {list(SUPPORTED_MODEL_TYPES)}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
+    with _unreadable_as_value_error(path):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _unreadable_as_value_error(path: Path) -> Iterator[None]:
+    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError naming it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, struct.error) as err:
+        raise ValueError(f"model {str(path)!r} could not be read: {err}") from None
