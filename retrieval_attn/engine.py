@@ -220,7 +220,7 @@ class RetrievalAttention:
             return
         kg, vg = self._to_groups(k), self._to_groups(v)
         self._store.append(kg, vg)
-        if self._index is not None:
+        if self._index is not None and len(self._index):  # an empty index is built by the next decode
             self._index.add(self._store.keys[:, -k.shape[2] :].numpy())
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -295,13 +295,13 @@ class RetrievalAttention:
         return out
 
     def _build_index(self) -> None:
-        """Index the keys offloaded by prefill (called by the first decode)."""
+        """Index the offloaded keys (called by the first decode, and again while none were offloaded yet)."""
         name = resolve_index(self.config.index, self._store.n)
         self._index = make_index(name, **(self.config.index_params if name != "flat" else {}))
         if self._store.n:
             train = self._train.queries().numpy() if self._train is not None and self._index.uses_train_queries else None
             self._index.build(self._store.keys.numpy(), train)
-        self._train = None  # only the first build trains on prefill queries
+            self._train = None  # only the first build trains on prefill queries
 
     @torch.no_grad()
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -317,7 +317,7 @@ class RetrievalAttention:
         out : (batch, num_heads, 1, head_dim), q's dtype and device.
         """
         self._check(q, k, v, decode=True)
-        if not self._decoding:
+        if not self._decoding or (self._store.n and not len(self._index)):  # short prompts: first spill
             with cpu_threads(self.config.cpu_threads):
                 self._build_index()
             self._decoding = True
