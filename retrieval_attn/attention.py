@@ -1,7 +1,8 @@
 """The math of split attention: partial attention with its log-sum-exp, the exact merge of two partial
 attentions, and a plain reference attention for tests.
 
-Every function here works on torch tensors on any device. Partial results are always fp32 and the
+Every function here works on torch tensors on any device. Inputs are checked (shapes, finite values,
+ids in range) and a bad one raises ``ValueError`` naming it. Partial results are always fp32 and the
 log-sum-exp (``lse``) is natural-log: ``lse = log(sum_j exp(scale * q . k_j))``. An empty key set has
 ``lse = -inf`` and ``out = 0``; merging with it is the identity. Maxima are subtracted before every
 ``exp``, so logits of any finite magnitude neither overflow nor produce NaN.
@@ -16,8 +17,27 @@ import torch
 __all__ = ["merge_state", "partial_attention", "gathered_attention", "scored_attention", "reference_attention"]
 
 
+def _require_finite(where: str, **tensors: torch.Tensor) -> None:
+    """ValueError naming the tensors if any holds NaN or Inf (one device sync for all of them)."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+        bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        raise ValueError(f"{where}: {', '.join(bad)} contains NaN or Inf")
+
+
+def _check_merge_inputs(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """ValueError unless the two partial states have matching shapes, finite outputs and finite or -inf lse."""
+    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape or o_a.shape[:-1] != lse_a.shape:
+        raise ValueError(
+            f"merge_state: o_a {tuple(o_a.shape)}, o_b {tuple(o_b.shape)} must be equal and lse_a "
+            f"{tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} must equal o's shape without the last dimension"
+        )
+    _require_finite("merge_state", o_a=o_a, o_b=o_b)
+    if bool((torch.isnan(lse_a) | torch.isnan(lse_b) | (lse_a == float("inf")) | (lse_b == float("inf"))).any()):
+        raise ValueError("merge_state: lse_a and lse_b must be finite or -inf (an empty key set), got NaN or +inf")
+
+
 def merge_state(
-    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, validate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two partial attentions over disjoint key sets into the attention over their union.
 
@@ -27,17 +47,16 @@ def merge_state(
         Normalised partial outputs.
     lse_a, lse_b : (...)
         Their natural-log log-sum-exp of scaled logits; ``-inf`` marks an empty key set.
+    validate : check shapes and values first (a device sync on a GPU); the engine, whose inputs were
+        checked on entry, passes False on its decode path.
 
     Returns
     -------
     o : (..., head_dim), fp32
     lse : (...), fp32
     """
-    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape or o_a.shape[:-1] != lse_a.shape:
-        raise ValueError(
-            f"merge_state: o_a {tuple(o_a.shape)}, o_b {tuple(o_b.shape)} must be equal and lse_a "
-            f"{tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} must equal o's shape without the last dimension"
-        )
+    if validate:
+        _check_merge_inputs(o_a, lse_a, o_b, lse_b)
     lse_a, lse_b = lse_a.float(), lse_b.float()
     m = torch.maximum(lse_a, lse_b)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # both empty: keep exp() finite
@@ -69,6 +88,7 @@ def partial_attention(
     v: torch.Tensor,
     scale: float,
     causal: bool = False,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over one set of keys, with its lse, in fp32, on the tensors' device.
 
@@ -78,14 +98,28 @@ def partial_attention(
     k, v : (batch, num_kv_heads, kv_len, head_dim); num_heads must be a multiple of num_kv_heads (GQA).
     scale : multiplier of q . k.
     causal : if True, query i sees key j iff j <= i + (kv_len - q_len) (queries are the last q_len positions).
+    validate : check shapes and finiteness first (a device sync on a GPU); False skips it for callers
+        whose inputs are already checked (the engine's decode path).
 
     Returns
     -------
     out : (batch, num_heads, q_len, head_dim), fp32
     lse : (batch, num_heads, q_len), fp32; -inf where a query sees no key.
     """
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"partial_attention: q {tuple(q.shape)} must be (batch, heads, q_len, head_dim) and k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)} one shape (batch, kv_heads, kv_len, head_dim)"
+        )
     b, hq, n, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d or hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"partial_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim, "
+            "and q's heads must be a multiple of k's"
+        )
+    if validate:
+        _require_finite("partial_attention", q=q, k=k, v=v)
     group = hq // hkv
     # qg: [B, Hkv, group * N, D], row r is query head (r // N) of the group at position r % N
     qg = q.float().reshape(b, hkv, group * n, d)
@@ -119,8 +153,22 @@ def gathered_attention(
     out : (groups, m, head_dim) fp32
     lse : (groups, m) fp32; -inf when k == 0.
     """
-    rows = torch.arange(ids.shape[0], device=values.device)[:, None, None]
-    return scored_attention(scores, values[rows, ids], scale)  # values[rows, ids]: [G, m, k, D]
+    if ids.dim() != 3 or scores.shape != ids.shape or values.dim() != 3 or values.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"gathered_attention: scores {tuple(scores.shape)} and ids {tuple(ids.shape)} must both be "
+            f"(groups, m, k) and values {tuple(values.shape)} (groups, n, head_dim)"
+        )
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"gathered_attention: ids must be int32 or int64, got {ids.dtype}")
+    g, m, kk = ids.shape
+    n = values.shape[1]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"gathered_attention: ids must be rows of values in [0, {n - 1}]")
+    _require_finite("gathered_attention", scores=scores)
+    rows = torch.arange(g, device=values.device)[:, None, None]
+    v_sel = values[rows, ids]  # [G, m, k, D]
+    _require_finite("gathered_attention", values=v_sel)  # only the retrieved rows: the store is not rescanned
+    return scored_attention(scores, v_sel, scale)
 
 
 def scored_attention(scores: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,6 +173,7 @@ class RetrievalAttention:
         cap = cls.resolved_params(dict(self.config.index_params)).get("train_queries")
         self._train = _QuerySample(cap) if cls.uses_train_queries else None
         self._decoding = False
+        self._dirty = False  # True while a call updates the state: an interruption there leaves it set
         self._scanned_last = 0
         self._scanned_fraction_last = 0.0
         self._retrieved_last = 0
@@ -203,8 +204,19 @@ class RetrievalAttention:
             raise ValueError(f"batch and seq_len must be >= 1, got q shape {tuple(q.shape)}")
         if k.device != q.device or v.device != q.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if q.device.type == "meta":
+            raise ValueError("q, k, v are meta tensors (no data); pass tensors on a real device")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if self._dirty:
+            raise ValueError("an earlier call was interrupted while it updated the engine's state; call reset() first")
         if self._batch is not None and b != self._batch:
             raise ValueError(f"batch size changed from {self._batch} to {b}; call reset() first")
+        if self._k_dev is not None and (q.dtype, q.device) != (self._k_dev.dtype, self._k_dev.device):
+            raise ValueError(
+                f"q, k, v are {q.dtype} on {q.device}, the engine holds {self._k_dev.dtype} on "
+                f"{self._k_dev.device}; call reset() first to change dtype or device"
+            )
         if decode and n != 1:
             raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {n}")
         if decode and self.seen == 0:
@@ -264,7 +276,7 @@ class RetrievalAttention:
             return
         kg, vg = self._to_groups(k), self._to_groups(v)
         self._store.append(kg, vg)  # asynchronous from a GPU: prefill does not wait for it
-        if self._index is not None:
+        if self._index is not None and len(self._index):  # an empty index is built by the next decode
             self._store.synchronize()
             self._index.add(self._store.keys[:, -k.shape[2] :].numpy())
 
@@ -335,9 +347,11 @@ class RetrievalAttention:
             out[:, :, i0:i1] = F.scaled_dot_product_attention(
                 q[:, :, i0:i1], keys, vals, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
+        self._dirty = True
         if self._train is not None:
             self._train.add(q, self.seen, self.num_kv_heads)
         self._append(k, v)
+        self._dirty = False
         return out
 
     def start_index_build(self) -> None:
@@ -353,27 +367,30 @@ class RetrievalAttention:
             self._build_future = _INDEX_BUILDER.submit(self._build_index, self._store_device)
 
     def _build_index(self, device: torch.device | None) -> None:
-        """Index the keys offloaded by prefill; the exact training top lists are computed on ``device``."""
+        """Index the offloaded keys (by the first decode, and again while none were offloaded yet); the
+        exact training top lists are computed on ``device``."""
         start = time.perf_counter()
         self._store.synchronize()
         with cpu_threads(self.config.cpu_threads):
             name = resolve_index(self.config.index, self._store.n)
             index = make_index(name, **(self.config.index_params if name != "flat" else {}))
-            train = self._train.queries().numpy() if self._train is not None and index.uses_train_queries else None
-            index.build(self._store.keys.numpy(), train, device=device)
-        self._train = None  # only the first build trains on prefill queries
+            if self._store.n:
+                train = self._train.queries().numpy() if self._train is not None and index.uses_train_queries else None
+                index.build(self._store.keys.numpy(), train, device=device)
+                self._train = None  # only the first build over offloaded keys trains on prefill queries
         self._index = index
         self._build_seconds = time.perf_counter() - start
 
     def _wait_for_index(self) -> None:
-        """Make sure the index exists: wait for the background build, or build it here."""
-        if self._decoding:
-            return
-        if self._build_future is not None:
-            self._build_future.result()  # re-raises a failed build's error
-        else:
+        """Make sure an index over the offloaded keys exists: wait for the background build, or build here."""
+        if not self._decoding:
+            if self._build_future is not None:
+                self._build_future.result()  # re-raises a failed build's error
+            else:
+                self._build_index(self._store_device)
+            self._decoding = True
+        elif self._store.n and not len(self._index):  # a prompt shorter than sink + window: its first spill
             self._build_index(self._store_device)
-        self._decoding = True
 
     @property
     def _store_device(self) -> torch.device:
@@ -417,9 +434,10 @@ class RetrievalAttention:
             else:
                 self._cpu_part(top_k)
                 o, lse = self._device_attention(q, slot)
-            o, lse = merge_state(o, lse, *self._retrieved_part(q, top_k))
+            o, lse = merge_state(o, lse, *self._retrieved_part(q, top_k), validate=False)
         else:
             o, lse = self._device_attention(q, slot)
+        self._dirty = True  # everything above only computed; from here on the state changes
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot
             ring = self.config.sink_tokens + self._ring_head
             self._offload(self._k_dev[:, :, ring : ring + 1], self._v_dev[:, :, ring : ring + 1])
@@ -427,6 +445,7 @@ class RetrievalAttention:
             self._v_dev[:, :, ring] = self._v_dev[:, :, cap]
             self._ring_head = (self._ring_head + 1) % self.config.window_tokens
         self.seen += 1
+        self._dirty = False
         return o.to(q.dtype)
 
     def _device_attention(self, q: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +454,9 @@ class RetrievalAttention:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
         t0 = time.perf_counter()
-        o, lse = partial_attention(q, self._k_dev[:, :, : slot + 1], self._v_dev[:, :, : slot + 1], self.scale)
+        # inputs were checked by _check and the buffer holds only checked tokens: no second device sync
+        o, lse = partial_attention(q, self._k_dev[:, :, : slot + 1], self._v_dev[:, :, : slot + 1], self.scale,
+                                   validate=False)
         if q.is_cuda:
             events[1].record()
             self._device_events = events

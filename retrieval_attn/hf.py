@@ -11,12 +11,23 @@ model), the attention function is transformers' own sdpa, with the same masks.
 
 Each engine keeps its device part on the device its layer's tensors arrive on, so models split across
 devices with accelerate's ``device_map`` work.
+
+Batches: a batch without padding runs on one batched engine per layer. A left-padded batch (the
+attention mask transformers builds from a 2D ``attention_mask``) runs one batch-1 engine per sequence
+on that sequence's real tokens only, so padding is never offloaded, indexed or retrieved, and every
+sequence decodes as it would alone; padding query rows come back as zeros. Any other mask (right
+padding, holes, a non-causal pattern) is a ``ValueError``.
+
+Threads: the handshake between ``update`` and the attention function is thread-local, so different
+threads may run different models, or one model with different caches, at the same time; one cache
+must not be used by two threads at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import struct
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,6 +67,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.engine, self.layer_idx = engine, layer_idx
         self.cumulative_length = 0
         self._pending_key: torch.Tensor | None = None
+        self._sequences: list[RetrievalAttention] | None = None  # one engine per sequence of a padded batch
         self.build_after_prefill = False  # set by RetrievalCache.last_prefill_chunk
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -71,18 +83,58 @@ class RetrievalLayer(CacheLayerMixin):
         _pending.layer = self
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Run the engine on this pending step: q (B, Hq, n, D), k/v (B, Hkv, n, D) -> (B, Hq, n, D)."""
+    @property
+    def engines(self) -> list[RetrievalAttention]:
+        """The engines serving this layer: the batched one, or one per sequence of a padded batch."""
+        return self._sequences if self._sequences is not None else [self.engine]
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the engine(s) on this pending step: q (B, Hq, n, D), k/v (B, Hkv, n, D) -> (B, Hq, n, D).
+
+        ``mask`` is the 4D mask transformers built for the step (None: causal, no padding); its left
+        padding decides which tokens of each sequence are real.
+        """
         if key is not self._pending_key:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the attention call did not receive the keys its cache update returned"
             )
         self._pending_key = None
-        if query.shape[2] == 1 and self.engine.seen > 0:
-            return self.engine.decode(query, key, value)
-        out = self.engine.prefill(query, key, value)
-        if self.build_after_prefill:
-            self.engine.start_index_build()  # overlaps the prefill of the following layers
+        b, n = query.shape[0], query.shape[2]
+        past = self.cumulative_length - n
+        pads = left_padding(mask, b, past, n)  # [B] leading padding tokens of each sequence
+        padded = bool(pads.any())
+        if past == 0 and self._sequences is None and padded:
+            e = self.engine
+            self._sequences = [RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)]
+        if self._sequences is None:
+            if padded:
+                raise ValueError(
+                    "attention_mask: padding appeared after the first forward pass of a sequence; "
+                    "left padding must be present from the first call on"
+                )
+            if n == 1 and self.engine.seen > 0:
+                return self.engine.decode(query, key, value)
+            out = self.engine.prefill(query, key, value)
+            if self.build_after_prefill:
+                self.engine.start_index_build()  # overlaps the prefill of the following layers
+            return out
+        if b != len(self._sequences):
+            raise ValueError(f"batch size changed from {len(self._sequences)} to {b}; call reset() first")
+        for i, engine in enumerate(self._sequences):
+            if engine.seen != max(0, past - int(pads[i])):
+                raise ValueError(f"attention_mask: the left padding of sequence {i} changed between forward passes")
+        out = query.new_zeros(query.shape)  # padding query rows stay 0: transformers ignores them
+        for i, engine in enumerate(self._sequences):  # one engine per sequence, on its real tokens only
+            start = max(0, int(pads[i]) - past)  # first real token of sequence i in this step
+            if start == n:
+                continue
+            q, k, v = query[i : i + 1, :, start:], key[i : i + 1, :, start:], value[i : i + 1, :, start:]
+            prefill = not (n == 1 and engine.seen > 0)
+            out[i : i + 1, :, start:] = (engine.prefill if prefill else engine.decode)(q, k, v)
+            if prefill and self.build_after_prefill:
+                engine.start_index_build()
         return out
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any, **kwargs: Any) -> tuple[int, int]:
@@ -97,7 +149,9 @@ class RetrievalLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """Forget every token (engines drop their device buffers, CPU store and index)."""
         self.engine.reset()
+        self._sequences = None
         self.cumulative_length = 0
         self._pending_key = None
 
@@ -148,6 +202,8 @@ class RetrievalCache(Cache):
         config = config if config is not None else RetrievalConfig()
         if not isinstance(config, RetrievalConfig):
             raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ValueError(f"model must be a transformers causal LM, got {type(model).__name__}")
         attn_modules = _attention_modules(model)
         self.memory_plan: MemoryPlan | None = None
         if max_context is not None:
@@ -195,8 +251,13 @@ class RetrievalCache(Cache):
 
     @property
     def stats(self) -> list:
-        """Per-layer ``EngineStats``."""
-        return [layer.engine.stats for layer in self.layers]
+        """Per-layer ``EngineStats`` of the batched engine (for a padded batch: of the first sequence's engine)."""
+        return [layer.engines[0].stats for layer in self.layers]
+
+    @property
+    def sequence_stats(self) -> list[list]:
+        """Per layer, the ``EngineStats`` of each engine: one per sequence for a padded batch, else one for the batch."""
+        return [[engine.stats for engine in layer.engines] for layer in self.layers]
 
 
 def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:
@@ -252,18 +313,42 @@ def _retrieval_attention_forward(
         store[module.layer_idx] = (query.detach().float().cpu(), key.detach().float().cpu())
     if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if attention_mask is not None and not _mask_is_padding_free(attention_mask):
-        raise ValueError(
-            "RetrievalCache does not support padded batches yet: pass sequences of equal length (no padding)"
-        )
-    out = layer.attend(query, key, value)  # [B, Hq, n, D]
+    out = layer.attend(query, key, value, attention_mask)  # [B, Hq, n, D]
     return out.transpose(1, 2).contiguous(), None
 
 
-def _mask_is_padding_free(mask: torch.Tensor) -> bool:
-    """True if the last query of every sequence sees every key (bool masks: True = visible; float: 0)."""
-    last = mask[..., -1, :]
-    return bool(last.all()) if mask.dtype == torch.bool else bool((last == 0).all())
+def left_padding(mask: torch.Tensor | None, batch: int, past: int, n: int) -> torch.Tensor:
+    """Leading padding tokens of each sequence, (batch,) int64, read from an attention step's 4D mask.
+
+    Parameters
+    ----------
+    mask : (batch, 1 or heads, n, past + n), bool (True: visible) or float (0: visible), or None
+        (causal, no padding). Query row r is the token at position ``past + r``.
+    batch, past, n : the step's batch size, tokens already cached, new tokens.
+
+    Raises ValueError unless the mask is exactly "left padding + causal": row r of sequence i sees the
+    keys j with pads[i] <= j <= past + r. A sequence whose tokens so far are all padding counts them all.
+    """
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.int64)
+    kv = past + n
+    if mask.dim() != 4 or mask.shape[0] != batch or mask.shape[2] != n or mask.shape[3] != kv:
+        raise ValueError(
+            f"attention_mask: expected a 4D mask (batch={batch}, heads, {n}, {kv}), got shape {tuple(mask.shape)}"
+        )
+    visible = mask if mask.dtype == torch.bool else mask == 0  # [B, H, n, kv]
+    pads = (~visible[:, 0, -1]).long().cumprod(dim=-1).sum(dim=-1)  # [B]: leading masked keys of the last row
+    cols = torch.arange(kv, device=mask.device)
+    rows = torch.arange(n, device=mask.device) + past
+    expected = (cols[None, None, :] >= pads[:, None, None]) & (cols[None, None, :] <= rows[None, :, None])
+    bad = (visible != expected[:, None]).flatten(1).any(dim=1)  # [B]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask of sequence {i} is not left padding followed by causal attention "
+            "(right padding or padding between tokens is not supported): pad batches on the left"
+        )
+    return pads.cpu()
 
 
 def _use_retrieval_attention(model: torch.nn.Module) -> None:
@@ -318,6 +403,14 @@ def load_model(
     device : where the weights go.
     dtype : weight dtype (GGUF weights are dequantised to it).
     """
+    if path is not None and not isinstance(path, (str, Path)):
+        raise ValueError(f"path must be a str, a Path or None (the embedded model), got {type(path).__name__}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {err}") from None
     path = embedded_model_path() if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
@@ -330,11 +423,13 @@ def load_model(
         folder, kwargs = path, {}
     else:
         raise ValueError(f"model folder {str(path)!r} has no config.json (expected a .gguf or a model folder)")
-    model_type = getattr(AutoConfig.from_pretrained(folder, **kwargs).get_text_config(), "model_type", None)
+    with _unreadable_as_value_error(path):
+        model_type = getattr(AutoConfig.from_pretrained(folder, **kwargs).get_text_config(), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported architecture {model_type!r}: retrieval-attn supports {list(SUPPORTED_MODEL_TYPES)}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
+    with _unreadable_as_value_error(path):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
     return model.eval(), tokenizer
 
 
@@ -354,3 +449,12 @@ def plain_cache(offloading: bool = False) -> Cache:
     """transformers' own ``DynamicCache``: the full KV cache on the device, or with ``offloading`` the
     cache of every layer but the current one moved to the CPU and prefetched back (needs CUDA)."""
     return DynamicCache(offloading=offloading)
+
+
+@contextlib.contextmanager
+def _unreadable_as_value_error(path: Path) -> Iterator[None]:
+    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError naming it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, struct.error) as err:
+        raise ValueError(f"model {str(path)!r} could not be read: {err}") from None

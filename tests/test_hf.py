@@ -57,18 +57,95 @@ def test_tiny_random_model_generate_matches(cls, config_cls):
     assert cache.stats[1].offloaded_tokens == 300 + 39 - 48
 
 
-def test_unsupported_architecture_and_padding_are_clear_errors():
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (batch, longest) of the prompts, padded on the left with token 0."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :], mask[i, longest - len(p) :] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("cls, config_cls", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
+def test_left_padded_batch_decodes_each_prompt_as_alone(cls, config_cls):
+    model = _tiny(cls, config_cls)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in (120, 75, 90)]
+    ids, mask = left_padded(prompts)
+    sink, window, new = 4, 16, 20
+    config = RetrievalConfig(sink_tokens=sink, window_tokens=window, top_k=1000, index="flat")
+    cache = RetrievalCache(model, config)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], **kw)  # plain sdpa, no padding
+        assert torch.equal(out[i, ids.shape[1] :], alone[0, len(p) :]), f"sequence {i}"
+        for layer in cache.sequence_stats:  # padding is never stored: only each prompt's real tokens
+            s = layer[i]
+            assert (s.seen_tokens, s.offloaded_tokens) == (len(p) + new - 1, len(p) + new - 1 - sink - window)
+    cache.reset()  # the same cache then serves an unpadded batch on one batched engine
+    same = torch.stack([prompts[0][:60], prompts[1][:60]])
+    out = model.generate(same, past_key_values=cache, **kw)
+    assert torch.equal(out, model.generate(same, **kw))
+    assert all(len(layer) == 1 for layer in cache.sequence_stats)
+
+
+@pytest.mark.slow
+def test_smollm_left_padded_batch_decodes_each_prompt_as_alone(smollm, passkey_ids):
+    model, _ = smollm
+    prompts = [passkey_ids[0, :240], passkey_ids[0, 1000:1150]]
+    ids, mask = left_padded(prompts)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000, index="flat"))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    for i, p in enumerate(prompts):
+        assert torch.equal(out[i, ids.shape[1] :], model.generate(p[None], **kw)[0, len(p) :]), f"sequence {i}"
+        assert cache.sequence_stats[0][i].offloaded_tokens == len(p) + 7 - 48
+
+
+@pytest.mark.parametrize(
+    "holes",
+    [
+        [(0, slice(15, 20))],  # right padding
+        [(1, slice(7, 9))],  # a hole between real tokens
+        [(0, slice(0, 3)), (1, slice(10, 11))],  # left padding in one sequence, a hole in the other
+    ],
+)
+def test_right_padding_and_holes_are_clear_errors(holes):
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(1, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    for row, cols in holes:
+        mask[row, cols] = 0
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=2, window_tokens=4))
+    with pytest.raises(ValueError, match=r"attention_mask of sequence \d is not left padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, past_key_values=cache)
+
+
+def test_left_padding_reads_bool_and_float_masks():
+    from retrieval_attn.hf import left_padding
+
+    cols, rows = torch.arange(7), torch.arange(3) + 4  # 4 cached tokens, 3 new ones
+    pads = torch.tensor([0, 2, 6])
+    visible = (cols >= pads[:, None, None]) & (cols <= rows[:, None])  # [B, 3, 7]
+    assert torch.equal(left_padding(visible[:, None], 3, 4, 3), pads)
+    as_float = torch.zeros(3, 1, 3, 7).masked_fill(~visible[:, None], torch.finfo(torch.float32).min)
+    assert torch.equal(left_padding(as_float, 3, 4, 3), pads)
+    assert torch.equal(left_padding(None, 2, 0, 5), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"expected a 4D mask \(batch=3, heads, 3, 7\)"):
+        left_padding(visible, 3, 4, 3)
+    visible[1, 2, 5] = False
+    with pytest.raises(ValueError, match="attention_mask of sequence 1 is not left padding"):
+        left_padding(visible[:, None], 3, 4, 3)
+
+
+def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).eval()
     with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'"):
         RetrievalCache(gpt2, RetrievalConfig())
-    model = _tiny(LlamaForCausalLM, LlamaConfig)
-    ids = torch.randint(0, 128, (2, 20))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0  # left padding
-    with pytest.raises(ValueError, match="padded batches"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=RetrievalCache(model, RetrievalConfig()))
 
 
 def test_capture_qk_returns_post_rope_queries_and_keys():

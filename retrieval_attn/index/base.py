@@ -152,6 +152,8 @@ class KeyIndex(ABC):
         exact part of its build, such as roar's training-query top lists.
         """
         keys = _check_array("keys", keys)
+        if train_queries is None and self.uses_train_queries:
+            raise ValueError(f"index {self.name!r} needs train_queries (groups, m, dim): the prefill queries of each group")
         if train_queries is not None:
             train_queries = _check_array("train_queries", train_queries)
             if train_queries.shape[0] != keys.shape[0] or train_queries.shape[2] != keys.shape[2]:
@@ -261,7 +263,7 @@ def available_indexes() -> list[str]:
 
 def index_class(name: str) -> type[KeyIndex]:
     """The backend class registered as ``name``, or ValueError listing the known names."""
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"index must be one of {available_indexes()}, got {name!r}")
     return _REGISTRY[name]
 

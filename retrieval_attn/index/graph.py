@@ -12,6 +12,9 @@ Storage of one layer, ``G`` groups, capacity ``cap`` rows, out-degree at most ``
 - adjacency ``[G, cap, maxdeg]`` int32 of row ids within the group, valid up to ``deg [G, cap]`` int32,
 - one entry point per group ``[G]`` int64.
 
+Beam widths (``ef``, ``build_ef``) at or above the number of keys all mean "keep every visited key":
+the kernels get ``min(width, keys)``, which finds the same results without allocating for absent keys.
+
 Distances: ``IP`` is ``-<a, b>`` (maximum inner product), ``L2`` is ``|a - b|^2``. Every kernel runs
 one ``prange`` over independent work items (group x query, group x node, or group) that write only
 their own outputs and read nothing written in the same loop, so results do not depend on the number
@@ -408,7 +411,7 @@ class GraphIndex(KeyIndex):
         centre = keys.mean(axis=1, keepdims=True)  # [G, 1, D]
         self._entries[:] = ((keys - centre) ** 2).sum(axis=2).argmin(axis=1)  # [G]
         work, ptr, flat = self._candidates(keys, train_queries)
-        build_graph(self._keys.buffer, n, work, ptr, flat, self.config["M"], self.config["build_ef"],
+        build_graph(self._keys.buffer, n, work, ptr, flat, self.config["M"], min(self.config["build_ef"], n),
                     self._entries, self.link_metric, self._adj, self._deg, self._conn_degree())
 
     @classmethod
@@ -440,7 +443,7 @@ class GraphIndex(KeyIndex):
             deg[:, :n_old] = self._deg[:, :n_old]
             self._adj, self._deg = adj, deg
         insert_nodes(self._keys.buffer, n_old, t, self._adj, self._deg, self._entries,
-                     self.config["build_ef"], self.config["M"], self.link_metric,
+                     min(self.config["build_ef"], n_old + t), self.config["M"], self.link_metric,
                      self._insert_candidates(keys), self._conn_degree())
 
     def _insert_candidates(self, keys: np.ndarray) -> np.ndarray:
@@ -464,6 +467,7 @@ class GraphIndex(KeyIndex):
         ids = np.empty((groups, m, k), np.int64)
         scores = np.empty((groups, m, k), np.float32)
         scored = np.empty((groups, m), np.int64)
-        search_graph(self._keys.buffer, len(self), self._adj, self._deg, self._entries, queries, k, ef,
+        # a queue as long as the key set already holds every key: a longer one would only allocate more
+        search_graph(self._keys.buffer, len(self), self._adj, self._deg, self._entries, queries, k, min(ef, len(self)),
                      ids, scores, scored)
         return ids, scores, scored

@@ -182,6 +182,7 @@ class HnswIndex(KeyIndex):
         if ef < k:
             raise ValueError(f"index 'hnsw': ef ({ef}) must be >= k ({k})")
         groups = queries.shape[0]
+        ef = min(ef, len(self))  # the same search: a queue as long as the key set holds every key
         ids = np.empty((*queries.shape[:2], k), np.int64)
         for g, index in enumerate(self._indexes):
             index.set_ef(ef)

@@ -180,8 +180,6 @@ class RoarIndex(GraphIndex):
     def _candidates(
         self, keys: np.ndarray, train_queries: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if train_queries is None:
-            raise ValueError("index 'roar' needs train_queries (groups, m, dim): the prefill queries of each group")
         groups, n, _ = keys.shape
         m = train_queries.shape[1]
         picked = np.sort(np.random.default_rng(0).choice(m, min(m, self.config["train_queries"]), replace=False))
