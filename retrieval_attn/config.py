@@ -39,6 +39,14 @@ class RetrievalConfig:
         for graph backends ``top_k`` must not exceed the search queue ``ef``.
     cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
     prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
+    retrieve : True (default) retrieves the top-k offloaded keys at every decode step; False is the
+        StreamingLLM-style baseline: decode attends over sink + window only, offloaded tokens are
+        kept in the CPU store but never attended to again, and no index is built.
+    telemetry : True records, at every decode step and for every query head, the recall@k of the
+        retrieved keys against the exact top-k offloaded keys and the softmax mass held by sink +
+        window + retrieved keys, both computed exactly on the side (an extra scan of every offloaded
+        key: for measuring and tuning ``top_k`` and ``ef``, not for production). See
+        ``retrieval_attn.telemetry``.
     """
 
     sink_tokens: int = 128
@@ -48,12 +56,17 @@ class RetrievalConfig:
     index_params: Mapping[str, Any] = field(default_factory=dict)
     cpu_threads: int | None = None
     prefill_block: int = 1024
+    retrieve: bool = True
+    telemetry: bool = False
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("window_tokens", self.window_tokens, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("prefill_block", self.prefill_block, 1)
+        for name in ("retrieve", "telemetry"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1)
         names = [AUTO, *available_indexes()]

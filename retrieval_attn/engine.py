@@ -13,11 +13,17 @@ Device layout (one buffer per K and V): ``(batch, kv_heads, sink + window + 1, h
 receives the new token of a decode step before it replaces the oldest window token. Until the
 buffer fills, tokens simply occupy slots ``[0, seen)`` in order.
 
+``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
+``RetrievalConfig(telemetry=True)`` makes every decode step also measure, exactly, what retrieval
+missed (``self.telemetry``, see ``retrieval_attn.telemetry``). ``fork(config)`` copies an engine
+after prefill to decode with other settings, so one exact prefill serves several of them.
+
 Plain tensors in, tensors out: this module knows nothing about transformers or tokenizers.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -29,6 +35,7 @@ from .attention import gathered_attention, merge_state, partial_attention
 from .config import RetrievalConfig
 from .index import cpu_threads, make_index, params_class, resolve_index
 from .offload import KVStore
+from .telemetry import LayerTelemetry
 
 __all__ = ["RetrievalAttention", "EngineStats"]
 
@@ -134,6 +141,8 @@ class RetrievalAttention:
         self._scanned_last = 0
         self._scanned_fraction_last = 0.0
         self._retrieved_last = 0
+        self._retrieved_ids: torch.Tensor | None = None  # [G, group, k] of the last step
+        self.telemetry = LayerTelemetry() if self.config.telemetry else None
 
     # ------------------------------------------------------------------ validation
 
@@ -304,8 +313,9 @@ class RetrievalAttention:
         """
         self._check(q, k, v, decode=True)
         if not self._decoding:
-            with cpu_threads(self.config.cpu_threads):
-                self._build_index()
+            if self.config.retrieve:
+                with cpu_threads(self.config.cpu_threads):
+                    self._build_index()
             self._decoding = True
         cap = self._device_capacity
         slot = min(self.seen, cap)  # where the new token goes: next free slot, or the scratch slot
@@ -315,10 +325,15 @@ class RetrievalAttention:
         n_off = self._store.n
         self._scanned_last = self._retrieved_last = 0
         self._scanned_fraction_last = 0.0
-        if n_off:
+        lse_device = lse  # [B, Hq, 1]
+        self._retrieved_ids = None
+        if n_off and self.config.retrieve:
             with cpu_threads(self.config.cpu_threads):
                 o_r, lse_r = self._retrieve(q, min(self.config.top_k, n_off))
             o, lse = merge_state(o, lse, o_r.to(q.device, non_blocking=True), lse_r.to(q.device, non_blocking=True))
+        if self.telemetry is not None and n_off:
+            k = min(self.config.top_k, n_off)
+            self.telemetry.record(q, self._store.keys, self._retrieved_ids, lse_device, lse, self.scale, k)
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot
             ring = self.config.sink_tokens + self._ring_head
             self._offload(self._k_dev[:, :, ring : ring + 1], self._v_dev[:, :, ring : ring + 1])
@@ -338,8 +353,41 @@ class RetrievalAttention:
         self._scanned_fraction_last = res.scored_fraction(len(self._index))
         self._retrieved_last = int(res.ids.size)
         ids = torch.from_numpy(res.ids)  # [G, group, top_k]
+        self._retrieved_ids = ids
         out, lse = gathered_attention(torch.from_numpy(res.scores), ids, self._store.values, self.scale)
         return out.reshape(b, self.num_heads, 1, self.head_dim), lse.reshape(b, self.num_heads, 1)
+
+    def fork(self, config: RetrievalConfig) -> RetrievalAttention:
+        """A copy of this engine, after prefill and before any decode, that decodes with ``config``.
+
+        Prefill is exact whatever the index, so one prefill serves several decode settings. ``config``
+        must keep this engine's ``sink_tokens`` and ``window_tokens`` (the device layout); an index that
+        trains on prefill queries (roar) needs an engine whose own index kept them (prefill with such
+        an index). Tensors, CPU store and query sample are copied; this engine is unchanged.
+        """
+        if not isinstance(config, RetrievalConfig):
+            raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+        if self._decoding:
+            raise ValueError("fork is only possible before the first decode (the index is not built yet)")
+        layout = ("sink_tokens", "window_tokens")
+        if any(getattr(config, f) != getattr(self.config, f) for f in layout):
+            raise ValueError(
+                f"fork: config must keep sink_tokens={self.config.sink_tokens} and window_tokens="
+                f"{self.config.window_tokens}, got {config.sink_tokens} and {config.window_tokens}"
+            )
+        trains = params_class(config.index).uses_train_queries
+        if trains and self._train is None and self.seen:
+            raise ValueError(
+                f"fork: index {config.index!r} trains on prefill queries, which this engine's index "
+                f"{self.config.index!r} did not keep; prefill with a config whose index trains (e.g. roar)"
+            )
+        train, self._train = self._train, None  # copy the sample only where the new index uses it
+        twin = copy.deepcopy(self, memo={id(self.config): self.config})  # the frozen config is shared
+        self._train = train
+        twin.config = config
+        twin._train = copy.deepcopy(train) if trains else None
+        twin.telemetry = LayerTelemetry() if config.telemetry else None
+        return twin
 
     @property
     def stats(self) -> EngineStats:

@@ -16,6 +16,7 @@ devices with accelerate's ``device_map`` work.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .config import RetrievalConfig
 from .engine import RetrievalAttention
+from .telemetry import summarise
 
 __all__ = ["RetrievalCache", "load_model", "capture_qk", "embedded_model_path", "ATTN_IMPLEMENTATION"]
 
@@ -153,6 +155,25 @@ class RetrievalCache(Cache):
     def stats(self) -> list:
         """Per-layer ``EngineStats``."""
         return [layer.engine.stats for layer in self.layers]
+
+    def fork(self, config: RetrievalConfig) -> RetrievalCache:
+        """A copy of this cache after prefill that decodes with ``config`` (see ``RetrievalAttention.fork``).
+
+        One exact prefill then serves several decode settings, e.g. every index backend.
+        """
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in twin.layers:
+            layer.engine = layer.engine.fork(config)
+        twin.retrieval_config = config
+        return twin
+
+    def telemetry_summary(self) -> list[dict[str, float | int]]:
+        """Per layer, the summary of ``retrieval_attn.telemetry.summarise`` with a ``layer`` field;
+        needs ``RetrievalConfig(telemetry=True)``."""
+        if not self.retrieval_config.telemetry:
+            raise ValueError("telemetry_summary needs RetrievalConfig(telemetry=True)")
+        return [{"layer": i, **summarise(layer.engine.telemetry)} for i, layer in enumerate(self.layers)]
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
