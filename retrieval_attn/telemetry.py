@@ -111,11 +111,14 @@ class LayerTelemetry:
         return torch.stack(self._recall), torch.stack(self._mass)
 
 
-def summarise(telemetry: LayerTelemetry) -> dict[str, float | int]:
-    """One row for a layer: steps, and for recall and mass the mean over steps and heads, the worst
-    head's mean over steps (``*_worst_head``) and the worst single (step, head) value (``*_min``)."""
-    recall, mass = telemetry.tensors()
-    row: dict[str, float | int] = {"steps": telemetry.steps}
+def summarise(*parts: LayerTelemetry) -> dict[str, float | int]:
+    """One row for a layer, over the steps of one or more runs of it (``parts``, same number of heads):
+    steps, and for recall and mass the mean over steps and heads, the worst head's mean over steps
+    (``*_worst_head``) and the worst single (step, head) value (``*_min``)."""
+    pairs = [p.tensors() for p in parts if p.steps]
+    recall = torch.cat([r for r, _ in pairs]) if pairs else torch.zeros(0, 0)  # [steps, heads]
+    mass = torch.cat([m for _, m in pairs]) if pairs else torch.zeros(0, 0)
+    row: dict[str, float | int] = {"steps": recall.shape[0]}
     for name, x in (("recall", recall), ("mass", mass)):
         empty = x.numel() == 0
         row[f"{name}_mean"] = float("nan") if empty else float(x.mean())
