@@ -49,6 +49,14 @@ class RetrievalConfig:
     gpu_memory_gib : device memory budget in GiB (> 0), or None for what the device has. A request that
         would need more is refused before prefill (``retrieval_attn.planner``); on CUDA the budget is
         also enforced as the process's memory fraction.
+    retrieve : True (default) retrieves the top-k offloaded keys at every decode step; False is the
+        StreamingLLM-style baseline: decode attends over sink + window only, offloaded tokens are
+        kept in the CPU store but never attended to again, and no index is built.
+    telemetry : True records, at every decode step and for every query head, the recall@k of the
+        retrieved keys against the exact top-k offloaded keys and the softmax mass held by sink +
+        window + retrieved keys, both computed exactly on the side (an extra scan of every offloaded
+        key: for measuring and tuning ``top_k`` and ``ef``, not for production). See
+        ``retrieval_attn.telemetry``.
     """
 
     sink_tokens: int = 128
@@ -61,16 +69,19 @@ class RetrievalConfig:
     overlap: bool = True
     retrieved_attention: str = "cpu"
     gpu_memory_gib: float | None = None
+    retrieve: bool = True
+    telemetry: bool = False
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("window_tokens", self.window_tokens, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("prefill_block", self.prefill_block, 1)
+        for name in ("retrieve", "telemetry", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1)
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"RetrievalConfig.overlap must be True or False, got {self.overlap!r}")
         if self.retrieved_attention not in RETRIEVED_ATTENTION:
             raise ValueError(
                 f"RetrievalConfig.retrieved_attention must be one of {list(RETRIEVED_ATTENTION)}, "

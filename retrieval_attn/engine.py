@@ -20,11 +20,17 @@ Device layout (one buffer per K and V): ``(batch, kv_heads, sink + window + 1, h
 receives the new token of a decode step before it replaces the oldest window token. Until the
 buffer fills, tokens simply occupy slots ``[0, seen)`` in order.
 
+``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
+``RetrievalConfig(telemetry=True)`` makes every decode step also measure, exactly, what retrieval
+missed (``self.telemetry``, see ``retrieval_attn.telemetry``). ``fork(config)`` copies an engine
+after prefill to decode with other settings, so one exact prefill serves several of them.
+
 Plain tensors in, tensors out: this module knows nothing about transformers or tokenizers.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +46,7 @@ from .attention import merge_state, partial_attention, scored_attention
 from .config import RetrievalConfig
 from .index import cpu_threads, make_index, params_class, resolve_index
 from .offload import KVStore, attend_rows, gather_rows
+from .telemetry import LayerTelemetry
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
 
@@ -177,6 +184,8 @@ class RetrievalAttention:
         self._scanned_last = 0
         self._scanned_fraction_last = 0.0
         self._retrieved_last = 0
+        self._retrieved_ids: torch.Tensor | None = None  # [G, group, k] of the last step
+        self.telemetry = LayerTelemetry() if self.config.telemetry else None
 
     # ------------------------------------------------------------------ validation
 
@@ -363,7 +372,7 @@ class RetrievalAttention:
         """
         if self.seen == 0:
             raise ValueError("start_index_build called before prefill")
-        if self._build_future is None and not self._decoding:
+        if self._build_future is None and not self._decoding and self.config.retrieve:
             self._build_future = _INDEX_BUILDER.submit(self._build_index, self._store_device)
 
     def _build_index(self, device: torch.device | None) -> None:
@@ -383,7 +392,9 @@ class RetrievalAttention:
 
     def _wait_for_index(self) -> None:
         """Make sure an index over the offloaded keys exists: wait for the background build, or build here."""
-        if not self._decoding:
+        if not self.config.retrieve:  # the sink + window baseline has no index
+            self._decoding = True
+        elif not self._decoding:
             if self._build_future is not None:
                 self._build_future.result()  # re-raises a failed build's error
             else:
@@ -420,7 +431,8 @@ class RetrievalAttention:
         self._scanned_last = self._retrieved_last = 0
         self._scanned_fraction_last = 0.0
         self._step_seconds = dict.fromkeys(STEP_PARTS, 0.0)
-        if n_off:
+        self._retrieved_ids = None
+        if n_off and self.config.retrieve:
             top_k = min(self.config.top_k, n_off)
             t0 = time.perf_counter()
             self._host["q"].copy_(q.reshape(self._host["q"].shape), non_blocking=True)
@@ -434,9 +446,15 @@ class RetrievalAttention:
             else:
                 self._cpu_part(top_k)
                 o, lse = self._device_attention(q, slot)
+            lse_device = lse  # [B, Hq, 1]
             o, lse = merge_state(o, lse, *self._retrieved_part(q, top_k), validate=False)
         else:
             o, lse = self._device_attention(q, slot)
+            lse_device = lse
+        if self.telemetry is not None and n_off:
+            self._store.synchronize()
+            self.telemetry.record(q, self._store.keys, self._retrieved_ids, lse_device, lse, self.scale,
+                                  min(self.config.top_k, n_off))
         self._dirty = True  # everything above only computed; from here on the state changes
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot
             ring = self.config.sink_tokens + self._ring_head
@@ -486,6 +504,7 @@ class RetrievalAttention:
         self._scanned_last = int(res.scored.sum())
         self._scanned_fraction_last = res.scored_fraction(len(self._index))
         self._retrieved_last = int(res.ids.size)
+        self._retrieved_ids = torch.from_numpy(res.ids)  # [G, group, top_k], for telemetry
 
     def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
         """This engine's CUDA stream for host -> device copies of the retrieved part (created once)."""
@@ -521,6 +540,38 @@ class RetrievalAttention:
             out, lse = scored_attention(moved[0], moved[1], self.scale)  # [G, group, D], [G, group]
         self._step_seconds["transfer"] += time.perf_counter() - t0
         return out.reshape(b, self.num_heads, 1, self.head_dim), lse.reshape(b, self.num_heads, 1)
+
+    def fork(self, config: RetrievalConfig) -> RetrievalAttention:
+        """A copy of this engine, after prefill and before any decode, that decodes with ``config``.
+
+        Prefill is exact whatever the index, so one prefill serves several decode settings. ``config``
+        must keep this engine's ``sink_tokens`` and ``window_tokens`` (the device layout); an index that
+        trains on prefill queries (roar) needs an engine whose own index kept them (prefill with such
+        an index). Tensors, CPU store and query sample are copied; this engine is unchanged.
+        """
+        if not isinstance(config, RetrievalConfig):
+            raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+        if self._decoding or self._build_future is not None:
+            raise ValueError("fork is only possible before the first decode and before start_index_build()")
+        layout = ("sink_tokens", "window_tokens")
+        if any(getattr(config, f) != getattr(self.config, f) for f in layout):
+            raise ValueError(
+                f"fork: config must keep sink_tokens={self.config.sink_tokens} and window_tokens="
+                f"{self.config.window_tokens}, got {config.sink_tokens} and {config.window_tokens}"
+            )
+        trains = params_class(config.index).uses_train_queries
+        if trains and self._train is None and self.seen:
+            raise ValueError(
+                f"fork: index {config.index!r} trains on prefill queries, which this engine's index "
+                f"{self.config.index!r} did not keep; prefill with a config whose index trains (e.g. roar)"
+            )
+        train, self._train = self._train, None  # copy the sample only where the new index uses it
+        twin = copy.deepcopy(self, memo={id(self.config): self.config})  # the frozen config is shared
+        self._train = train
+        twin.config = config
+        twin._train = copy.deepcopy(train) if trains else None
+        twin.telemetry = LayerTelemetry() if config.telemetry else None
+        return twin
 
     @property
     def stats(self) -> EngineStats:

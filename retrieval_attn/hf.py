@@ -26,6 +26,7 @@ must not be used by two threads at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import struct
 import threading
@@ -41,6 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from .config import RetrievalConfig
 from .engine import RetrievalAttention
 from .planner import GIB, MemoryPlan, ModelShape, plan_memory
+from .telemetry import summarise
 
 __all__ = [
     "RetrievalCache", "load_model", "random_model", "plain_cache", "capture_qk", "embedded_model_path",
@@ -273,6 +275,27 @@ def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None
             f"{total / GIB:.2f} GiB: it must be in (0, {total / GIB:.2f}]"
         )
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
+
+    def fork(self, config: RetrievalConfig) -> RetrievalCache:
+        """A copy of this cache after prefill that decodes with ``config`` (see ``RetrievalAttention.fork``).
+
+        One exact prefill then serves several decode settings, e.g. every index backend.
+        """
+        if any(layer._sequences is not None for layer in self.layers):
+            raise ValueError("fork of a cache holding a padded batch is not supported; fork before padding or run unpadded")
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in twin.layers:
+            layer.engine = layer.engine.fork(config)
+        twin.retrieval_config = config
+        return twin
+
+    def telemetry_summary(self) -> list[dict[str, float | int]]:
+        """Per layer, the summary of ``retrieval_attn.telemetry.summarise`` with a ``layer`` field;
+        needs ``RetrievalConfig(telemetry=True)``."""
+        if not self.retrieval_config.telemetry:
+            raise ValueError("telemetry_summary needs RetrievalConfig(telemetry=True)")
+        return [{"layer": i, **summarise(layer.engine.telemetry)} for i, layer in enumerate(self.layers)]
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
