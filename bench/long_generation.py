@@ -1,0 +1,134 @@
+"""Does a long generation stay healthy? 10,000 decode steps with a spill at every step (issue 6).
+
+What it measures: a small randomly initialised Llama (``--shape``, see ``retrieval_attn.decode_bench``)
+prefilled with ``--prompt`` random tokens, then decoded greedily for ``--steps`` steps through a
+``RetrievalCache`` with telemetry on and a window small enough that every step spills its oldest
+window token into the CPU store and the index. It reports, per window of ``--report-every`` steps:
+the index's recall@k against the exact top-k (telemetry, mean over layers and heads) and the
+attention mass held, the median and maximum step time, resident memory and what the CPU store and
+index hold. Why: a runtime left running for thousands of tokens must not drift (recall), leak
+(memory must grow only by the stored KV and the index), or stall (no step much slower than the
+median). The verdicts are printed against the issue's bounds: recall decay <= 0.02 from the first
+window to the last, RSS growth close to the stores' growth, max step <= 2x the median after warm-up.
+
+Prints a table and a final JSON line; writes long_generation.json and long_generation.csv into ``--out``.
+
+    python bench/long_generation.py --steps 10000
+    python bench/long_generation.py --steps 2000 --index flat
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from retrieval_attn import RetrievalConfig
+from retrieval_attn.decode_bench import SHAPES
+from retrieval_attn.hf import RetrievalCache, random_model
+from retrieval_attn.sweep import format_columns
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--prompt", type=int, default=2048, help="random prompt tokens prefilled first")
+    parser.add_argument("--steps", type=int, default=10000, help="decode steps")
+    parser.add_argument("--warmup", type=int, default=50, help="steps excluded from the timing verdict")
+    parser.add_argument("--report-every", type=int, default=1000, help="steps per row of the table")
+    parser.add_argument("--index", default="roar")
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--sink", type=int, default=16)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--out", default="results/long_generation")
+    args = parser.parse_args(argv)
+    for name in ("prompt", "steps", "report_every"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prompt <= args.sink + args.window:
+        raise SystemExit(f"--prompt must exceed sink + window ({args.sink + args.window}) so that steps spill")
+
+    shape = SHAPES[args.shape]
+    model = random_model(shape)
+    config = RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
+                             telemetry=True)
+    cache = RetrievalCache(model, config, max_context=args.prompt + args.steps + 1)
+    ids = torch.randint(0, shape["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    rows, samples = [], []
+    with torch.no_grad():
+        with cache.last_prefill_chunk():
+            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+        times: list[float] = []
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            logits = model(token, past_key_values=cache).logits
+            token = logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t0)
+            if (step + 1) % args.report_every == 0 or step + 1 == args.steps:
+                stats = cache.stats
+                samples.append({"step": step + 1, "rss": _rss_bytes(), "stored": sum(s.cpu_bytes for s in stats),
+                                "offloaded": stats[0].offloaded_tokens})
+    # telemetry: recall and mass of every layer, [steps, heads] each
+    per_layer = [layer.engine.telemetry.tensors() for layer in cache.layers]
+    recall = torch.stack([r.mean(dim=1) for r, _ in per_layer]).mean(dim=0)  # [steps]
+    mass = torch.stack([m.mean(dim=1) for _, m in per_layer]).mean(dim=0)
+    start = 0
+    for sample in samples:
+        end = sample["step"]
+        window_times = times[max(start, args.warmup):end] or times[start:end]
+        rows.append({
+            "steps": f"{start + 1}-{end}", "recall": float(recall[start:end].mean()), "mass": float(mass[start:end].mean()),
+            "median_ms": 1e3 * statistics.median(window_times), "max_ms": 1e3 * max(window_times),
+            "rss_mib": sample["rss"] / 2**20, "store_index_mib": sample["stored"] / 2**20,
+            "offloaded": sample["offloaded"],
+        })
+        start = end
+    after = times[args.warmup:]
+    median, worst = statistics.median(after), max(after)
+    verdict = {
+        "recall_first_window": rows[0]["recall"], "recall_last_window": rows[-1]["recall"],
+        "recall_decay": rows[0]["recall"] - rows[-1]["recall"],
+        "rss_growth_mib": rows[-1]["rss_mib"] - rows[0]["rss_mib"],
+        "store_index_growth_mib": rows[-1]["store_index_mib"] - rows[0]["store_index_mib"],
+        "median_step_ms": 1e3 * median, "max_step_ms": 1e3 * worst, "max_over_median": worst / median,
+        "steps_over_2x_median": sum(t > 2 * median for t in after),
+    }
+    print(f"{args.shape} random Llama, prompt {args.prompt}, {args.steps} steps, index {args.index}, "
+          f"top_k {args.top_k}, sink {args.sink}, window {args.window} (a spill every step)")
+    print(format_columns(
+        ["steps", "recall@k", "mass", "median ms", "max ms", "RSS MiB", "store+index MiB", "offloaded"],
+        [[r["steps"], f"{r['recall']:.4f}", f"{r['mass']:.4f}", f"{r['median_ms']:.2f}", f"{r['max_ms']:.2f}",
+          f"{r['rss_mib']:.0f}", f"{r['store_index_mib']:.1f}", r["offloaded"]] for r in rows],
+    ))
+    print(f"recall decay first -> last window: {verdict['recall_decay']:+.4f} (bound 0.02); "
+          f"RSS growth {verdict['rss_growth_mib']:.1f} MiB vs store+index growth {verdict['store_index_growth_mib']:.1f} MiB; "
+          f"max step {verdict['max_over_median']:.2f}x the median after {args.warmup} warm-up steps "
+          f"({verdict['steps_over_2x_median']} steps over 2x)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "long_generation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "long_generation.json").write_text(json.dumps({
+        "settings": vars(args), "windows": rows, "verdict": verdict,
+        "recall_per_step": recall.tolist(), "step_ms": [1e3 * t for t in times],
+    }))
+    print(json.dumps(verdict))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
