@@ -158,7 +158,8 @@ def _bench(args: argparse.Namespace) -> int:
             device=device, dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
             gpu_memory_gib=args.gpu_memory_gib,
             retrieval=RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k,
-                                      cpu_threads=args.cpu_threads),
+                                      cpu_threads=args.cpu_threads, overlap=not args.no_overlap,
+                                      retrieved_attention=args.retrieved_attention),
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -242,6 +243,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sink", type=int, default=defaults.sink_tokens)
     bench.add_argument("--window", type=int, default=defaults.window_tokens)
     bench.add_argument("--cpu-threads", type=int, default=None)
+    bench.add_argument("--retrieved-attention", choices=["cpu", "device"], default=defaults.retrieved_attention,
+                       help="attend over retrieved keys on the CPU (ship out+lse) or on the device (ship scores+values)")
+    bench.add_argument("--no-overlap", action="store_true", help="run the CPU part and the device attention in turn")
     bench.add_argument("--out", default="results/decode", help="folder for decode.json and decode.csv")
     bench.set_defaults(func=_bench)
     return parser
