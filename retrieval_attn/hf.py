@@ -98,6 +98,11 @@ class RetrievalLayer(CacheLayerMixin):
         self._pending_key = None
         b, n = query.shape[0], query.shape[2]
         past = self.cumulative_length - n
+        if self._sequences is None and self.engine.seen != past:
+            raise ValueError(
+                f"layer {self.layer_idx} holds {self.engine.seen} tokens but the cache counts {past} "
+                "(an interrupted forward pass?): call cache.reset() before generating again"
+            )
         pads = left_padding(mask, b, past, n)  # [B] leading padding tokens of each sequence
         padded = bool(pads.any())
         if past == 0 and self._sequences is None and padded:

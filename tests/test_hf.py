@@ -179,3 +179,52 @@ def test_signature_drift_is_tolerated():
     assert cache.get_seq_length() == 5
     assert cache.get_mask_sizes(3, 0) == (8, 0)
     assert cache.get_mask_sizes(torch.arange(5, 8), 0) == (8, 0)  # mask size from a cache_position tensor
+
+
+class _InterruptAfter:
+    """A generate() streamer that raises KeyboardInterrupt at its n-th put (the prompt is the first)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def put(self, value):
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+    def end(self):
+        pass
+
+
+def test_interrupted_generate_leaves_cache_resettable_and_model_usable():
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    plain = model.generate(ids, **kw)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
+    with pytest.raises(KeyboardInterrupt):  # between two decode steps
+        model.generate(ids, streamer=_InterruptAfter(5), past_key_values=cache, **kw)
+    assert cache.get_seq_length() > ids.shape[1]
+    cache.reset()
+    assert all(s.offloaded_tokens == 0 and s.cpu_bytes == 0 for s in cache.stats)  # CPU store (pinned on CUDA) dropped
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+
+    # inside a forward pass: layer 1's cache update ran, its attention did not
+    cache.reset()
+    layer = cache.layers[1]
+    update = layer.update
+
+    def update_then_interrupt(*args, **kwargs):
+        update(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    layer.update = update_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(ids, past_key_values=cache, **kw)
+    layer.update = update
+    with pytest.raises(ValueError, match=r"layer 1 holds 0 tokens but the cache counts .* call cache.reset\(\)"):
+        model(ids[:, :1], past_key_values=cache)
+    cache.reset()
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+    fresh = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
+    assert torch.equal(model.generate(ids, past_key_values=fresh, **kw), plain)
