@@ -336,7 +336,7 @@ def test_partial_attention_is_exact_or_refuses(b, hkv, group, n, t, d, causal, s
         q = torch.cat([q, q], dim=-1)
     elif bad == "nan" and t:
         k[..., 0, 0] = float("nan")
-    elif bad == "inf":
+    elif bad == "inf" and t:  # (without keys a query's values do not matter: the empty result is correct)
         q[0, 0, 0, 0] = float("inf")
     elif bad == "rank":
         q = q[0]
