@@ -119,7 +119,7 @@ class RetrievalAttention:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every token; the next call must be a prefill."""
+        """Forget every token: drop the device buffers, the (pinned) CPU store and the index; next comes a prefill."""
         self.seen = 0
         self._batch: int | None = None
         self._k_dev: torch.Tensor | None = None  # [B, Hkv, sink + window + 1, D]

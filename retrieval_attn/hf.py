@@ -107,7 +107,9 @@ class RetrievalLayer(CacheLayerMixin):
         padded = bool(pads.any())
         if past == 0 and self._sequences is None and padded:
             e = self.engine
-            self._sequences = [RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)]
+            self._sequences = [
+                RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)
+            ]
         if self._sequences is None:
             if padded:
                 raise ValueError(
@@ -214,7 +216,7 @@ class RetrievalCache(Cache):
 
     @property
     def sequence_stats(self) -> list[list]:
-        """Per layer, the ``EngineStats`` of each engine: one per sequence for a padded batch, else one for the batch."""
+        """Per layer, the ``EngineStats`` of each engine: one per sequence of a padded batch, else one."""
         return [[engine.stats for engine in layer.engines] for layer in self.layers]
 
 
@@ -378,7 +380,7 @@ def load_model(
 
 @contextlib.contextmanager
 def _unreadable_as_value_error(path: Path) -> Iterator[None]:
-    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError naming it."""
+    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError."""
     try:
         yield
     except (OSError, ValueError, KeyError, struct.error) as err:
