@@ -1,8 +1,8 @@
 """The math of split attention: partial attention with its log-sum-exp, the exact merge of two partial
 attentions, and a plain reference attention for tests.
 
-Every function here works on torch tensors on any device. Inputs are checked (shapes, finite values,
-ids in range) and a bad one raises ``ValueError`` naming it. Partial results are always fp32 and the
+Every function here works on torch tensors on any device. Shapes and ids are checked up front; NaN or
+Inf in an input is caught in the (small) result; either raises ``ValueError`` naming the input. Partial results are always fp32 and the
 log-sum-exp (``lse``) is natural-log: ``lse = log(sum_j exp(scale * q . k_j))``. An empty key set has
 ``lse = -inf`` and ``out = 0``; merging with it is the identity. Maxima are subtracted before every
 ``exp``, so logits of any finite magnitude neither overflow nor produce NaN.
@@ -17,23 +17,23 @@ import torch
 __all__ = ["merge_state", "partial_attention", "gathered_attention", "scored_attention", "reference_attention"]
 
 
-def _require_finite(where: str, **tensors: torch.Tensor) -> None:
-    """ValueError naming the tensors if any holds NaN or Inf (one device sync for all of them)."""
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
-        bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        raise ValueError(f"{where}: {', '.join(bad)} contains NaN or Inf")
+def _refuse_non_finite(
+    where: str, out: torch.Tensor, lse: torch.Tensor, finite_logits: torch.Tensor, **inputs: torch.Tensor
+) -> None:
+    """ValueError naming the inputs that hold NaN or Inf, if the logits or the result show any.
 
-
-def _check_merge_inputs(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-    """ValueError unless the two partial states have matching shapes, finite outputs and finite or -inf lse."""
-    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape or o_a.shape[:-1] != lse_a.shape:
-        raise ValueError(
-            f"merge_state: o_a {tuple(o_a.shape)}, o_b {tuple(o_b.shape)} must be equal and lse_a "
-            f"{tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} must equal o's shape without the last dimension"
-        )
-    _require_finite("merge_state", o_a=o_a, o_b=o_b)
-    if bool((torch.isnan(lse_a) | torch.isnan(lse_b) | (lse_a == float("inf")) | (lse_b == float("inf"))).any()):
-        raise ValueError("merge_state: lse_a and lse_b must be finite or -inf (an empty key set), got NaN or +inf")
+    ``finite_logits`` is a 0-d bool tensor: were the logits (q . k, before masking) all finite? NaN or
+    Inf in q or k always reaches them; in v (or a merged output) it always reaches ``out`` (0 * inf is
+    NaN). So one reduction over small tensors and one device sync guard every call; the inputs are
+    only scanned to name the culprit. For ``lse_*`` inputs ``-inf`` (an empty key set) is valid.
+    """
+    if bool(finite_logits & torch.isfinite(out).all() & (lse < float("inf")).all()):  # NaN < inf is False
+        return
+    bad = [
+        name for name, t in inputs.items()
+        if not bool((t < float("inf")).all() if name.startswith("lse") else torch.isfinite(t).all())
+    ]
+    raise ValueError(f"{where}: {', '.join(bad) or 'an input'} contains NaN or Inf")
 
 
 def merge_state(
@@ -47,16 +47,19 @@ def merge_state(
         Normalised partial outputs.
     lse_a, lse_b : (...)
         Their natural-log log-sum-exp of scaled logits; ``-inf`` marks an empty key set.
-    validate : check shapes and values first (a device sync on a GPU); the engine, whose inputs were
-        checked on entry, passes False on its decode path.
+    validate : refuse NaN/Inf (one device sync on a GPU); the engine, whose inputs were checked on
+        entry, passes False on its decode path.
 
     Returns
     -------
     o : (..., head_dim), fp32
     lse : (...), fp32
     """
-    if validate:
-        _check_merge_inputs(o_a, lse_a, o_b, lse_b)
+    if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape or o_a.shape[:-1] != lse_a.shape:
+        raise ValueError(
+            f"merge_state: o_a {tuple(o_a.shape)}, o_b {tuple(o_b.shape)} must be equal and lse_a "
+            f"{tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} must equal o's shape without the last dimension"
+        )
     lse_a, lse_b = lse_a.float(), lse_b.float()
     m = torch.maximum(lse_a, lse_b)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # both empty: keep exp() finite
@@ -66,6 +69,8 @@ def merge_state(
     lse = m + torch.log(total)  # -inf when both sides are empty
     denom = torch.where(total > 0, total, torch.ones_like(total))
     o = (w_a / denom).unsqueeze(-1) * o_a.float() + (w_b / denom).unsqueeze(-1) * o_b.float()
+    if validate:
+        _refuse_non_finite("merge_state", o, lse, torch.tensor(True), o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b)
     return o, lse
 
 
@@ -98,8 +103,8 @@ def partial_attention(
     k, v : (batch, num_kv_heads, kv_len, head_dim); num_heads must be a multiple of num_kv_heads (GQA).
     scale : multiplier of q . k.
     causal : if True, query i sees key j iff j <= i + (kv_len - q_len) (queries are the last q_len positions).
-    validate : check shapes and finiteness first (a device sync on a GPU); False skips it for callers
-        whose inputs are already checked (the engine's decode path).
+    validate : refuse NaN/Inf (one device sync on a GPU); False for callers whose inputs are already
+        checked (the engine's decode path).
 
     Returns
     -------
@@ -118,12 +123,11 @@ def partial_attention(
             f"partial_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim, "
             "and q's heads must be a multiple of k's"
         )
-    if validate:
-        _require_finite("partial_attention", q=q, k=k, v=v)
     group = hq // hkv
     # qg: [B, Hkv, group * N, D], row r is query head (r // N) of the group at position r % N
     qg = q.float().reshape(b, hkv, group * n, d)
     logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, group*N, T]
+    finite_logits = torch.isfinite(logits).all() if validate else None
     if causal:
         rows = torch.arange(n, device=q.device).repeat(group)  # position of each row within the queries
         cols = torch.arange(t, device=q.device)
@@ -131,6 +135,8 @@ def partial_attention(
         logits = logits.masked_fill(~visible, float("-inf"))
     p, lse = _softmax_with_lse(logits)
     out = torch.matmul(p, v.float())  # [B, Hkv, group*N, D]
+    if validate:
+        _refuse_non_finite("partial_attention", out, lse, finite_logits, q=q, k=k, v=v)
     return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)
 
 
@@ -164,15 +170,21 @@ def gathered_attention(
     n = values.shape[1]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
         raise ValueError(f"gathered_attention: ids must be rows of values in [0, {n - 1}]")
-    _require_finite("gathered_attention", scores=scores)
+    if kk == 0:
+        out = values.new_zeros((g, m, values.shape[-1]), dtype=torch.float32)
+        return out, torch.full((g, m), float("-inf"), dtype=torch.float32, device=values.device)
     rows = torch.arange(g, device=values.device)[:, None, None]
     v_sel = values[rows, ids]  # [G, m, k, D]
-    _require_finite("gathered_attention", values=v_sel)  # only the retrieved rows: the store is not rescanned
-    return scored_attention(scores, v_sel, scale)
+    out, lse = scored_attention(scores, v_sel, scale)
+    # values: only the retrieved rows are scanned, never the whole store
+    _refuse_non_finite("gathered_attention", out, lse, torch.isfinite(scores).all(), scores=scores, values=v_sel)
+    return out, lse
 
 
 def scored_attention(scores: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its own keys given their raw scores and their (already gathered) values.
+
+    No value checks: callers pass checked data (``gathered_attention`` checks after calling it).
 
     Parameters
     ----------

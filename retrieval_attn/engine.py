@@ -159,7 +159,8 @@ class RetrievalAttention:
             self._store.reserve(self._reserved)
 
     def reset(self) -> None:
-        """Forget every token (waiting for an index build in flight); the next call must be a prefill."""
+        """Forget every token: wait for an index build in flight, drop the device buffers, the (pinned) CPU
+        store and the index; next comes a prefill."""
         pending = getattr(self, "_build_future", None)
         if pending is not None:
             pending.exception()  # wait; a failed build is of no interest once its tokens are dropped

@@ -105,11 +105,18 @@ class RetrievalLayer(CacheLayerMixin):
         self._pending_key = None
         b, n = query.shape[0], query.shape[2]
         past = self.cumulative_length - n
+        if self._sequences is None and self.engine.seen != past:
+            raise ValueError(
+                f"layer {self.layer_idx} holds {self.engine.seen} tokens but the cache counts {past} "
+                "(an interrupted forward pass?): call cache.reset() before generating again"
+            )
         pads = left_padding(mask, b, past, n)  # [B] leading padding tokens of each sequence
         padded = bool(pads.any())
         if past == 0 and self._sequences is None and padded:
             e = self.engine
-            self._sequences = [RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)]
+            self._sequences = [
+                RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)
+            ]
         if self._sequences is None:
             if padded:
                 raise ValueError(
@@ -258,7 +265,7 @@ class RetrievalCache(Cache):
 
     @property
     def sequence_stats(self) -> list[list]:
-        """Per layer, the ``EngineStats`` of each engine: one per sequence for a padded batch, else one for the batch."""
+        """Per layer, the ``EngineStats`` of each engine: one per sequence of a padded batch, else one."""
         return [[engine.stats for engine in layer.engines] for layer in self.layers]
 
 
@@ -476,7 +483,7 @@ def plain_cache(offloading: bool = False) -> Cache:
 
 @contextlib.contextmanager
 def _unreadable_as_value_error(path: Path) -> Iterator[None]:
-    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError naming it."""
+    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError."""
     try:
         yield
     except (OSError, ValueError, KeyError, struct.error) as err:

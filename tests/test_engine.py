@@ -248,3 +248,51 @@ def test_cpu_kernel_equals_torch_gathered_attention():
     ref_out, ref_lse = gathered_attention(scores, ids, values, 0.5)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     assert np.abs(out - ref_out.numpy()).max() <= 1e-5 and np.abs(lse - ref_lse.numpy()).max() <= 1e-3
+
+
+def _interrupt_once(obj, name):
+    """Make ``obj.name`` raise KeyboardInterrupt on its next call only."""
+    original = getattr(obj, name)
+
+    def interrupted(*args, **kwargs):
+        setattr(obj, name, original)
+        raise KeyboardInterrupt
+
+    setattr(obj, name, interrupted)
+
+
+def test_interrupted_retrieval_changes_nothing():
+    q, k, v = random_qkv(1, 4, 2, 60, 8, seed=11)
+    cfg = RetrievalConfig(sink_tokens=3, window_tokens=5, top_k=6, index="flat")
+    clean, hit = RetrievalAttention(cfg, 4, 2, 8), RetrievalAttention(cfg, 4, 2, 8)
+    expected = run_engine(clean, q, k, v, 40)
+    hit.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
+    outs = [hit.decode(q[:, :, 40:41], k[:, :, 40:41], v[:, :, 40:41])]
+    before = hit.stats
+    _interrupt_once(hit._index, "search")  # Ctrl-C while the CPU side searches: before any state change
+    with pytest.raises(KeyboardInterrupt):
+        hit.decode(q[:, :, 41:42], k[:, :, 41:42], v[:, :, 41:42])
+    assert (hit.stats.seen_tokens, hit.stats.offloaded_tokens) == (before.seen_tokens, before.offloaded_tokens)
+    outs += [hit.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(41, 60)]
+    assert torch.equal(torch.cat(outs, dim=2), expected[:, :, 40:])
+
+
+def test_interrupted_state_update_refuses_until_reset_and_reset_frees_storage():
+    import gc
+    import weakref
+
+    q, k, v = random_qkv(1, 4, 2, 60, 8, seed=12)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=3, window_tokens=5, top_k=6, index="flat"), 4, 2, 8)
+    engine.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
+    engine.decode(q[:, :, 40:41], k[:, :, 40:41], v[:, :, 40:41])
+    _interrupt_once(engine._index, "add")  # Ctrl-C between the store append and the index insert of a spill
+    with pytest.raises(KeyboardInterrupt):
+        engine.decode(q[:, :, 41:42], k[:, :, 41:42], v[:, :, 41:42])
+    with pytest.raises(ValueError, match=r"interrupted .* call reset\(\) first"):
+        engine.decode(q[:, :, 42:43], k[:, :, 42:43], v[:, :, 42:43])
+    store = weakref.ref(engine._store._k)  # pinned when CUDA is present: must not outlive reset
+    engine.reset()
+    gc.collect()
+    assert store() is None
+    fresh = RetrievalAttention(engine.config, 4, 2, 8)
+    assert torch.equal(run_engine(engine, q, k, v, 40), run_engine(fresh, q, k, v, 40))

@@ -204,3 +204,52 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
         tokens[background] = out
         assert all(s.index == "roar" and s.index_build_seconds > 0 for s in cache.stats)
     assert tokens[True] == tokens[False]
+
+
+class _InterruptAfter:
+    """A generate() streamer that raises KeyboardInterrupt at its n-th put (the prompt is the first)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def put(self, value):
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+    def end(self):
+        pass
+
+
+def test_interrupted_generate_leaves_cache_resettable_and_model_usable():
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    plain = model.generate(ids, **kw)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
+    with pytest.raises(KeyboardInterrupt):  # between two decode steps
+        model.generate(ids, streamer=_InterruptAfter(5), past_key_values=cache, **kw)
+    assert cache.get_seq_length() > ids.shape[1]
+    cache.reset()
+    assert all(s.offloaded_tokens == 0 and s.cpu_bytes == 0 for s in cache.stats)  # CPU store (pinned on CUDA) dropped
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+
+    # inside a forward pass: layer 1's cache update ran, its attention did not
+    cache.reset()
+    layer = cache.layers[1]
+    update = layer.update
+
+    def update_then_interrupt(*args, **kwargs):
+        update(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    layer.update = update_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(ids, past_key_values=cache, **kw)
+    layer.update = update
+    with pytest.raises(ValueError, match=r"layer 1 holds 0 tokens but the cache counts .* call cache.reset\(\)"):
+        model(ids[:, :1], past_key_values=cache)
+    cache.reset()
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+    fresh = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
+    assert torch.equal(model.generate(ids, past_key_values=fresh, **kw), plain)

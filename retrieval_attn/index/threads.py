@@ -1,11 +1,19 @@
 """``cpu_threads``: run a block with a given number of torch, numba and faiss CPU threads.
 
 The index backends compute with all three libraries, so a thread budget must reach all three.
+
+Thread safety: numba's and OpenMP's (faiss, torch) thread counts belong to the calling thread, so a
+block sets and restores them for its own thread only, and blocks in several Python threads do not
+disturb each other. torch also keeps one process-wide count that threads started later begin with;
+``torch.set_num_threads`` updates it too, so while blocks overlap it holds the latest request, and
+the last block to exit puts back the value found by the first block to enter. Results never depend
+on the thread count (tests/test_threads.py), only the speed does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import faiss
@@ -14,20 +22,31 @@ import torch
 
 __all__ = ["cpu_threads"]
 
+_lock = threading.Lock()
+_active = 0  # cpu_threads blocks running in any thread
+_torch_default = 0  # torch's thread count when the first of them entered
+
 
 @contextlib.contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
-    """Within the block, torch, numba and faiss use ``n`` threads (None: leave them as they are)."""
+    """Within the block, torch, numba and faiss use ``n`` threads in this thread (None: leave them as they are)."""
+    global _active, _torch_default
     if n is None:
         yield
         return
     old = torch.get_num_threads(), numba.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n)
+    with _lock:
+        if _active == 0:
+            _torch_default = old[0]
+        _active += 1
+        torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(old[0])
         numba.set_num_threads(old[1])
         faiss.omp_set_num_threads(old[2])
+        with _lock:
+            _active -= 1
+            torch.set_num_threads(_torch_default if _active == 0 else old[0])
