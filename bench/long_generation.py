@@ -32,12 +32,8 @@ import torch
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.decode_bench import SHAPES
 from retrieval_attn.hf import RetrievalCache, random_model
+from retrieval_attn.planner import resident_bytes
 from retrieval_attn.sweep import format_columns
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t0)
             if (step + 1) % args.report_every == 0 or step + 1 == args.steps:
                 stats = cache.stats
-                samples.append({"step": step + 1, "rss": _rss_bytes(), "stored": sum(s.cpu_bytes for s in stats),
+                samples.append({"step": step + 1, "rss": resident_bytes(), "stored": sum(s.cpu_bytes for s in stats),
                                 "offloaded": stats[0].offloaded_tokens})
     # telemetry: recall and mass of every layer, [steps, heads] each
     per_layer = [layer.engine.telemetry.tensors() for layer in cache.layers]

@@ -35,7 +35,7 @@ import torch
 
 from .config import RetrievalConfig
 from .engine import STEP_PARTS
-from .planner import GIB, MemoryBudgetError
+from .planner import GIB, MemoryBudgetError, resident_bytes
 
 __all__ = ["SHAPES", "METHODS", "BenchSettings", "MethodResult", "run_decode_bench", "write_results", "ratio_rows"]
 
@@ -100,18 +100,6 @@ class MethodResult:
     cpu_rss_gib: float | None = None
     breakdown_s: dict[str, float] = field(default_factory=dict)
     keys_scanned_fraction: float | None = None
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _sync(device: torch.device) -> None:
@@ -239,7 +227,7 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
         result.keys_scanned_fraction = statistics.mean(s.keys_scanned_fraction for s in cache.stats)
     if device.type == "cuda":
         result.peak_device_gib = torch.cuda.max_memory_allocated(device) / GIB
-    result.cpu_rss_gib = _rss_bytes() / GIB
+    result.cpu_rss_gib = resident_bytes() / GIB
     return result
 
 

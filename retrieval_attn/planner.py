@@ -32,7 +32,9 @@ import torch
 from .config import RetrievalConfig
 from .index import index_class, params_class, resolve_index
 
-__all__ = ["ModelShape", "MemoryPlan", "MemoryBudgetError", "plan_memory", "available_cpu_bytes", "GIB"]
+__all__ = [
+    "ModelShape", "MemoryPlan", "MemoryBudgetError", "plan_memory", "available_cpu_bytes", "resident_bytes", "GIB",
+]
 
 GIB = 1 << 30
 _STORE_INITIAL_ROWS = 1024  # KVStore's first capacity (reserve only grows it)
@@ -141,16 +143,27 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def available_cpu_bytes() -> int:
-    """Host memory the process may still use: MemAvailable on Linux, else free physical pages."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key:`` line of a Linux /proc status file (in kB there) in bytes, or None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def available_cpu_bytes() -> int:
+    """Host memory the process may still use: MemAvailable on Linux, else free physical pages."""
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    """Resident memory of this process now (Linux; 0 where /proc is missing)."""
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def _available_device_bytes(device: torch.device, config: RetrievalConfig) -> int | None:
