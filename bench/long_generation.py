@@ -38,7 +38,7 @@ from retrieval_attn.sweep import format_columns
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--prompt", type=int, default=2048, help="random prompt tokens prefilled first")
     parser.add_argument("--steps", type=int, default=10000, help="decode steps")
     parser.add_argument("--warmup", type=int, default=50, help="steps excluded from the timing verdict")
