@@ -10,7 +10,9 @@ post-RoPE q/k/v. Without a pending ``RetrievalCache`` layer (a plain ``DynamicCa
 model), the attention function is transformers' own sdpa, with the same masks.
 
 Each engine keeps its device part on the device its layer's tensors arrive on, so models split across
-devices with accelerate's ``device_map`` work.
+devices with accelerate's ``device_map`` work. ``RetrievalCache.fork(config)`` copies a prefilled cache
+to decode with other settings (one exact prefill, several backends); ``telemetry_summary()`` reduces
+the per-step telemetry of ``RetrievalConfig(telemetry=True)`` to one row per layer.
 """
 
 from __future__ import annotations
