@@ -252,8 +252,8 @@ class EvalSettings:
             raise ValueError(f"tasks must be among {list(TASKS)}, got {bad}")
         if self.tasks and (not self.lengths or not self.depths):
             raise ValueError("lengths and depths must not be empty when tasks are given")
-        if any(isinstance(n, bool) or not isinstance(n, int) for n in self.lengths):
-            raise ValueError(f"lengths must be ints, got {list(self.lengths)}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in self.lengths):
+            raise ValueError(f"lengths must be ints >= 64, got {list(self.lengths)}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must be in [0, 1], got {list(self.depths)}")
         for name, low in (("samples", 1), ("fidelity_tokens", 0), ("prefill_chunk", 2)):
