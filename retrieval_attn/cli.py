@@ -1,12 +1,15 @@
-"""The ``retrieval-attn`` command line: ``generate``, ``sweep`` and ``bench``.
+"""The ``retrieval-attn`` command line: ``generate``, ``sweep``, ``bench`` and ``eval``.
 
 The only module of the package that prints. ``generate`` loads a model (the embedded SmolLM2 by
 default), prefills the prompt in chunks with a progress bar, streams greedy decoding token by token,
-and ends with a table of where the tokens are and what each step cost. ``sweep`` measures recall
-versus cost of every index backend on the model's real queries and keys (``retrieval_attn.sweep``)
-and prints its table; ``bench/recall_sweep.py`` is the same command. ``bench`` measures decode speed
-and memory against transformers' full and offloaded caches (``retrieval_attn.decode_bench``);
-``bench/decode.py`` is the same command.
+and ends with a table of where the tokens are and what each step cost (with ``--telemetry``, also
+recall@k and attention mass per layer, and a PNG). ``sweep`` measures recall versus cost of every
+index backend on the model's real queries and keys (``retrieval_attn.sweep``) and prints its table;
+``bench/recall_sweep.py`` is the same command. ``bench`` measures decode speed and memory against
+transformers' full and offloaded caches (``retrieval_attn.decode_bench``); ``bench/decode.py`` is the
+same command. ``eval`` compares full attention, every index backend and the sink + window baseline
+on needle retrieval and teacher-forced fidelity (``retrieval_attn.evaluate``); ``bench/fidelity.py``
+is the same command.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         config = RetrievalConfig(
             sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
-            cpu_threads=args.cpu_threads, gpu_memory_gib=args.gpu_memory_gib,
+            cpu_threads=args.cpu_threads, gpu_memory_gib=args.gpu_memory_gib, telemetry=args.telemetry,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -124,6 +127,33 @@ def _generate(args: argparse.Namespace) -> int:
              f"{cache.memory_plan.device_total / 2**30:.2f} / {cache.memory_plan.cpu_total / 2**30:.2f}"),
         ])
     )
+    if args.telemetry:
+        from .telemetry import format_telemetry_table, plot_telemetry
+
+        rows = cache.telemetry_summary()
+        print(f"\ntelemetry: recall@{config.top_k} and attention mass held, per layer, over {len(later) + 1} decode steps")
+        print(format_telemetry_table(rows))
+        print(f"plot: {plot_telemetry({config.index: rows}, args.telemetry_png, 'generate')}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, format_eval_table, run_eval, write_results
+
+    try:
+        settings = EvalSettings(
+            methods=tuple(args.methods), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
+            depths=tuple(args.depths), samples=args.samples, fidelity_tokens=args.fidelity_tokens,
+            fidelity_prefix=args.fidelity_prefix, sink=args.sink, window=args.window, top_k=args.top_k,
+            telemetry=args.telemetry, seed=args.seed, prefill_chunk=args.prefill_chunk, cpu_threads=args.cpu_threads,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)
+    report = run_eval(settings, model_path=args.model)
+    paths = write_results(report, args.out)
+    print(format_eval_table(report))
+    print(f"results: {args.out}/ ({', '.join(p.name for p in paths)})")
     return 0
 
 
@@ -215,6 +245,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward pass")
     gen.add_argument("--gpu-memory-gib", type=float, default=None,
                      help="device memory budget in GiB: a prompt that would not fit is refused before prefill")
+    gen.add_argument("--telemetry", action="store_true",
+                     help="measure recall@k and attention mass per layer on the side (slower); print them")
+    gen.add_argument("--telemetry-png", default="results/telemetry.png", help="where --telemetry writes its plot")
     gen.set_defaults(func=_generate)
 
     from .sweep import add_sweep_arguments
@@ -248,6 +281,32 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-overlap", action="store_true", help="run the CPU part and the device attention in turn")
     bench.add_argument("--out", default="results/decode", help="folder for decode.json and decode.csv")
     bench.set_defaults(func=_bench)
+
+    from .evaluate import DEFAULT_METHODS, TASKS, EvalSettings
+
+    d = EvalSettings()
+    ev = sub.add_parser("eval", help="needle retrieval and teacher-forced fidelity: full attention vs every method")
+    ev.add_argument("--model", default=None, help="GGUF file or transformers folder (default: embedded SmolLM2)")
+    ev.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                    help="full, sink+window, or an index NAME[:PARAM=V]... (default: %(default)s)")
+    ev.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                    help="needle tasks (none: skip the needle grid)")
+    ev.add_argument("--lengths", type=int, nargs="+", default=list(d.lengths), help="needle context tokens")
+    ev.add_argument("--depths", type=float, nargs="+", default=list(d.depths), help="needle depths in [0, 1]")
+    ev.add_argument("--samples", type=int, default=d.samples, help="needle samples (seeds) per grid cell")
+    ev.add_argument("--fidelity-tokens", type=int, default=d.fidelity_tokens,
+                    help="teacher-forced decode steps compared with full attention (0: skip)")
+    ev.add_argument("--fidelity-prefix", type=int, default=d.fidelity_prefix, help="tokens prefilled before them")
+    ev.add_argument("--top-k", type=int, default=d.top_k, help="keys retrieved per query head per step")
+    ev.add_argument("--sink", type=int, default=d.sink, help="first tokens kept on the device")
+    ev.add_argument("--window", type=int, default=d.window, help="recent tokens kept on the device")
+    ev.add_argument("--telemetry", action="store_true", help="recall@k and attention mass per layer and method")
+    ev.add_argument("--seed", type=int, default=d.seed, help="base seed of the needle generators")
+    ev.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="tokens per prefill forward pass")
+    ev.add_argument("--cpu-threads", type=int, default=None,
+                    help="CPU threads of the whole run (1 is often fastest on a shared machine)")
+    ev.add_argument("--out", default="results/eval", help="folder for JSON, CSV and PNG results")
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -51,13 +51,13 @@ import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .config import RetrievalConfig
-from .index import AUTO, available_indexes, params_class
+from .index import AUTO, available_indexes, cpu_threads, params_class
 from .sweep import format_columns, parse_backend_spec
 from .telemetry import LayerTelemetry, format_telemetry_table, plot_telemetry, summarise
 
@@ -224,7 +224,8 @@ class EvalSettings:
     telemetry : per-layer recall@k and attention mass of every retrieval method.
     seed : base seed of the needle generators.
     prefill_chunk : tokens per prefill forward pass (bounds memory), and per reference-logits chunk.
-    cpu_threads : ``RetrievalConfig.cpu_threads``.
+    cpu_threads : CPU threads of the whole run (the model's forwards too) and ``RetrievalConfig.cpu_threads``;
+        None leaves torch/numba/faiss defaults. On a machine shared with other work, 1 is often fastest.
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -251,8 +252,8 @@ class EvalSettings:
             raise ValueError(f"tasks must be among {list(TASKS)}, got {bad}")
         if self.tasks and (not self.lengths or not self.depths):
             raise ValueError("lengths and depths must not be empty when tasks are given")
-        if any(isinstance(n, bool) or not isinstance(n, int) for n in self.lengths):
-            raise ValueError(f"lengths must be ints, got {list(self.lengths)}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in self.lengths):
+            raise ValueError(f"lengths must be ints >= 64, got {list(self.lengths)}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must be in [0, 1], got {list(self.depths)}")
         for name, low in (("samples", 1), ("fidelity_tokens", 0), ("prefill_chunk", 2)):
@@ -550,11 +551,12 @@ def run_eval(
     elif tokenizer is None:
         raise ValueError("give a tokenizer with the model")
     methods = _Methods(model, settings)
-    needle = _run_needle(methods, tokenizer, settings, progress) if settings.tasks else []
-    fidelity, bins = (
-        _fidelity_tables(_run_fidelity(methods, tokenizer, settings, progress), settings.fidelity_prefix)
-        if settings.fidelity_tokens else ([], [])
-    )
+    with cpu_threads(settings.cpu_threads):
+        needle = _run_needle(methods, tokenizer, settings, progress) if settings.tasks else []
+        fidelity, bins = (
+            _fidelity_tables(_run_fidelity(methods, tokenizer, settings, progress), settings.fidelity_prefix)
+            if settings.fidelity_tokens else ([], [])
+        )
     seconds = {**methods.seconds, "total": time.perf_counter() - start}
     return EvalReport(settings, name, needle, _needle_cells(needle), fidelity, bins, methods.telemetry_rows(), seconds)
 

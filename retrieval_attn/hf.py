@@ -21,6 +21,10 @@ padding, holes, a non-causal pattern) is a ``ValueError``.
 Threads: the handshake between ``update`` and the attention function is thread-local, so different
 threads may run different models, or one model with different caches, at the same time; one cache
 must not be used by two threads at once.
+
+``RetrievalCache.fork(config)`` copies a prefilled cache to decode with other settings (one exact
+prefill, several backends); ``telemetry_summary()`` reduces the per-step telemetry of
+``RetrievalConfig(telemetry=True)`` to one row per layer.
 """
 
 from __future__ import annotations

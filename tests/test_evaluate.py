@@ -69,6 +69,7 @@ def test_tiny_eval_end_to_end(smollm, tmp_path):
     settings = EvalSettings(
         methods=(FULL, "flat", SINK_WINDOW), tasks=("passkey",), lengths=(320, 480), depths=(0.2, 0.8),
         fidelity_tokens=24, fidelity_prefix=200, sink=16, window=48, top_k=1000, telemetry=True, prefill_chunk=128,
+        cpu_threads=1,
     )
     report = run_eval(settings, model=model, tokenizer=tokenizer, progress=False)
     acc = {(c["method"], c["length"], c["depth"]): c["accuracy"] for c in report.needle_cells}

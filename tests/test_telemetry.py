@@ -29,7 +29,9 @@ def test_flat_covering_every_key_has_recall_and_mass_one():
     engine = RetrievalAttention(
         RetrievalConfig(sink_tokens=SINK, window_tokens=WINDOW, top_k=1000, index="flat", telemetry=True), 6, 2, D
     )
-    _decode_all(engine, q, k, v)
+    out = _decode_all(engine, q, k, v)
+    plain = RetrievalAttention(RetrievalConfig(sink_tokens=SINK, window_tokens=WINDOW, top_k=1000, index="flat"), 6, 2, D)
+    assert torch.equal(out, _decode_all(plain, q, k, v)) and plain.telemetry is None  # measuring changes nothing
     recall, mass = engine.telemetry.tensors()
     assert recall.shape == mass.shape == (TOTAL - PROMPT, 2 * 6)  # (steps, batch * heads)
     assert torch.equal(recall, torch.ones_like(recall))
