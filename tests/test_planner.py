@@ -85,3 +85,17 @@ def test_plan_rejects_bad_context(bad):
 def test_config_rejects_bad_gpu_budget(bad):
     with pytest.raises(ValueError, match="gpu_memory_gib must be a finite number > 0"):
         RetrievalConfig(gpu_memory_gib=bad)
+
+
+def test_context_beyond_cpu_ram_is_refused_with_the_numbers():
+    """A context whose offloaded KV cannot fit in this machine's available RAM is refused at construction."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrieval_attn.hf import RetrievalCache
+    from retrieval_attn.planner import available_cpu_bytes
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    with pytest.raises(MemoryBudgetError, match=r"host memory .* needs \d+ bytes .* but \d+ bytes"):
+        RetrievalCache(model, RetrievalConfig(index="flat"), max_context=1 << 30)  # ~1e9 tokens x 2 layers
+    assert available_cpu_bytes() < (1 << 30) * 2 * 2 * 2 * 16 * 4  # what the store alone would need
