@@ -49,6 +49,11 @@ class RetrievalConfig:
     gpu_memory_gib : device memory budget in GiB (> 0), or None for what the device has. A request that
         would need more is refused before prefill (``retrieval_attn.planner``); on CUDA the budget is
         also enforced as the process's memory fraction.
+    rebuild_growth : once decoding has grown the index by this fraction of the keys it was built over
+        (> 0), a new index over all offloaded keys is built on a background thread, trained on the
+        recent decode queries, and replaces the old one when ready (searches never wait for it); None
+        never rebuilds. Inserting keys one by one drifts from what a build would make (bench/README.md).
+    rebuild_queries : decode steps whose queries train a rebuild (the most recent ones, >= 1).
     retrieve : True (default) retrieves the top-k offloaded keys at every decode step; False is the
         StreamingLLM-style baseline: decode attends over sink + window only, offloaded tokens are
         kept in the CPU store but never attended to again, and no index is built.
@@ -71,6 +76,8 @@ class RetrievalConfig:
     gpu_memory_gib: float | None = None
     retrieve: bool = True
     telemetry: bool = False
+    rebuild_growth: float | None = 0.5
+    rebuild_queries: int = 1024
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0)
@@ -87,6 +94,11 @@ class RetrievalConfig:
                 f"RetrievalConfig.retrieved_attention must be one of {list(RETRIEVED_ATTENTION)}, "
                 f"got {self.retrieved_attention!r}"
             )
+        growth = self.rebuild_growth
+        if growth is not None and (isinstance(growth, bool) or not isinstance(growth, (int, float))
+                                   or not 0 < growth < float("inf")):
+            raise ValueError(f"RetrievalConfig.rebuild_growth must be a finite number > 0 or None, got {growth!r}")
+        _check_int("rebuild_queries", self.rebuild_queries, 1)
         gib = self.gpu_memory_gib
         if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf")):
             raise ValueError(f"RetrievalConfig.gpu_memory_gib must be a finite number > 0 (GiB) or None, got {gib!r}")

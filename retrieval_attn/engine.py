@@ -13,7 +13,9 @@ host buffer; with ``config.overlap`` the CPU part (search of all heads of the la
 over the retrieved rows, two numba calls that release the GIL) runs on a worker thread while the
 device attends over sink + window, and only out and lse of each query head come back. The index can
 be built on a background thread as soon as prefill ends (``start_index_build``), overlapping the
-prefill of later layers; the first decode waits for it.
+prefill of later layers; the first decode waits for it. While decoding, once the index has grown by
+``config.rebuild_growth`` of the keys it was built over, a fresh one is built in the background,
+trained on the recent decode queries, and swapped in when ready; the steps meanwhile use the old one.
 
 Device layout (one buffer per K and V): ``(batch, kv_heads, sink + window + 1, head_dim)``; slots
 ``[0, sink)`` hold the sink, ``[sink, sink + window)`` are a ring of the window, and the last slot
@@ -66,7 +68,8 @@ class EngineStats:
     ``index`` is the backend in use ("" before the first decode builds it; ``auto`` resolved).
     ``keys_scanned_last_step`` sums, over all query heads of the batch, the offloaded keys whose score
     the index computed in the last decode step; ``keys_scanned_fraction`` is its mean per query head
-    divided by the keys indexed at that moment. ``step_seconds`` splits the last decode step into
+    divided by the keys indexed at that moment. ``index_build_seconds`` is the last build's (or
+    rebuild's) time; ``index_rebuilds`` counts the background rebuilds swapped in. ``step_seconds`` splits the last decode step into
     ``STEP_PARTS``: device attention over sink + window (CUDA event time on a GPU), CPU search, CPU
     attention over the retrieved rows, and host/device copies of q and of the retrieved part's result.
     With ``overlap`` the device attention and the two CPU parts run at the same time.
@@ -82,6 +85,7 @@ class EngineStats:
     cpu_bytes: int
     device_bytes: int
     index_build_seconds: float = 0.0
+    index_rebuilds: int = 0
     step_seconds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType(dict.fromkeys(STEP_PARTS, 0.0)))
 
 
@@ -161,10 +165,15 @@ class RetrievalAttention:
     def reset(self) -> None:
         """Forget every token: wait for an index build in flight, drop the device buffers, the (pinned) CPU
         store and the index; next comes a prefill."""
-        pending = getattr(self, "_build_future", None)
-        if pending is not None:
-            pending.exception()  # wait; a failed build is of no interest once its tokens are dropped
+        for pending in (getattr(self, "_build_future", None), getattr(self, "_rebuild", None)):
+            if pending is not None:
+                pending.exception()  # wait; a failed build is of no interest once its tokens are dropped
         self._build_future: Future | None = None
+        self._rebuild: Future | None = None  # background rebuild: its future, returning (index, keys it holds)
+        self._rebuilds = 0
+        self._built_n = 0  # keys per group the index in use was built over
+        self._recent_q: torch.Tensor | None = None  # [G, rebuild_queries, group, D] ring of decode queries
+        self._recent_steps = 0
         self._host: dict[str, torch.Tensor] = {}  # preallocated host buffers of the decode step
         self._stream: torch.cuda.Stream | None = None
         self._step_seconds = dict.fromkeys(STEP_PARTS, 0.0)
@@ -388,8 +397,46 @@ class RetrievalAttention:
                 train = self._train.queries().numpy() if self._train is not None and index.uses_train_queries else None
                 index.build(self._store.keys.numpy(), train, device=device)
                 self._train = None  # only the first build over offloaded keys trains on prefill queries
-        self._index = index
+        self._index, self._built_n = index, self._store.n
         self._build_seconds = time.perf_counter() - start
+
+    def _rebuilt_index(self, n: int, train: torch.Tensor | None, device: torch.device) -> tuple:
+        """A new index over the first ``n`` offloaded keys of each group, trained on ``train`` (G, m, D)
+        decode queries; runs on the builder thread while decoding goes on with the old index."""
+        start = time.perf_counter()
+        with cpu_threads(self.config.cpu_threads):
+            index = make_index(self._index.name, **(self.config.index_params if self._index.name != "flat" else {}))
+            keys = self._store.keys[:, :n].numpy()  # rows < n are never rewritten; appends go after them
+            index.build(keys, train.numpy() if train is not None else None, device=device)
+        return index, n, time.perf_counter() - start
+
+    def _maybe_rebuild(self) -> None:
+        """Swap in a finished rebuild (after adding the keys spilled meanwhile), or start one when due."""
+        if self._rebuild is not None and self._rebuild.done():
+            index, n, seconds = self._rebuild.result()  # re-raises a failed rebuild's error
+            self._rebuild = None
+            if self._store.n > n:
+                self._store.synchronize()
+                index.add(self._store.keys[:, n:].numpy())
+            self._index, self._built_n, self._build_seconds = index, n, seconds
+            self._rebuilds += 1
+        growth = self.config.rebuild_growth
+        due = growth is not None and self._index.name != "flat" and len(self._index) >= (1 + growth) * self._built_n
+        if self._rebuild is None and due and self._recent_steps:
+            train = None
+            if self._index.uses_train_queries:  # the recent decode queries: [G, steps * group, D]
+                steps = min(self._recent_steps, self._recent_q.shape[1])
+                train = self._recent_q[:, :steps].reshape(self._recent_q.shape[0], -1, self.head_dim).clone()
+            self._store.synchronize()
+            self._rebuild = _INDEX_BUILDER.submit(self._rebuilt_index, self._store.n, train, self._store_device)
+
+    def _remember_query(self) -> None:
+        """Keep this step's queries (the host buffer) in the ring that trains rebuilds."""
+        if self._recent_q is None:
+            g, m, d = self._host["q"].shape
+            self._recent_q = torch.empty((g, self.config.rebuild_queries, m, d), dtype=torch.float32)
+        self._recent_q[:, self._recent_steps % self._recent_q.shape[1]] = self._host["q"]
+        self._recent_steps += 1
 
     def _wait_for_index(self) -> None:
         """Make sure an index over the offloaded keys exists: wait for the background build, or build here."""
@@ -403,6 +450,8 @@ class RetrievalAttention:
             self._decoding = True
         elif self._store.n and not len(self._index):  # a prompt shorter than sink + window: its first spill
             self._build_index(self._store_device)
+        else:
+            self._maybe_rebuild()
 
     @property
     def _store_device(self) -> torch.device:
@@ -440,6 +489,8 @@ class RetrievalAttention:
             if q.is_cuda:
                 torch.cuda.current_stream(q.device).synchronize()  # q is on the host before the CPU reads it
             self._step_seconds["transfer"] += time.perf_counter() - t0
+            if self.config.rebuild_growth is not None:
+                self._remember_query()
             if self.config.overlap:
                 cpu_part = _CPU_WORKER.submit(self._cpu_part, top_k)
                 o, lse = self._device_attention(q, slot)
@@ -552,7 +603,7 @@ class RetrievalAttention:
         """
         if not isinstance(config, RetrievalConfig):
             raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
-        if self._decoding or self._build_future is not None:
+        if self._decoding or self._build_future is not None or self._rebuild is not None:
             raise ValueError("fork is only possible before the first decode and before start_index_build()")
         layout = ("sink_tokens", "window_tokens")
         if any(getattr(config, f) != getattr(self.config, f) for f in layout):
@@ -593,6 +644,7 @@ class RetrievalAttention:
             cpu_bytes=cpu_bytes,
             device_bytes=dev_bytes,
             index_build_seconds=self._build_seconds,
+            index_rebuilds=self._rebuilds,
             step_seconds=MappingProxyType(self._measured_step_seconds()),
         )
 

@@ -296,3 +296,21 @@ def test_interrupted_state_update_refuses_until_reset_and_reset_frees_storage():
     assert store() is None
     fresh = RetrievalAttention(engine.config, 4, 2, 8)
     assert torch.equal(run_engine(engine, q, k, v, 40), run_engine(fresh, q, k, v, 40))
+
+
+def test_background_rebuild_swaps_in_an_index_over_every_key():
+    """Decoding grows the index past rebuild_growth: a rebuilt index (trained on decode queries) is swapped
+    in, holds every offloaded key, and with the search covering all keys the output stays exact."""
+    q, k, v = random_qkv(1, 4, 2, 700, 16, seed=21)
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=700, index="roar", index_params={"ef": 700},
+                          rebuild_growth=0.5, rebuild_queries=64)
+    engine = RetrievalAttention(cfg, 4, 2, 16)
+    out = run_engine(engine, q, k, v, 200)
+    s = engine.stats
+    assert s.index_rebuilds >= 1  # 176 keys at build: a rebuild is due at 264 (more follow, timing permitting)
+    assert len(engine._index) == s.offloaded_tokens  # the swapped-in index caught up with the spills
+    assert (out.double() - reference_attention(q, k, v, 16**-0.5)).abs().max() <= FP32_TOL
+    off = RetrievalAttention(RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=50, index="roar",
+                                             rebuild_growth=None), 4, 2, 16)
+    run_engine(off, q, k, v, 200)
+    assert off.stats.index_rebuilds == 0
