@@ -11,6 +11,10 @@
   (``KeyIndex.estimate_nbytes`` of the backend ``auto`` resolves to), and the prefill queries kept
   for training.
 
+Not counted: the second index a background rebuild (``RetrievalConfig.rebuild_growth``) holds until
+it is swapped in; it happens only once generation has grown the index by that fraction of the keys
+it was built over, i.e. for generations long compared to their prompt.
+
 ``MemoryPlan.check`` raises ``MemoryBudgetError`` with needed and available bytes when either side
 does not fit. Available device memory is ``RetrievalConfig.gpu_memory_gib`` when set, else what the
 device reports (free memory on CUDA; on a CPU device the device *is* host memory, so both sides
