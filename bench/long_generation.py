@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--sink", type=int, default=16)
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--rebuild-growth", type=float, default=None,
+                        help="RetrievalConfig.rebuild_growth (default: None, no background rebuilds)")
     parser.add_argument("--out", default="results/long_generation")
     args = parser.parse_args(argv)
     for name in ("prompt", "steps", "report_every"):
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     model = random_model(shape)
     config = RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
-                             telemetry=True)
+                             telemetry=True, rebuild_growth=args.rebuild_growth)
     cache = RetrievalCache(model, config, max_context=args.prompt + args.steps + 1)
     ids = torch.randint(0, shape["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(0))
     rows, samples = [], []
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps_over_2x_median": sum(t > 2 * median for t in after),
     }
     print(f"{args.shape} random Llama, prompt {args.prompt}, {args.steps} steps, index {args.index}, "
-          f"top_k {args.top_k}, sink {args.sink}, window {args.window} (a spill every step)")
+          f"top_k {args.top_k}, sink {args.sink}, window {args.window} (a spill every step), "
+          f"rebuild_growth {args.rebuild_growth}, {sum(s.index_rebuilds for s in cache.stats)} rebuilds")
     print(format_columns(
         ["steps", "recall@k", "mass", "median ms", "max ms", "RSS MiB", "store+index MiB", "offloaded"],
         [[r["steps"], f"{r['recall']:.4f}", f"{r['mass']:.4f}", f"{r['median_ms']:.2f}", f"{r['max_ms']:.2f}",

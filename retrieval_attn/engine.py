@@ -13,9 +13,10 @@ host buffer; with ``config.overlap`` the CPU part (search of all heads of the la
 over the retrieved rows, two numba calls that release the GIL) runs on a worker thread while the
 device attends over sink + window, and only out and lse of each query head come back. The index can
 be built on a background thread as soon as prefill ends (``start_index_build``), overlapping the
-prefill of later layers; the first decode waits for it. While decoding, once the index has grown by
-``config.rebuild_growth`` of the keys it was built over, a fresh one is built in the background,
-trained on the recent decode queries, and swapped in when ready; the steps meanwhile use the old one.
+prefill of later layers; the first decode waits for it. With ``config.rebuild_growth`` set, once
+decoding has grown the index by that fraction of the keys it was built over, a fresh index is
+built in the background, trained on the recent decode queries, and swapped in when ready; the
+steps meanwhile use the old one.
 
 Device layout (one buffer per K and V): ``(batch, kv_heads, sink + window + 1, head_dim)``; slots
 ``[0, sink)`` hold the sink, ``[sink, sink + window)`` are a ring of the window, and the last slot
