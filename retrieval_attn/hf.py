@@ -272,21 +272,6 @@ class RetrievalCache(Cache):
         """Per layer, the ``EngineStats`` of each engine: one per sequence of a padded batch, else one."""
         return [[engine.stats for engine in layer.engines] for layer in self.layers]
 
-
-def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:
-    """On CUDA, cap this process's allocator at ``config.gpu_memory_gib`` (emulating a smaller card)."""
-    device = next(model.parameters()).device
-    if config.gpu_memory_gib is None or device.type != "cuda":
-        return
-    total = torch.cuda.get_device_properties(device).total_memory
-    budget = config.gpu_memory_gib * GIB
-    if budget > total:
-        raise ValueError(
-            f"RetrievalConfig.gpu_memory_gib ({config.gpu_memory_gib}) exceeds the device's "
-            f"{total / GIB:.2f} GiB: it must be in (0, {total / GIB:.2f}]"
-        )
-    torch.cuda.set_per_process_memory_fraction(budget / total, device)
-
     def fork(self, config: RetrievalConfig) -> RetrievalCache:
         """A copy of this cache after prefill that decodes with ``config`` (see ``RetrievalAttention.fork``).
 
@@ -307,6 +292,21 @@ def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None
         if not self.retrieval_config.telemetry:
             raise ValueError("telemetry_summary needs RetrievalConfig(telemetry=True)")
         return [{"layer": i, **summarise(layer.engine.telemetry)} for i, layer in enumerate(self.layers)]
+
+
+def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:
+    """On CUDA, cap this process's allocator at ``config.gpu_memory_gib`` (emulating a smaller card)."""
+    device = next(model.parameters()).device
+    if config.gpu_memory_gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = config.gpu_memory_gib * GIB
+    if budget > total:
+        raise ValueError(
+            f"RetrievalConfig.gpu_memory_gib ({config.gpu_memory_gib}) exceeds the device's "
+            f"{total / GIB:.2f} GiB: it must be in (0, {total / GIB:.2f}]"
+        )
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
