@@ -26,7 +26,7 @@ Tasks:
   at ``depth`` of it. A sample is correct if the answer's digits appear in the greedy output.
   Accuracy per (task, length, depth, method).
 - *fidelity*: the shipped public-domain text (``data/alice.txt``: Lewis Carroll, *Alice's Adventures
-  in Wonderland*, Project Gutenberg etext alice29, header removed). ``prefix`` tokens are prefilled,
+  in Wonderland*, 1865, the Millennium Fulcrum Edition 2.9 text). ``prefix`` tokens are prefilled,
   then ``tokens`` more are fed one decode step each; at every step the method's next-token
   distribution is compared with full attention's (one exact forward over the whole text, computed
   chunk by chunk in lockstep): KL(full || method) in nats, top-1 agreement, and each method's own
