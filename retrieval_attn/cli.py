@@ -50,7 +50,7 @@ def format_table(rows: list[tuple[str, object]]) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .hf import RetrievalCache, load_model
+    from .hf import RetrievalCache, load_model, prefill_spans
     from .planner import MemoryBudgetError
 
     try:
@@ -78,15 +78,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     with torch.no_grad(), tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr) as bar:
-        for i in range(0, n, args.prefill_chunk):
-            j = min(n, i + args.prefill_chunk)
-            if n - j == 1:  # never leave a 1-token chunk: it would be taken for a decode step
-                j = n
+        for i, j in prefill_spans(n, args.prefill_chunk):
             with cache.last_prefill_chunk() if j == n else contextlib.nullcontext():  # last: indexes build meanwhile
                 logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             bar.update(j - i)
-            if j == n:
-                break
     prefill_s = time.perf_counter() - start
 
     generated: list[int] = []

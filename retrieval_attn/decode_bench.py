@@ -115,19 +115,16 @@ def _measure(
 
     Returns the per-step, per-layer ``step_seconds`` of a RetrievalCache (empty lists otherwise).
     """
+    from .hf import prefill_spans
+
     device = ids.device
     n = ids.shape[1]
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, n, settings.prefill_chunk):
-            j = min(n, i + settings.prefill_chunk)
-            if n - j == 1:  # a 1-token last chunk would be taken for a decode step
-                j = n
+        for i, j in prefill_spans(n, settings.prefill_chunk):
             with last_chunk() if j == n else contextlib.nullcontext():
                 logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            if j == n:
-                break
         _sync(device)
         result.prefill_s = time.perf_counter() - start
         token = logits[:, -1:].argmax(-1)  # [1, 1]

@@ -307,16 +307,14 @@ def _prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Ten
     """Feed ids (1, n) through ``cache`` in forwards of ``chunk`` tokens; the logits of the last forward's
     positions (c, vocab), fp32 CPU (the earlier forwards compute only their last position's).
 
-    A last chunk of one token is merged into the previous one: a 1-token forward would be a decode step.
+    Chunk boundaries are ``hf.prefill_spans``'.
     """
-    n, i = ids.shape[1], 0
-    while i < n:
-        j = min(n, i + chunk)
-        if n - j == 1:
-            j = n
+    from .hf import prefill_spans
+
+    n = ids.shape[1]
+    for i, j in prefill_spans(n, chunk):
         keep = 0 if j == n else 1  # 0: every position
         logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
-        i = j
     return logits[0].float().cpu()
 
 

@@ -50,7 +50,7 @@ from .telemetry import summarise
 
 __all__ = [
     "RetrievalCache", "load_model", "random_model", "plain_cache", "capture_qk", "embedded_model_path",
-    "ATTN_IMPLEMENTATION",
+    "prefill_spans", "ATTN_IMPLEMENTATION",
 ]
 
 ATTN_IMPLEMENTATION = "retrieval_attn"
@@ -292,6 +292,21 @@ class RetrievalCache(Cache):
         if not self.retrieval_config.telemetry:
             raise ValueError("telemetry_summary needs RetrievalConfig(telemetry=True)")
         return [{"layer": i, **summarise(layer.engine.telemetry)} for i, layer in enumerate(self.layers)]
+
+
+def prefill_spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """Token ranges [i, j) of the forward passes that prefill n tokens in chunks of ``chunk`` (>= 2).
+
+    A last chunk of one token is merged into the one before: a 1-token forward after prefill is a
+    decode step for ``RetrievalLayer.attend``.
+    """
+    i = 0
+    while i < n:
+        j = min(n, i + chunk)
+        if n - j == 1:
+            j = n
+        yield i, j
+        i = j
 
 
 def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:

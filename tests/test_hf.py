@@ -253,3 +253,12 @@ def test_interrupted_generate_leaves_cache_resettable_and_model_usable():
     assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
     fresh = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
     assert torch.equal(model.generate(ids, past_key_values=fresh, **kw), plain)
+
+
+@pytest.mark.parametrize("n, chunk", [(10, 4), (9, 4), (4, 4), (1, 4), (2049, 512)])
+def test_prefill_spans_cover_the_prompt_without_a_one_token_last_forward(n, chunk):
+    from retrieval_attn.hf import prefill_spans
+
+    spans = list(prefill_spans(n, chunk))
+    assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(j - i <= chunk + 1 for i, j in spans) and (n == 1 or spans[-1][1] - spans[-1][0] > 1)
