@@ -241,9 +241,9 @@ class RetrievalAttention:
             raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {n}")
         if decode and self.seen == 0:
             raise ValueError("decode called before prefill")
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or Inf; nothing was stored")
+        if not bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):  # one device sync
+            bad = next(name for name, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all()))
+            raise ValueError(f"{bad} contains NaN or Inf; nothing was stored")
         if not decode and self._decoding:
             raise ValueError("prefill called after decode started; call reset() to start a new sequence")
         if not decode and self._build_future is not None:
