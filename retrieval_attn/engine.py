@@ -49,7 +49,7 @@ from .attention import merge_state, partial_attention, scored_attention
 from .config import RetrievalConfig
 from .index import cpu_threads, make_index, params_class, resolve_index
 from .offload import KVStore, attend_rows, gather_rows
-from .telemetry import LayerTelemetry
+from .telemetry import LayerTelemetry, step_recall_and_mass
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
 
@@ -505,9 +505,7 @@ class RetrievalAttention:
             o, lse = self._device_attention(q, slot)
             lse_device = lse
         if self.telemetry is not None and n_off:
-            self._store.synchronize()
-            self.telemetry.record(q, self._store.keys, self._retrieved_ids, lse_device, lse, self.scale,
-                                  min(self.config.top_k, n_off))
+            self._record_telemetry(q, lse_device, lse, min(self.config.top_k, n_off))
         self._dirty = True  # everything above only computed; from here on the state changes
         if slot == cap:  # buffer full: the oldest window token spills, the new one takes its slot
             ring = self.config.sink_tokens + self._ring_head
@@ -518,6 +516,17 @@ class RetrievalAttention:
         self.seen += 1
         self._dirty = False
         return o.to(q.dtype)
+
+    def _record_telemetry(self, q: torch.Tensor, lse_device: torch.Tensor, lse_merged: torch.Tensor, k: int) -> None:
+        """Exact recall@k and mass held of this step (``telemetry.step_recall_and_mass``) into ``self.telemetry``."""
+        self._store.synchronize()
+        g = self._store.groups
+        # qg: [G, group, D] fp32 on the CPU: the host copy when this step retrieved, else q itself
+        qg = self._host["q"] if self._retrieved_ids is not None else (
+            q.reshape(g, self.group, self.head_dim).float().cpu())
+        lse_d, lse_m = (x.reshape(g, self.group).float().cpu() for x in (lse_device, lse_merged))  # [G, group]
+        self.telemetry.record(*step_recall_and_mass(qg, self._store.keys, self._retrieved_ids, lse_d, lse_m,
+                                                    self.scale, k))
 
     def _device_attention(self, q: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q (B, Hq, 1, D) over device slots [0, slot] -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""

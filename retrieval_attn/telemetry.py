@@ -1,9 +1,9 @@
 """Telemetry of retrieval: what each decode step's retrieved set misses, measured exactly on the side.
 
 Opt-in with ``RetrievalConfig(telemetry=True)``. At every decode step of a layer the engine hands
-``LayerTelemetry.record`` its queries, the offloaded keys, the ids the index returned and two
-log-sum-exps; this module scans every offloaded key once more (exact, fp32, CPU) and keeps, per
-query head:
+``step_recall_and_mass`` its queries, the offloaded keys, the ids the index returned and two
+log-sum-exps, which scans every offloaded key once more (exact, fp32, CPU), and ``LayerTelemetry``
+keeps, per query head and step:
 
 - ``recall``: recall@k of the retrieved ids against the exact top-k offloaded keys (intersection,
   tolerant to ties at the k-th score), k = the number of keys the step retrieved;
@@ -80,22 +80,8 @@ class LayerTelemetry:
         self._recall: list[torch.Tensor] = []  # per step: (batch * num_heads,)
         self._mass: list[torch.Tensor] = []
 
-    def record(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        ids: torch.Tensor | None,
-        lse_device: torch.Tensor,
-        lse_merged: torch.Tensor,
-        scale: float,
-        k: int,
-    ) -> None:
-        """Measure one step: q (B, Hq, 1, D); keys (B * Hkv, n, D) CPU fp32; ids (B * Hkv, group, k) or
-        None; lse_device and lse_merged (B, Hq, 1). See ``step_recall_and_mass``."""
-        groups = keys.shape[0]
-        qg = q.reshape(groups, -1, q.shape[-1]).float().cpu()  # [G, group, D]
-        lse_d, lse_m = (x.reshape(groups, -1).float().cpu() for x in (lse_device, lse_merged))  # [G, group]
-        recall, mass = step_recall_and_mass(qg, keys, ids, lse_d, lse_m, scale, k)
+    def record(self, recall: torch.Tensor, mass: torch.Tensor) -> None:
+        """Keep one step's ``step_recall_and_mass`` results, recall and mass (G, group) each."""
         self._recall.append(recall.flatten())
         self._mass.append(mass.flatten())
 
