@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import gc
 import json
 import statistics
@@ -207,8 +208,7 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
             model.set_attn_implementation("sdpa")
             cache, last_chunk = plain_cache(offloading=method == "offloaded"), contextlib.nullcontext
         else:
-            config = RetrievalConfig(**{**asdict_config(settings.retrieval), "index": method,
-                                        "gpu_memory_gib": settings.gpu_memory_gib})
+            config = dataclasses.replace(settings.retrieval, index=method, gpu_memory_gib=settings.gpu_memory_gib)
             total = ids.shape[1] + 1 + settings.warmup + settings.steps
             cache = RetrievalCache(model, config, max_context=total, prefill_chunk=settings.prefill_chunk)
             last_chunk = cache.last_prefill_chunk

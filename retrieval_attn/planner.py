@@ -75,7 +75,7 @@ class ModelShape:
         if weight_bytes is None:
             per_layer = h * d * (2 * hq + 2 * hkv) + 3 * h * inter + 2 * h
             heads = vocab * h * (1 if getattr(text, "tie_word_embeddings", False) else 2)
-            weight_bytes = (layers * per_layer + heads + h) * _itemsize(dtype)
+            weight_bytes = (layers * per_layer + heads + h) * dtype.itemsize
         return cls(layers, h, hq, hkv, d, inter, vocab, int(weight_bytes))
 
     @classmethod
@@ -143,10 +143,6 @@ def _shortfall(side: str, need: int, available: int) -> str:
     return f"{side} needs {need} bytes ({need / GIB:.2f} GiB) but {available} bytes ({available / GIB:.2f} GiB) are available"
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _proc_bytes(path: str, key: str) -> int | None:
     """The ``key:`` line of a Linux /proc status file (in kB there) in bytes, or None where there is none."""
     try:
@@ -209,7 +205,7 @@ def plan_memory(
     device = torch.device(device)
     t, b, c = context_tokens, batch, min(prefill_chunk, context_tokens)
     hq, hkv, d, h = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
-    es = _itemsize(dtype)
+    es = dtype.itemsize
     on_device = min(t, config.sink_tokens + config.window_tokens)
     n_off = t - on_device
     kv_context = 2 * b * hkv * t * d * es  # K and V of the whole context, one layer
