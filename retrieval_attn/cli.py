@@ -123,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
         ])
     )
     if args.telemetry:
-        from .telemetry import format_telemetry_table, plot_telemetry
+        from .evaluation.report import format_telemetry_table, plot_telemetry
 
         rows = cache.telemetry_summary()
         print(f"\ntelemetry: recall@{config.top_k} and attention mass held, per layer, over {len(later) + 1} decode steps")

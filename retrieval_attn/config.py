@@ -1,8 +1,9 @@
 """``RetrievalConfig``: every knob of retrieval-attn in one frozen, validated dataclass.
 
 A bad value raises ``ValueError`` at construction, naming the field and its allowed range. The index
-name and its parameters are checked against the registered backends (``retrieval_attn.index``), which
-is the only thing this module depends on.
+name and its parameters are checked against the backends' declared parameters through the lazy
+registry (``retrieval_attn.index.registry``), the only thing this module depends on: naming a backend
+imports that backend's module alone, so the default config loads no faiss or hnswlib.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .index import AUTO, available_indexes, params_class
+from .index.registry import AUTO, available_indexes, params_class
 
 __all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
 

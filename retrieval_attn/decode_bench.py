@@ -194,7 +194,7 @@ def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = 
 
 def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings: BenchSettings) -> MethodResult:
     """One (context, method) measurement; the method's cache is freed when this returns."""
-    from .hf import RetrievalCache, plain_cache
+    from .hf import RetrievalCache, dynamic_cache
 
     device = ids.device
     result = MethodResult(ids.shape[1], method)
@@ -206,7 +206,7 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
             if device.type == "cuda":  # baselines run uncapped: a --gpu-memory-gib cap is retrieval-attn's
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
             model.set_attn_implementation("sdpa")
-            cache, last_chunk = plain_cache(offloading=method == "offloaded"), contextlib.nullcontext
+            cache, last_chunk = dynamic_cache(offloading=method == "offloaded"), contextlib.nullcontext
         else:
             config = dataclasses.replace(settings.retrieval, index=method, gpu_memory_gib=settings.gpu_memory_gib)
             total = ids.shape[1] + 1 + settings.warmup + settings.steps

@@ -524,9 +524,8 @@ class RetrievalAttention:
         # qg: [G, group, D] fp32 on the CPU: the host copy when this step retrieved, else q itself
         qg = self._host["q"] if self._retrieved_ids is not None else (
             q.reshape(g, self.group, self.head_dim).float().cpu())
-        lse_d, lse_m = (x.reshape(g, self.group).float().cpu() for x in (lse_device, lse_merged))  # [G, group]
-        self.telemetry.record(*step_recall_and_mass(qg, self._store.keys, self._retrieved_ids, lse_d, lse_m,
-                                                    self.scale, k))
+        lse_d = lse_device.reshape(g, self.group).float().cpu()  # [G, group]
+        self.telemetry.record(*step_recall_and_mass(qg, self._store.keys, self._retrieved_ids, lse_d, self.scale, k))
 
     def _device_attention(self, q: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q (B, Hq, 1, D) over device slots [0, slot] -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""

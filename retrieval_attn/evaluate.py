@@ -59,7 +59,8 @@ from tqdm import tqdm
 from .config import RetrievalConfig
 from .index import AUTO, available_indexes, cpu_threads, params_class
 from .sweep import format_columns, parse_backend_spec
-from .telemetry import LayerTelemetry, format_telemetry_table, plot_telemetry, summarise
+from .evaluation.report import format_telemetry_table, plot_telemetry
+from .telemetry import LayerTelemetry, summarise
 
 __all__ = [
     "FULL",

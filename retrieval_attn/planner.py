@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .config import RetrievalConfig
-from .index import index_class, params_class, resolve_index
+from .index import backend_for, index_class
 
 __all__ = [
     "ModelShape", "MemoryPlan", "MemoryBudgetError", "plan_memory", "available_cpu_bytes", "resident_bytes", "GIB",
@@ -220,15 +220,14 @@ def plan_memory(
     if device.type == "cpu":
         block = min(config.prefill_block, c)
         dev["prefill attention scores (fp32, math path)"] = 2 * b * hq * block * t * 4
-    name = resolve_index(config.index, n_off)
+    name, params = backend_for(config.index, config.index_params, n_off)
     groups = b * hkv
     train_rows = 0
     if index_class(name).uses_train_queries and n_off:
-        cap = params_class(config.index).resolved_params(dict(config.index_params))["train_queries"]
+        cap = index_class(name).resolved_params(params)["train_queries"]
         train_rows = min(t, cap) * (hq // hkv)  # kept positions x query heads of the group
         if device.type != "cpu":
             dev["roar training top lists (build)"] = min(n_off * d * 4, 1 << 28) + (1 << 26)
-    params = dict(config.index_params) if name != "flat" else {}
     cpu = {
         "offloaded KV (fp32)": shape.num_layers * 2 * groups * max(n_off, _STORE_INITIAL_ROWS) * d * 4,
         f"index ({name})": shape.num_layers * index_class(name).estimate_nbytes(groups, n_off, d, params) if n_off else 0,

@@ -53,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 from .index import available_indexes, cpu_threads, index_class, make_index
+from .metrics import attention_mass, recall_at_k
 
 __all__ = [
     "BackendSpec",
@@ -66,8 +67,6 @@ __all__ = [
     "capture_layers",
     "load_or_capture",
     "model_cache_key",
-    "recall_at_k",
-    "attention_mass",
     "operating_point",
     "insertion_drift",
     "parse_backend_spec",
@@ -81,7 +80,6 @@ __all__ = [
     "sweep_from_args",
 ]
 
-RECALL_RTOL = 1e-5  # a returned key whose exact score is within this of the k-th best counts as a hit
 GRAPH_EF_GRID = (100, 150, 200, 300, 500, 800)
 HNSW_EF_GRID = (100, 200, 400, 800, 1600)
 IVF_NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -349,58 +347,6 @@ def load_or_capture(
 # evaluation helpers
 
 
-def _valid_unique(ids: np.ndarray) -> np.ndarray:
-    """Mask (same shape as ids [..., k]) of entries that are >= 0 and not a repeat of an earlier entry."""
-    order = np.argsort(ids, axis=-1, kind="stable")
-    s = np.take_along_axis(ids, order, axis=-1)
-    keep = s >= 0
-    keep[..., 1:] &= s[..., 1:] != s[..., :-1]
-    mask = np.empty_like(keep)
-    np.put_along_axis(mask, order, keep, axis=-1)
-    return mask
-
-
-def recall_at_k(found: np.ndarray, exact_scores: np.ndarray, k: int, rtol: float = RECALL_RTOL) -> np.ndarray:
-    """Recall@k of each query, by intersection with the exact top-k, tolerant to ties.
-
-    found : (..., >= k) ids returned per query, best first; only the first k count; -1 and repeats miss.
-    exact_scores : (..., n) exact inner products of each query with every indexed key.
-    Returns (...) float64: hits / k, where a returned id is a hit if its exact score is at least the
-    k-th best score (minus ``rtol`` times its magnitude, so near-ties at the boundary count).
-    """
-    found = found[..., :k]
-    if found.shape[-1] < k:
-        raise ValueError(f"need at least k={k} ids per query, got {found.shape[-1]}")
-    kth = -np.partition(-exact_scores, k - 1, axis=-1)[..., k - 1 : k]  # (..., 1)
-    ok = _valid_unique(found)
-    got = np.take_along_axis(exact_scores, np.where(ok, found, 0), axis=-1)
-    hits = ok & (got >= kth - rtol * np.maximum(np.abs(kth), 1.0))
-    return hits.sum(-1) / k
-
-
-def attention_mass(ids: np.ndarray, mid_scores: np.ndarray, static_scores: np.ndarray, scale: float) -> np.ndarray:
-    """Softmax mass held by the static keys plus the middle keys ``ids``, per query.
-
-    ids : (..., k) rows of the middle keys (-1 and repeats are ignored).
-    mid_scores : (..., n_mid) and static_scores : (..., n_static) inner products q . key.
-    The softmax of logits ``scale * q . key`` runs over all middle and static keys.
-    Returns (...) float64 in [0, 1].
-    """
-    mid = mid_scores.astype(np.float64) * scale
-    static = static_scores.astype(np.float64) * scale
-    lse_mid = _logsumexp(mid)
-    lse_static = _logsumexp(static) if static.shape[-1] else np.full(lse_mid.shape, -np.inf)
-    lse = np.logaddexp(lse_mid, lse_static)
-    ok = _valid_unique(ids)
-    picked = np.take_along_axis(mid, np.where(ok, ids, 0), axis=-1)
-    return np.exp(lse_static - lse) + (np.exp(picked - lse[..., None]) * ok).sum(-1)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1)
-    return m + np.log(np.exp(x - m[..., None]).sum(-1))
-
-
 def operating_point(scanned: Sequence[float], min_recall: Sequence[float], target: float) -> int | None:
     """Index of the cheapest grid point (smallest ``scanned``) whose ``min_recall`` reaches ``target``, or None."""
     ok = [i for i, r in enumerate(min_recall) if r >= target]
@@ -542,10 +488,10 @@ class _LayerProblem:
     train: np.ndarray  # [G, rep * P, D] training queries of each group
     steps: np.ndarray  # [T, G, rep, D] test queries, one search call per decode step
     mid_scores: np.ndarray  # [G, T * rep, n_mid] exact q . key, queries in (T, rep) order
-    static_scores: np.ndarray  # [G, T * rep, sink + window]
+    lse_static: np.ndarray  # [G, T * rep] float64 lse of the static keys' scaled logits (-inf: none)
 
 
-def _layer_problem(q: np.ndarray, k: np.ndarray, settings: SweepSettings) -> _LayerProblem:
+def _layer_problem(q: np.ndarray, k: np.ndarray, settings: SweepSettings, scale: float) -> _LayerProblem:
     hq, n, dim = q.shape
     groups, t, s, w = k.shape[0], settings.n_test, settings.sink, settings.window
     rep = hq // groups
@@ -563,7 +509,8 @@ def _layer_problem(q: np.ndarray, k: np.ndarray, settings: SweepSettings) -> _La
         train=np.ascontiguousarray(q[:, p0:p1].reshape(groups, rep * (p1 - p0), dim)),
         steps=np.ascontiguousarray(test.transpose(2, 0, 1, 3)),
         mid_scores=torch.bmm(flat_q, torch.from_numpy(keys_mid).transpose(1, 2)).numpy(),
-        static_scores=torch.bmm(flat_q, torch.from_numpy(keys_static).transpose(1, 2)).numpy(),
+        lse_static=torch.logsumexp(
+            torch.bmm(flat_q, torch.from_numpy(keys_static).transpose(1, 2)).double() * scale, dim=-1).numpy(),
     )
 
 
@@ -605,12 +552,12 @@ def evaluate_layer(
     note added to ``notes``; ``bar`` advances by one per backend.
     """
     notes = set() if notes is None else notes
-    prob = _layer_problem(q, k, settings)
+    prob = _layer_problem(q, k, settings, scale)
     hq, groups, n_mid = q.shape[0], k.shape[0], prob.keys_mid.shape[1]
     exact_mass = {}  # k -> [G]
     for kk in settings.ks:
         exact_ids = torch.topk(torch.from_numpy(prob.mid_scores), kk, dim=-1).indices.numpy()  # [G, M, kk]
-        exact_mass[kk] = attention_mass(exact_ids, prob.mid_scores, prob.static_scores, scale).mean(-1)
+        exact_mass[kk] = attention_mass(exact_ids, prob.mid_scores, scale, prob.lse_static).mean(-1)
     registered = set(available_indexes())
     rows: list[dict[str, Any]] = []
     for spec in settings.backends:
@@ -630,7 +577,7 @@ def evaluate_layer(
                     params = {} if value is None else {plan.grid_param: value}
                     ids, scored, call_s, best_s = _search_steps(index, prob.steps, kk, params)
                     recall = recall_at_k(ids, prob.mid_scores, kk).mean(-1)  # [G]
-                    mass = attention_mass(ids, prob.mid_scores, prob.static_scores, scale).mean(-1)  # [G]
+                    mass = attention_mass(ids, prob.mid_scores, scale, prob.lse_static).mean(-1)  # [G]
                     frac = scored.mean(-1) / n_mid  # [G]
                     for g in range(groups):
                         rows.append({

@@ -1,42 +1,32 @@
 """Telemetry of retrieval: what each decode step's retrieved set misses, measured exactly on the side.
 
 Opt-in with ``RetrievalConfig(telemetry=True)``. At every decode step of a layer the engine hands
-``step_recall_and_mass`` its queries, the offloaded keys, the ids the index returned and two
-log-sum-exps, which scans every offloaded key once more (exact, fp32, CPU), and ``LayerTelemetry``
-keeps, per query head and step:
+``step_recall_and_mass`` its queries, the offloaded keys, the ids the index returned and the
+log-sum-exp of the device part; it scans every offloaded key once more (exact, CPU) and measures,
+with ``retrieval_attn.metrics``, per query head:
 
 - ``recall``: recall@k of the retrieved ids against the exact top-k offloaded keys (intersection,
   tolerant to ties at the k-th score), k = the number of keys the step retrieved;
-- ``mass``: the softmax mass of all visible keys held by sink + window + retrieved keys,
-  ``exp(lse_merged - lse_exact)`` with ``lse_exact = logaddexp(lse_device, lse of all offloaded keys)``.
-  1.0 means the step equals full attention.
+- ``mass``: the softmax mass of all visible keys held by sink + window + retrieved keys; 1.0 means
+  the step equals full attention.
 
 With retrieval switched off (``retrieve=False``, sink + window only) recall is 0 and mass is what the
-device part alone holds. ``summarise`` reduces a layer's steps to one row (mean, worst head, worst
-step); ``format_telemetry_table`` and ``plot_telemetry`` turn rows of many layers into a table and a
-PNG. This module knows nothing about indexes, caches or models: plain tensors in.
+device part alone holds. ``LayerTelemetry`` keeps the values of every step; ``summarise`` reduces a
+layer's steps to one row (mean, worst head, worst step); the evaluation tools turn such rows into
+tables and plots. This module knows nothing about indexes, caches or models: plain tensors in.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Mapping, Sequence
-
 import torch
 
-__all__ = ["LayerTelemetry", "step_recall_and_mass", "summarise", "format_telemetry_table", "plot_telemetry"]
+from .metrics import attention_mass, recall_at_k
 
-RECALL_RTOL = 1e-5  # a retrieved key within this (relative) of the exact k-th best score counts as a hit
+__all__ = ["LayerTelemetry", "step_recall_and_mass", "summarise"]
 
 
 def step_recall_and_mass(
-    qg: torch.Tensor,
-    keys: torch.Tensor,
-    ids: torch.Tensor | None,
-    lse_device: torch.Tensor,
-    lse_merged: torch.Tensor,
-    scale: float,
-    k: int,
+    qg: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor | None, lse_device: torch.Tensor, scale: float, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recall@k and attention mass held, per query head, for one decode step of one layer.
 
@@ -44,33 +34,24 @@ def step_recall_and_mass(
     ----------
     qg : (G, group, D) fp32, the step's queries; G = batch * kv_heads, row j of group g is query head
         ``g % kv_heads * group + j`` of batch element ``g // kv_heads``.
-    keys : (G, n, D) fp32, every offloaded key (n >= k).
+    keys : (G, n, D), every offloaded key (n >= k), any float dtype.
     ids : (G, group, k) int64 rows of ``keys`` the index returned (-1: none), or None when nothing
         was retrieved.
     lse_device : (G, group) natural-log lse of the device part (sink + window + new token).
-    lse_merged : (G, group) lse of what the step attended to (device part merged with the retrieved keys).
     scale : logit scale of q . k.
     k : size of the exact top-k set recall is measured against (>= 1).
 
     Returns
     -------
-    recall : (G, group) fp32 in [0, 1]; 0 where ``ids`` is None.
-    mass : (G, group) fp32, the fraction of the full softmax mass the step attended to.
+    recall : (G, group) float64 in [0, 1]; 0 where ``ids`` is None.
+    mass : (G, group) float64, the fraction of the full softmax mass the device part and the
+        retrieved keys hold (``metrics.attention_mass``).
     """
     if not 1 <= k <= keys.shape[1]:
         raise ValueError(f"k must be in [1, {keys.shape[1]}] (the offloaded keys), got {k}")
     scores = torch.bmm(qg.float(), keys.float().transpose(1, 2))  # [G, group, n]
-    kth = scores.topk(k, dim=-1).values[..., -1:]  # [G, group, 1]
-    in_top = scores >= kth - RECALL_RTOL * kth.abs().clamp(min=1.0)  # [G, group, n], ties at the k-th included
-    if ids is None or ids.shape[-1] == 0:
-        recall = torch.zeros(qg.shape[:2])
-    else:
-        picked = torch.zeros_like(in_top)  # [G, group, n]: the retrieved keys, each once
-        picked.scatter_(-1, ids.clamp(min=0), ids >= 0)
-        recall = (picked & in_top).sum(-1).float() / k
-    lse_offloaded = torch.logsumexp(scores * scale, dim=-1)  # [G, group]
-    lse_exact = torch.logaddexp(lse_device.float(), lse_offloaded)
-    return recall, torch.exp(lse_merged.float() - lse_exact)
+    recall = torch.zeros(qg.shape[:2], dtype=torch.float64) if ids is None else recall_at_k(ids, scores, k)
+    return recall, attention_mass(ids, scores, scale, lse_device)
 
 
 class LayerTelemetry:
@@ -84,6 +65,19 @@ class LayerTelemetry:
         """Keep one step's ``step_recall_and_mass`` results, recall and mass (G, group) each."""
         self._recall.append(recall.flatten())
         self._mass.append(mass.flatten())
+
+    @classmethod
+    def side_by_side(cls, parts: list[LayerTelemetry]) -> LayerTelemetry:
+        """The telemetry of one layer served by several engines over the same steps (the sequences of a
+        padded batch): each step holds the heads of ``parts[0]``, then of ``parts[1]``, ..."""
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.steps for p in parts}) != 1:
+            raise ValueError(f"side_by_side: parts must have recorded the same steps, got {[p.steps for p in parts]}")
+        merged = cls()
+        merged._recall = [torch.cat(step) for step in zip(*(p._recall for p in parts))]
+        merged._mass = [torch.cat(step) for step in zip(*(p._mass for p in parts))]
+        return merged
 
     @property
     def steps(self) -> int:
@@ -111,50 +105,3 @@ def summarise(*parts: LayerTelemetry) -> dict[str, float | int]:
         row[f"{name}_worst_head"] = float("nan") if empty else float(x.mean(0).min())
         row[f"{name}_min"] = float("nan") if empty else float(x.min())
     return row
-
-
-def format_telemetry_table(rows: Sequence[Mapping[str, float | int]], label: str = "layer") -> str:
-    """Aligned table of ``summarise`` rows, each carrying a ``label`` column (e.g. the layer index)."""
-    header = [label, "steps", "recall mean", "recall worst head", "recall min", "mass mean", "mass worst head",
-              "mass min"]
-    body = [
-        [str(r[label]), str(r["steps"])]
-        + [f"{r[f]:.4f}" for f in ("recall_mean", "recall_worst_head", "recall_min", "mass_mean", "mass_worst_head",
-                                     "mass_min")]
-        for r in rows
-    ]
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    lines = [header, ["-" * w for w in widths], *body]
-    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in lines)
-
-
-def plot_telemetry(series: Mapping[str, Sequence[Mapping[str, float | int]]], path: str | Path, title: str) -> Path:
-    """PNG of recall and mass per layer (mean: solid, worst head: dashed), one curve per series.
-
-    series : name (e.g. a method) -> ``summarise`` rows with a ``layer`` field.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, rows) in enumerate(series.items()):
-        color = plt.get_cmap("tab10")(i % 10)
-        layers = [r["layer"] for r in rows]
-        for ax, metric in zip(axes, ("recall", "mass")):
-            ax.plot(layers, [r[f"{metric}_mean"] for r in rows], "o-", color=color, label=name, ms=3)
-            ax.plot(layers, [r[f"{metric}_worst_head"] for r in rows], "--", color=color, alpha=0.6)
-    axes[0].set_ylabel("recall@k of the retrieved keys")
-    axes[1].set_ylabel("attention mass held (sink + window + retrieved)")
-    for ax in axes:
-        ax.set_xlabel("layer")
-        ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{title}: mean over steps and heads (-), worst head (--)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

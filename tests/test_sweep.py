@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from retrieval_attn import cli
+from retrieval_attn.metrics import attention_mass, recall_at_k
 from retrieval_attn.sweep import (
     BackendSpec,
     CapturedQK,
     SweepSettings,
-    attention_mass,
     capture_layers,
     default_layers,
     evaluate_layer,
@@ -29,7 +29,6 @@ from retrieval_attn.sweep import (
     load_or_capture,
     operating_point,
     parse_backend_spec,
-    recall_at_k,
     run_sweep,
     write_results,
 )
@@ -71,10 +70,11 @@ def test_attention_mass_matches_hand_computation():
     scale = 2.0
     w = np.exp(scale * np.array([1.0, 2.0, 0.0, 0.5]))
     p = w / w.sum()
-    got = attention_mass(np.array([[1, -1]]), mid, static, scale)[0]
+    lse_static = np.log(np.exp(scale * static).sum(-1))  # the static keys' log-sum-exp
+    got = attention_mass(np.array([[1, -1]]), mid, scale, lse_static)[0]
     assert got == pytest.approx(p[1] + p[3], rel=1e-12)
-    assert attention_mass(np.array([[0, 1, 2]]), mid, static, scale)[0] == pytest.approx(1.0, rel=1e-12)
-    assert attention_mass(np.array([[2, 2]]), mid, static, scale)[0] == pytest.approx(p[2] + p[3], rel=1e-12)
+    assert attention_mass(np.array([[0, 1, 2]]), mid, scale, lse_static)[0] == pytest.approx(1.0, rel=1e-12)
+    assert attention_mass(np.array([[2, 2]]), mid, scale, lse_static)[0] == pytest.approx(p[2] + p[3], rel=1e-12)
 
 
 def test_operating_point_is_cheapest_point_reaching_target():

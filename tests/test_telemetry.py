@@ -9,7 +9,8 @@ import torch
 
 from retrieval_attn import RetrievalAttention, RetrievalConfig
 from retrieval_attn.attention import reference_attention
-from retrieval_attn.telemetry import format_telemetry_table, plot_telemetry, step_recall_and_mass, summarise
+from retrieval_attn.evaluation.report import format_telemetry_table, plot_telemetry
+from retrieval_attn.telemetry import step_recall_and_mass, summarise
 
 from .conftest import random_qkv
 
@@ -65,17 +66,15 @@ def test_step_recall_and_mass_on_a_constructed_case():
     keys[0, :, 0] = scores
     ids = torch.tensor([[[0, 3]]])
     scale, lse_device = 0.5, torch.tensor([[1.0]])
-    lse_retrieved = torch.logsumexp(scores[[0, 3]] * scale, 0)
-    lse_merged = torch.logaddexp(lse_device, lse_retrieved)
-    recall, mass = step_recall_and_mass(qg, keys, ids, lse_device, lse_merged, scale, k=2)
+    recall, mass = step_recall_and_mass(qg, keys, ids, lse_device, scale, k=2)
     assert recall.item() == 0.5  # exact top-2 is {0, 1}: id 3 misses
     total = math.exp(1.0) + sum(math.exp(s * scale) for s in scores.tolist())
     held = math.exp(1.0) + math.exp(5 * scale) + math.exp(2 * scale)
     assert abs(mass.item() - held / total) < 1e-6
-    recall, _ = step_recall_and_mass(qg, keys, None, lse_device, lse_device, scale, k=2)
+    recall, _ = step_recall_and_mass(qg, keys, None, lse_device, scale, k=2)
     assert recall.item() == 0.0
     with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
-        step_recall_and_mass(qg, keys, ids, lse_device, lse_merged, scale, k=6)
+        step_recall_and_mass(qg, keys, ids, lse_device, scale, k=6)
 
 
 def test_retrieve_false_attends_to_sink_and_window_only():

@@ -1,11 +1,22 @@
 """Maximum-inner-product indexes over offloaded keys, one file per backend behind ``KeyIndex``.
 
-Importing this package registers every backend, so ``make_index(name)`` finds it by name.
+Backends are found by name through the lazy registry (``registry``): ``make_index(name)`` imports
+that backend's module on first use, so importing this package loads no faiss or hnswlib.
 """
 
-from . import flat, hnsw, ivf, keygraph, roar  # noqa: F401  (register "flat", "hnsw", "ivf", "keygraph", "roar")
-from .auto import AUTO, AUTO_FLAT_BELOW, params_class, resolve_index
-from .base import KeyIndex, Param, SearchResult, available_indexes, index_class, make_index, register_index
+from .base import KeyIndex, Param, SearchResult
+from .registry import (
+    AUTO,
+    AUTO_FLAT_BELOW,
+    available_indexes,
+    backend_for,
+    index_class,
+    make_index,
+    make_index_for,
+    params_class,
+    register_index,
+    resolve_index,
+)
 from .threads import cpu_threads
 
 __all__ = [
@@ -15,9 +26,11 @@ __all__ = [
     "Param",
     "SearchResult",
     "available_indexes",
+    "backend_for",
     "cpu_threads",
     "index_class",
     "make_index",
+    "make_index_for",
     "params_class",
     "register_index",
     "resolve_index",

@@ -1,4 +1,4 @@
-"""The ``KeyIndex`` protocol, its search result, parameter validation, and the registry of backends.
+"""The ``KeyIndex`` protocol, its search result, parameter validation, and the growable key buffer.
 
 An index holds the offloaded keys of *all heads of one layer* as ``groups`` independent key sets (one
 per batch element and KV head) and answers maximum-inner-product queries for all of them in one call.
@@ -22,10 +22,7 @@ __all__ = [
     "Param",
     "SearchResult",
     "GrowableKeys",
-    "register_index",
-    "available_indexes",
-    "index_class",
-    "make_index",
+    "build_capacity",
 ]
 
 
@@ -57,13 +54,11 @@ class SearchResult:
     ids : (groups, m, k) int64, rows of the retrieved keys, best first.
     scores : (groups, m, k) fp32, exact inner products q . key of those rows.
     scored : (groups, m) int64, keys whose score was computed for each query (the cost of the search).
-    seconds : wall time of the search.
     """
 
     ids: np.ndarray
     scores: np.ndarray
     scored: np.ndarray
-    seconds: float
 
     def scored_fraction(self, n: int) -> float:
         """Mean fraction of the ``n`` keys per group that were scored."""
@@ -185,9 +180,7 @@ class KeyIndex(ABC):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
             raise ValueError(f"k must be an int in [1, {n}] (the number of indexed keys), got {k!r}")
         config = {**self.config, **self.validate_params(params, only=self.search_params)} if params else self.config
-        start = time.perf_counter()
-        ids, scores, scored = self._search(queries, int(k), config)
-        return SearchResult(ids, scores, scored, time.perf_counter() - start)
+        return SearchResult(*self._search(queries, int(k), config))
 
     @classmethod
     def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
@@ -245,29 +238,3 @@ def _check_array(name: str, a: np.ndarray) -> np.ndarray:
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return np.ascontiguousarray(a)
-
-
-_REGISTRY: dict[str, type[KeyIndex]] = {}
-
-
-def register_index(cls: type[KeyIndex]) -> type[KeyIndex]:
-    """Class decorator: make a backend available by its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_indexes() -> list[str]:
-    """Names of the registered backends."""
-    return sorted(_REGISTRY)
-
-
-def index_class(name: str) -> type[KeyIndex]:
-    """The backend class registered as ``name``, or ValueError listing the known names."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"index must be one of {available_indexes()}, got {name!r}")
-    return _REGISTRY[name]
-
-
-def make_index(name: str, **params: Any) -> KeyIndex:
-    """A new, empty index of backend ``name`` with validated ``params``."""
-    return index_class(name)(**params)

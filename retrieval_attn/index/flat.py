@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import GrowableKeys, KeyIndex, register_index
+from .base import GrowableKeys, KeyIndex
+from .registry import register_index
 
 __all__ = ["FlatIndex"]
 

@@ -25,7 +25,8 @@ import hnswlib
 import numpy as np
 from numba import njit, prange
 
-from .base import GrowableKeys, KeyIndex, Param, build_capacity, register_index
+from .base import GrowableKeys, KeyIndex, Param, build_capacity
+from .registry import register_index
 from .graph import FASTMATH, IP, beam_scratch, beam_search, distance
 
 __all__ = ["HnswIndex"]

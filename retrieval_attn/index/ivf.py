@@ -24,7 +24,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .base import KeyIndex, Param, register_index
+from .base import KeyIndex, Param
+from .registry import register_index
 
 __all__ = ["IvfIndex", "PARALLEL_ROWS"]
 

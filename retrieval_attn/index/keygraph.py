@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Param, register_index
+from .base import Param
+from .registry import register_index
 from .graph import L2, GraphIndex
 
 __all__ = ["KeyGraphIndex", "exact_l2_neighbours"]

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .base import Param, register_index
+from .base import Param
+from .registry import register_index
 from .graph import L2, GraphIndex
 
 __all__ = ["RoarIndex", "exact_top_keys"]

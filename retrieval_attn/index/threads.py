@@ -1,6 +1,7 @@
 """``cpu_threads``: run a block with a given number of torch, numba and faiss CPU threads.
 
-The index backends compute with all three libraries, so a thread budget must reach all three.
+The index backends compute with all three libraries, so a thread budget must reach all three. faiss
+is only touched once something imported it (the ``ivf`` backend), so a thread budget never loads it.
 
 Thread safety: numba's and OpenMP's (faiss, torch) thread counts belong to the calling thread, so a
 block sets and restores them for its own thread only, and blocks in several Python threads do not
@@ -13,10 +14,10 @@ on the thread count (tests/test_threads.py), only the speed does.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Iterator
 
-import faiss
 import numba
 import torch
 
@@ -34,19 +35,22 @@ def cpu_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    old = torch.get_num_threads(), numba.get_num_threads(), faiss.omp_get_max_threads()
+    faiss = sys.modules.get("faiss")  # loaded by the ivf backend, whose config was made before any block
+    old = torch.get_num_threads(), numba.get_num_threads(), faiss.omp_get_max_threads() if faiss else 0
     with _lock:
         if _active == 0:
             _torch_default = old[0]
         _active += 1
         torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    faiss.omp_set_num_threads(n)
+    if faiss:
+        faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
         numba.set_num_threads(old[1])
-        faiss.omp_set_num_threads(old[2])
+        if faiss:
+            faiss.omp_set_num_threads(old[2])
         with _lock:
             _active -= 1
             torch.set_num_threads(_torch_default if _active == 0 else old[0])

