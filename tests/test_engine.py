@@ -146,20 +146,6 @@ def test_bad_call_order_and_types():
         engine.prefill(*one)
 
 
-def test_train_query_sample_is_independent_of_chunking_and_capped():
-    from retrieval_attn.engine import _QuerySample
-
-    q = torch.randn(2, 6, 100, 4)  # [B, Hq, n, D], 3 KV heads -> groups of 2 query heads
-    one, chunked = _QuerySample(cap=30), _QuerySample(cap=30)
-    one.add(q, 0, num_kv_heads=3)
-    for start, end in ((0, 7), (7, 64), (64, 100)):
-        chunked.add(q[:, :, start:end], start, num_kv_heads=3)
-    assert torch.equal(one.queries(), chunked.queries())
-    kept = one.queries()
-    assert kept.shape == (6, 2 * 25, 4)  # stride 4: positions 0, 4, ..., 96
-    assert torch.equal(kept[1, :25], q[0, 2, ::4]) and torch.equal(kept[1, 25:], q[0, 3, ::4])
-
-
 @pytest.mark.parametrize(
     "index, params",
     [
@@ -204,6 +190,21 @@ def test_retrieved_attention_on_device_equals_cpu():
     full = RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=300, index="flat", retrieved_attention="device")
     out = run_engine(RetrievalAttention(full, 9, 3, 16), q, k, v, 250)
     assert (out.double() - reference_attention(q, k, v, 16**-0.5)).abs().max() <= FP32_TOL
+
+
+def test_fork_gets_host_buffers_for_its_own_config():
+    """A fork to retrieved_attention="device" (or a larger top_k) has the host buffers its config needs."""
+    q, k, v = random_qkv(1, 4, 2, 80, 8, seed=14)
+    layout = dict(sink_tokens=2, window_tokens=4)
+    source = RetrievalAttention(RetrievalConfig(top_k=5, **layout), 4, 2, 8)
+    source.prefill(q[:, :, :60], k[:, :, :60], v[:, :, :60])
+    target = RetrievalConfig(top_k=9, retrieved_attention="device", **layout)
+    fresh = RetrievalAttention(target, 4, 2, 8)
+    fresh.prefill(q[:, :, :60], k[:, :, :60], v[:, :, :60])
+    twin = source.fork(target)
+    for t in range(60, 80):
+        step = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert torch.equal(twin.decode(*step), fresh.decode(*step))
 
 
 @pytest.mark.parametrize("index", ["flat", "roar"])
@@ -269,7 +270,7 @@ def test_interrupted_retrieval_changes_nothing():
     hit.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
     outs = [hit.decode(q[:, :, 40:41], k[:, :, 40:41], v[:, :, 40:41])]
     before = hit.stats
-    _interrupt_once(hit._index, "search")  # Ctrl-C while the CPU side searches: before any state change
+    _interrupt_once(hit.indexing.index, "search")  # Ctrl-C while the CPU side searches: before any state change
     with pytest.raises(KeyboardInterrupt):
         hit.decode(q[:, :, 41:42], k[:, :, 41:42], v[:, :, 41:42])
     assert (hit.stats.seen_tokens, hit.stats.offloaded_tokens) == (before.seen_tokens, before.offloaded_tokens)
@@ -285,12 +286,12 @@ def test_interrupted_state_update_refuses_until_reset_and_reset_frees_storage():
     engine = RetrievalAttention(RetrievalConfig(sink_tokens=3, window_tokens=5, top_k=6, index="flat"), 4, 2, 8)
     engine.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
     engine.decode(q[:, :, 40:41], k[:, :, 40:41], v[:, :, 40:41])
-    _interrupt_once(engine._index, "add")  # Ctrl-C between the store append and the index insert of a spill
+    _interrupt_once(engine.indexing.index, "add")  # Ctrl-C between the store append and the index insert of a spill
     with pytest.raises(KeyboardInterrupt):
         engine.decode(q[:, :, 41:42], k[:, :, 41:42], v[:, :, 41:42])
     with pytest.raises(ValueError, match=r"interrupted .* call reset\(\) first"):
         engine.decode(q[:, :, 42:43], k[:, :, 42:43], v[:, :, 42:43])
-    store = weakref.ref(engine._store._k)  # pinned when CUDA is present: must not outlive reset
+    store = weakref.ref(engine.store._k)  # pinned when CUDA is present: must not outlive reset
     engine.reset()
     gc.collect()
     assert store() is None
@@ -308,7 +309,7 @@ def test_background_rebuild_swaps_in_an_index_over_every_key():
     out = run_engine(engine, q, k, v, 200)
     s = engine.stats
     assert s.index_rebuilds >= 1  # 176 keys at build: a rebuild is due at 264 (more follow, timing permitting)
-    assert len(engine._index) == s.offloaded_tokens  # the swapped-in index caught up with the spills
+    assert len(engine.indexing.index) == s.offloaded_tokens  # the swapped-in index caught up with the spills
     assert (out.double() - reference_attention(q, k, v, 16**-0.5)).abs().max() <= FP32_TOL
     off = RetrievalAttention(RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=50, index="roar",
                                              rebuild_growth=None), 4, 2, 16)

@@ -195,7 +195,7 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
             model(ids[:, :200], past_key_values=cache)
             with cache.last_prefill_chunk() if background else contextlib.nullcontext():
                 logits = model(ids[:, 200:], past_key_values=cache).logits
-            started = [layer.engine._build_future is not None for layer in cache.layers]
+            started = [layer.engine.indexing.build_future is not None for layer in cache.layers]
             assert started == [background] * 2
             out = []
             for _ in range(30):

@@ -46,7 +46,7 @@ def test_engine_store_matches_plan_when_reserved():
     x = torch.randn(1, 4, 2999, 8)
     engine.prefill(x, x[:, :2], x[:, :2])
     engine.decode(x[:, :, :1], x[:, :2, :1], x[:, :2, :1])
-    assert engine._store.nbytes == plan.cpu["offloaded KV (fp32)"]
+    assert engine.store.nbytes == plan.cpu["offloaded KV (fp32)"]
 
 
 def test_over_budget_request_is_refused_with_needed_and_available_bytes():

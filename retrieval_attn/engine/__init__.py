@@ -1,0 +1,332 @@
+"""``RetrievalAttention``: the per-layer state machine of retrieval-attn, and its library API.
+
+One engine serves one attention layer. ``prefill(q, k, v)`` runs exact causal attention and splits
+the keys/values: the first ``sink_tokens`` and the last ``window_tokens`` stay on the tensors' device,
+the rest go to a CPU ``KVStore``. The first ``decode`` builds the key index over the offloaded keys;
+each ``decode(q, k, v)`` then attends on the device over sink + window + the new token, retrieves the
+top-k offloaded keys of every query head from the index on the CPU, attends over them there, and
+merges both parts exactly by log-sum-exp. The new token joins the window; once the window is full,
+its oldest token spills to the CPU store and into the index.
+
+The engine is a facade: it validates calls, runs prefill, orders the work of a decode step, and owns
+the ``KVStore``, the one copy of the offloaded rows, which it hands to its parts. Each part has one
+concern:
+
+- ``window.DeviceWindow``: sink + ring buffers on the device and attention over them; hands back the
+  rows that spill.
+- ``indexing.IndexLifecycle``: the index from build (foreground, or on a background thread from
+  ``start_index_build`` so it overlaps the prefill of later layers) to the insertion of spilled keys
+  and background rebuilds (``config.rebuild_growth``), trained on recent decode queries and swapped in
+  when ready.
+- ``retrieval.HostRetrieval``: preallocated (pinned, on CUDA) host buffers, the copy of q to the host,
+  the CPU worker running search and attention over the retrieved rows (two numba calls that release the
+  GIL; with ``config.overlap`` on a worker thread while the device attends over sink + window), and the
+  return of only out and lse of each query head to the device.
+- ``stats``: ``EngineStats`` and the step timer.
+
+``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
+``RetrievalConfig(telemetry=True)`` makes every decode step also measure, exactly, what retrieval
+missed (``self.telemetry``, see ``retrieval_attn.telemetry``). ``fork(config)`` copies an engine
+after prefill to decode with other settings, so one exact prefill serves several of them.
+
+Plain tensors in, tensors out: this package knows nothing about transformers or tokenizers.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import merge_state
+from ..config import RetrievalConfig
+from ..index import params_class
+from ..offload import KVStore
+from ..telemetry import LayerTelemetry, step_recall_and_mass
+from .checks import check_construction, check_finite, check_qkv
+from .indexing import IndexLifecycle
+from .retrieval import HostRetrieval
+from .stats import STEP_PARTS, EngineStats, StepTimer
+from .window import DeviceWindow
+
+__all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
+
+
+def _chunk_attention(
+    q: torch.Tensor, keys_all: torch.Tensor, vals_all: torch.Tensor, p: int, block: int, scale: float
+) -> torch.Tensor:
+    """Exact attention of a prefill chunk q (B, Hq, n, D) over k, v (B, Hkv, p + n, D), the ``p`` tokens
+    before it then the chunk: query i sees the past and chunk tokens j <= i. Queries go in blocks of
+    ``block``. Returns out (B, Hq, n, D), q's dtype."""
+    n = q.shape[2]
+    out = torch.empty_like(q)
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        keys, vals = keys_all[:, :, : p + i1], vals_all[:, :, : p + i1]  # [B, Hkv, p + i1, D]
+        mask = None
+        if p or i0:  # query i0 + r sees the past and chunk tokens j <= i0 + r
+            cols = torch.arange(p + i1, device=q.device)
+            mask = cols[None, :] <= torch.arange(i0, i1, device=q.device)[:, None] + p
+        out[:, :, i0:i1] = F.scaled_dot_product_attention(
+            q[:, :, i0:i1], keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
+    return out
+
+
+class RetrievalAttention:
+    """Attention for one layer with the middle of the KV cache offloaded to the CPU and retrieved.
+
+    Parameters
+    ----------
+    config : what stays on the device, top_k, the index backend.
+    num_heads : query heads (Hq); must be a multiple of num_kv_heads (GQA).
+    num_kv_heads : key/value heads (Hkv).
+    head_dim : D.
+    scale : logit scale; default ``head_dim ** -0.5``.
+    """
+
+    def __init__(
+        self, config: RetrievalConfig, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None
+    ):
+        check_construction(config, num_heads, num_kv_heads, head_dim, scale)
+        self.config = config
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
+        self._reserved = 0  # offloaded rows to allocate at the first prefill (``reserve``)
+        self._start()
+
+    def _start(self) -> None:
+        """The state before any token: buffers are made at the first prefill."""
+        self.window: DeviceWindow | None = None
+        self.store: KVStore | None = None  # the offloaded rows, [B * Hkv, n, D] per K and V
+        self.retrieval: HostRetrieval | None = None
+        self.indexing = IndexLifecycle(self.config)
+        self.timer = StepTimer()
+        self._decoding = False
+        self._dirty = False  # True while a call updates the state: an interruption there leaves it set
+        self.telemetry = LayerTelemetry() if self.config.telemetry else None
+
+    def _hold(self, window: DeviceWindow, store: KVStore) -> None:
+        """Keep tokens in ``window`` and ``store``, with host buffers to retrieve from the store."""
+        self.window, self.store = window, store
+        self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
+                                       pin_memory=window.k.is_cuda, timer=self.timer)
+
+    @property
+    def seen(self) -> int:
+        """Tokens of the sequence so far, prefill and decode."""
+        return self.window.seen if self.window is not None else 0
+
+    def reserve(self, tokens: int) -> None:
+        """Size the CPU store for a context of ``tokens`` tokens per sequence at the first prefill (memory planning)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+        self._reserved = max(0, tokens - self.config.sink_tokens - self.config.window_tokens)
+        if self.store is not None:
+            self.store.reserve(self._reserved)
+
+    def reset(self) -> None:
+        """Forget every token: wait for an index build in flight, drop the device buffers, the (pinned) CPU
+        store and the index; next comes a prefill."""
+        self.indexing.wait()
+        self._start()
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: bool) -> None:
+        """Raise ValueError naming the argument for any shape, dtype or device mismatch, or a call out of order."""
+        check_qkv(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim)
+        if self._dirty:
+            raise ValueError("an earlier call was interrupted while it updated the engine's state; call reset() first")
+        held = self.window
+        if held is not None and q.shape[0] != held.batch:
+            raise ValueError(f"batch size changed from {held.batch} to {q.shape[0]}; call reset() first")
+        if held is not None and (q.dtype, q.device) != (held.k.dtype, held.k.device):
+            raise ValueError(
+                f"q, k, v are {q.dtype} on {q.device}, the engine holds {held.k.dtype} on "
+                f"{held.k.device}; call reset() first to change dtype or device"
+            )
+        if decode and q.shape[2] != 1:
+            raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {q.shape[2]}")
+        if decode and self.seen == 0:
+            raise ValueError("decode called before prefill")
+        check_finite(q, k, v)
+        if not decode and self._decoding:
+            raise ValueError("prefill called after decode started; call reset() to start a new sequence")
+        if not decode and self.indexing.build_future is not None:
+            raise ValueError("prefill called after start_index_build(); call reset() to start a new sequence")
+
+    def _offload(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Move spilled k, v (B, Hkv, t, D) to the CPU store, and into the index once it holds keys."""
+        t, d = k.shape[2], k.shape[3]
+        self.store.append(k.reshape(-1, t, d), v.reshape(-1, t, d))  # [B * Hkv, t, D]; async from a GPU
+        self.indexing.add(self.store, t)
+
+    @torch.no_grad()
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Exact causal attention for a chunk of new tokens, then store them.
+
+        Parameters
+        ----------
+        q : (batch, num_heads, n, head_dim), post-RoPE.
+        k, v : (batch, num_kv_heads, n, head_dim), post-RoPE keys.
+
+        Returns
+        -------
+        out : (batch, num_heads, n, head_dim), q's dtype and device.
+
+        May be called several times before the first ``decode`` (chunked prefill); the result equals
+        one call on the concatenated chunks.
+        """
+        self._check(q, k, v, decode=False)
+        if self.window is None:
+            b = k.shape[0]
+            store = KVStore(b * self.num_kv_heads, self.head_dim)
+            store.reserve(self._reserved)
+            self._hold(DeviceWindow(self.config.sink_tokens, self.config.window_tokens, b, self.num_kv_heads,
+                                    self.head_dim, k.dtype, k.device), store)
+        b, n = q.shape[0], q.shape[2]
+        f, off = self.window.filled, self.store.n
+        p = f + off  # tokens before this chunk, visible to all of its queries
+        if p:
+            # one copy of the context on the device: [B, Hkv, p + n, D] = device part, offloaded part, chunk
+            shape = (b, self.num_kv_heads, p + n, self.head_dim)
+            keys_all, vals_all = q.new_empty(shape), q.new_empty(shape)
+            for dst, dev, stored, new in ((keys_all, self.window.k, self.store.keys, k),
+                                          (vals_all, self.window.v, self.store.values, v)):
+                dst[:, :, :f] = dev[:, :, :f]
+                dst[:, :, f:p].copy_(stored.reshape(b, self.num_kv_heads, off, self.head_dim), non_blocking=True)
+                dst[:, :, p:] = new
+        else:
+            keys_all, vals_all = k, v
+        out = _chunk_attention(q, keys_all, vals_all, p, self.config.prefill_block, self.scale)
+        self._dirty = True
+        self.indexing.sample(q, self.seen, self.num_kv_heads)
+        spilled = self.window.append(k, v)
+        if spilled is not None:
+            self._offload(*spilled)
+        self._dirty = False
+        return out
+
+    def start_index_build(self) -> None:
+        """Start building the index over the offloaded keys on a background thread; decode waits for it.
+
+        Call it after the last prefill chunk (``RetrievalCache.last_prefill_chunk`` does, layer by
+        layer), so the build of this layer overlaps the prefill of the next ones. Without it, the first
+        ``decode`` builds the index itself. A second call is a no-op; prefill afterwards is an error.
+        """
+        if self.seen == 0:
+            raise ValueError("start_index_build called before prefill")
+        if self.indexing.build_future is None and not self._decoding and self.config.retrieve:
+            self.indexing.start_build(self.store, self.window.k.device)
+
+    @torch.no_grad()
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of one new token per sequence over everything seen, with retrieval from the CPU.
+
+        Parameters
+        ----------
+        q : (batch, num_heads, 1, head_dim), post-RoPE.
+        k, v : (batch, num_kv_heads, 1, head_dim).
+
+        Returns
+        -------
+        out : (batch, num_heads, 1, head_dim), q's dtype and device.
+        """
+        self._check(q, k, v, decode=True)
+        if self.config.retrieve:  # the sink + window baseline has no index
+            self.indexing.ready(self.store, self.window.k.device, first=not self._decoding)
+        self._decoding = True
+        self.window.write(k, v)
+        n_off = self.store.n
+        self.retrieval.clear()
+        self.timer.start_step()
+        if n_off and self.config.retrieve:
+            top_k = min(self.config.top_k, n_off)
+            self.retrieval.copy_query(q)
+            if self.config.rebuild_growth is not None:
+                self.indexing.remember(self.retrieval.q)
+            if self.config.overlap:
+                cpu_part = self.retrieval.start(self.indexing.index, self.store, top_k)
+                o, lse_device = self._device_attention(q)  # [B, Hq, 1, D], [B, Hq, 1]
+                cpu_part.result()
+            else:
+                self.retrieval.search(self.indexing.index, self.store, top_k)
+                o, lse_device = self._device_attention(q)
+            o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
+        else:
+            o, lse_device = self._device_attention(q)
+        if self.telemetry is not None and n_off:
+            self._record_telemetry(q, lse_device, min(self.config.top_k, n_off))
+        self._dirty = True  # everything above only computed; from here on the state changes
+        spilled = self.window.outgoing()  # views of a slot that advance overwrites: offloaded first
+        if spilled is not None:
+            self._offload(*spilled)
+        self.window.advance()
+        self._dirty = False
+        return o.to(q.dtype)
+
+    def _device_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timed attention of q (B, Hq, 1, D) over the window -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
+        with self.timer.device_attention(q.is_cuda):
+            return self.window.attend(q, self.scale)
+
+    def _record_telemetry(self, q: torch.Tensor, lse_device: torch.Tensor, k: int) -> None:
+        """Exact recall@k and mass held of this step (``telemetry.step_recall_and_mass``) into ``self.telemetry``."""
+        self.store.synchronize()
+        g, ids = self.store.groups, self.retrieval.ids
+        # qg: [G, group, D] fp32 on the CPU: the host copy when this step retrieved, else q itself
+        qg = self.retrieval.q if ids is not None else q.reshape(g, self.group, self.head_dim).float().cpu()
+        lse_d = lse_device.reshape(g, self.group).float().cpu()  # [G, group]
+        self.telemetry.record(*step_recall_and_mass(qg, self.store.keys, ids, lse_d, self.scale, k))
+
+    def fork(self, config: RetrievalConfig) -> RetrievalAttention:
+        """A copy of this engine, after prefill and before any decode, that decodes with ``config``.
+
+        Prefill is exact whatever the index, so one prefill serves several decode settings. ``config``
+        must keep this engine's ``sink_tokens`` and ``window_tokens`` (the device layout); an index that
+        trains on prefill queries (roar) needs an engine whose own index kept them (prefill with such
+        an index). Device window, CPU store and query sample are copied; this engine is unchanged.
+        """
+        if not isinstance(config, RetrievalConfig):
+            raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+        if self._decoding or self.indexing.build_future is not None or self.indexing.rebuild_future is not None:
+            raise ValueError("fork is only possible before the first decode and before start_index_build()")
+        layout = ("sink_tokens", "window_tokens")
+        if any(getattr(config, f) != getattr(self.config, f) for f in layout):
+            raise ValueError(
+                f"fork: config must keep sink_tokens={self.config.sink_tokens} and window_tokens="
+                f"{self.config.window_tokens}, got {config.sink_tokens} and {config.window_tokens}"
+            )
+        trains = params_class(config.index).uses_train_queries
+        if trains and self.indexing.train is None and self.seen:
+            raise ValueError(
+                f"fork: index {config.index!r} trains on prefill queries, which this engine's index "
+                f"{self.config.index!r} did not keep; prefill with a config whose index trains (e.g. roar)"
+            )
+        twin = RetrievalAttention(config, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
+        twin._reserved, twin._dirty = self._reserved, self._dirty
+        if self.window is not None:
+            twin._hold(copy.deepcopy(self.window), copy.deepcopy(self.store))
+        twin.indexing.train = copy.deepcopy(self.indexing.train) if trains else None
+        return twin
+
+    @property
+    def stats(self) -> EngineStats:
+        """Token placement and the cost of the last decode step."""
+        window, store, index, retrieval = self.window, self.store, self.indexing.index, self.retrieval
+        return EngineStats(
+            index=index.name if index is not None else "",
+            seen_tokens=self.seen,
+            device_tokens=window.filled if window is not None else 0,
+            offloaded_tokens=store.n if store is not None else 0,
+            keys_scanned_last_step=retrieval.scanned if retrieval is not None else 0,
+            keys_scanned_fraction=retrieval.scanned_fraction if retrieval is not None else 0.0,
+            retrieved_last_step=retrieval.retrieved if retrieval is not None else 0,
+            cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0),
+            device_bytes=window.nbytes if window is not None else 0,
+            index_build_seconds=self.indexing.build_seconds,
+            index_rebuilds=self.indexing.rebuilds,
+            step_seconds=MappingProxyType(self.timer.measured()),
+        )

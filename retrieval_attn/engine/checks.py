@@ -1,0 +1,77 @@
+"""Checks of what a caller hands ``RetrievalAttention``: the construction arguments, and the q, k, v of
+a prefill or decode call. Each raises ValueError naming the argument.
+
+Stateless: the checks against what an engine holds (call order, batch, dtype and device of its
+buffers) are the engine's own. Knows nothing about the window, the index or transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import torch
+
+from ..config import RetrievalConfig
+
+__all__ = ["check_construction", "check_finite", "check_qkv"]
+
+
+def check_construction(
+    config: RetrievalConfig, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None
+) -> None:
+    """The arguments of ``RetrievalAttention(config, num_heads, num_kv_heads, head_dim, scale)``."""
+    if not isinstance(config, RetrievalConfig):
+        raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and scale != float("inf")):
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    if config.cpu_threads is not None and config.cpu_threads > numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(
+            f"RetrievalConfig.cpu_threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] on this machine "
+            f"(os.cpu_count()={os.cpu_count()}), got {config.cpu_threads}"
+        )
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    """Types, ranks, dtypes, shapes and device of q (B, Hq, n, D) and k, v (B, Hkv, n, D), all on one
+    real device in one float dtype."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    b, hq, n, d = q.shape
+    if hq != num_heads:
+        raise ValueError(f"q has {hq} heads, the engine was built for num_heads={num_heads}")
+    if k.shape[1] != num_kv_heads:
+        raise ValueError(f"k has {k.shape[1]} heads, the engine was built for num_kv_heads={num_kv_heads}")
+    if d != head_dim or k.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({d}) and k ({k.shape[3]}) must equal the engine's head_dim={head_dim}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != b or k.shape[2] != n:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and seq_len")
+    if b < 1 or n < 1:
+        raise ValueError(f"batch and seq_len must be >= 1, got q shape {tuple(q.shape)}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise ValueError("q, k, v are meta tensors (no data); pass tensors on a real device")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def check_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """No NaN or Inf in q, k, v: one reduction and one device sync; the culprit is named only on failure."""
+    if not bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):  # one device sync
+        bad = next(name for name, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all()))
+        raise ValueError(f"{bad} contains NaN or Inf; nothing was stored")

@@ -1,0 +1,167 @@
+"""The key index of one layer through its life: the sample of prefill queries it trains on, the build
+(in the foreground or on the background builder thread), the insertion of spilled keys, and background
+rebuilds, trained on a ring of recent decode queries and swapped in when ready.
+
+Owns the index and the builder thread (``_INDEX_BUILDER``). The keys live in the engine's ``KVStore``,
+handed to each call: this module reads them and never writes them. It knows nothing about the device
+window, the retrieval's host buffers or the step timing, nor about transformers.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..config import RetrievalConfig
+from ..index import cpu_threads, make_index_for, params_class
+from ..offload import KVStore
+
+__all__ = ["IndexLifecycle"]
+
+# Builds indexes in the background; each engine waits for its own future, so engines used from several
+# threads stay independent.
+_INDEX_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-attn-build")
+
+
+class _QuerySample:
+    """Prefill queries kept to train a query-aware index, at most ``cap`` positions, in CPU fp32.
+
+    Keeps positions ``p`` with ``p % stride == 0``; when more than ``cap`` are held, the stride doubles
+    and every other kept position is dropped. The sample depends only on the positions seen, so chunked
+    and one-call prefill train the same index.
+    """
+
+    def __init__(self, cap: int | None):
+        self.cap, self.stride = cap, 1
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions [m], queries [G, group, m, D])
+
+    def add(self, q: torch.Tensor, start: int, num_kv_heads: int) -> None:
+        """Keep the sampled positions of q (B, Hq, n, D) whose first token is at position ``start``."""
+        b, hq, n, d = q.shape
+        pos = torch.arange(start, start + n)
+        keep = pos % self.stride == 0
+        qs = q[:, :, keep.to(q.device)].float().cpu()  # [B, Hq, m, D]
+        self._chunks.append((pos[keep], qs.reshape(b * num_kv_heads, hq // num_kv_heads, -1, d)))
+        while self.cap is not None and sum(len(p) for p, _ in self._chunks) > self.cap:
+            self.stride *= 2
+            self._chunks = [(p[p % self.stride == 0], x[:, :, p % self.stride == 0]) for p, x in self._chunks]
+
+    def queries(self) -> torch.Tensor:
+        """The kept queries of every group, (groups, group_size * positions, D), contiguous."""
+        x = torch.cat([x for _, x in self._chunks], dim=2)  # [G, group, m, D]
+        return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+
+
+class IndexLifecycle:
+    """The index over one layer's offloaded keys, from the first build to the background rebuilds.
+
+    Parameters
+    ----------
+    config : the backend (``index``, ``index_params``), ``cpu_threads``, ``rebuild_growth`` and
+        ``rebuild_queries``.
+    """
+
+    def __init__(self, config: RetrievalConfig):
+        self.config = config
+        self.index = None  # the KeyIndex in use; None until the first build
+        cls = params_class(config.index)
+        cap = cls.resolved_params(dict(config.index_params)).get("train_queries")
+        self.train = _QuerySample(cap) if cls.uses_train_queries else None  # until the first build over keys
+        self.build_future: Future | None = None  # the background build, once started
+        self.rebuild_future: Future | None = None  # background rebuild, returning (index, keys it holds, seconds)
+        self.rebuilds = 0  # rebuilds swapped in
+        self.built_n = 0  # keys per group the index in use was built over
+        self.build_seconds = 0.0  # of the last build or rebuild
+        self._recent_q: torch.Tensor | None = None  # [G, rebuild_queries, group, D] ring of decode queries
+        self._recent_steps = 0
+
+    def wait(self) -> None:
+        """Wait for the builds in flight; their errors are dropped (of no interest once their tokens are)."""
+        for pending in (self.build_future, self.rebuild_future):
+            if pending is not None:
+                pending.exception()
+
+    def sample(self, q: torch.Tensor, start: int, num_kv_heads: int) -> None:
+        """Keep prefill queries q (B, Hq, n, D), first token at position ``start``, if the backend trains on them."""
+        if self.train is not None:
+            self.train.add(q, start, num_kv_heads)
+
+    def start_build(self, store: KVStore, device: torch.device) -> None:
+        """Build the index over the store's keys on the builder thread; ``ready`` waits for it."""
+        self.build_future = _INDEX_BUILDER.submit(self.build, store, device)
+
+    def build(self, store: KVStore, device: torch.device | None) -> None:
+        """Index the offloaded keys (by the first decode, and again while none were offloaded yet); the
+        exact training top lists are computed on ``device``."""
+        start = time.perf_counter()
+        store.synchronize()
+        with cpu_threads(self.config.cpu_threads):
+            index = make_index_for(self.config.index, self.config.index_params, store.n)
+            if store.n:
+                train = self.train.queries().numpy() if self.train is not None and index.uses_train_queries else None
+                index.build(store.keys.numpy(), train, device=device)
+                self.train = None  # only the first build over offloaded keys trains on prefill queries
+        self.index, self.built_n = index, store.n
+        self.build_seconds = time.perf_counter() - start
+
+    def ready(self, store: KVStore, device: torch.device, first: bool) -> None:
+        """Make sure an index over the offloaded keys serves this decode step: at the ``first`` one wait
+        for the background build or build here; later build an index that was empty once keys spilled,
+        else swap in a finished rebuild or start one when due."""
+        if first:
+            if self.build_future is not None:
+                self.build_future.result()  # re-raises a failed build's error
+            else:
+                self.build(store, device)
+        elif store.n and not len(self.index):  # a prompt shorter than sink + window: its first spill
+            self.build(store, device)
+        else:
+            self._maybe_rebuild(store, device)
+
+    def add(self, store: KVStore, t: int) -> None:
+        """Insert the store's last ``t`` rows into the index, once it holds keys (an empty one is built by
+        the next decode)."""
+        if self.index is not None and len(self.index):
+            store.synchronize()
+            self.index.add(store.keys[:, -t:].numpy())
+
+    def remember(self, q: torch.Tensor) -> None:
+        """Keep a decode step's queries q (G, group, D), CPU fp32, in the ring that trains rebuilds."""
+        if self._recent_q is None:
+            g, m, d = q.shape
+            self._recent_q = torch.empty((g, self.config.rebuild_queries, m, d), dtype=torch.float32)
+        self._recent_q[:, self._recent_steps % self._recent_q.shape[1]] = q
+        self._recent_steps += 1
+
+    def _maybe_rebuild(self, store: KVStore, device: torch.device) -> None:
+        """Swap in a finished rebuild (after adding the keys spilled meanwhile), or start one when due."""
+        if self.rebuild_future is not None and self.rebuild_future.done():
+            index, n, seconds = self.rebuild_future.result()  # re-raises a failed rebuild's error
+            self.rebuild_future = None
+            if store.n > n:
+                store.synchronize()
+                index.add(store.keys[:, n:].numpy())
+            self.index, self.built_n, self.build_seconds = index, n, seconds
+            self.rebuilds += 1
+        growth = self.config.rebuild_growth
+        due = growth is not None and self.index.name != "flat" and len(self.index) >= (1 + growth) * self.built_n
+        if self.rebuild_future is None and due and self._recent_steps:
+            train = None
+            if self.index.uses_train_queries:  # the recent decode queries: [G, steps * group, D]
+                steps = min(self._recent_steps, self._recent_q.shape[1])
+                g, d = self._recent_q.shape[0], self._recent_q.shape[-1]
+                train = self._recent_q[:, :steps].reshape(g, -1, d).clone()
+            store.synchronize()
+            self.rebuild_future = _INDEX_BUILDER.submit(self._rebuilt, store, store.n, train, device)
+
+    def _rebuilt(self, store: KVStore, n: int, train: torch.Tensor | None, device: torch.device) -> tuple:
+        """A new index over the first ``n`` offloaded keys of each group, trained on ``train`` (G, m, D)
+        decode queries; runs on the builder thread while decoding goes on with the old index."""
+        start = time.perf_counter()
+        with cpu_threads(self.config.cpu_threads):
+            index = make_index_for(self.index.name, self.config.index_params, n)
+            keys = store.keys[:, :n].numpy()  # rows < n are never rewritten; appends go after them
+            index.build(keys, train.numpy() if train is not None else None, device=device)
+        return index, n, time.perf_counter() - start
