@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["merge_state", "partial_attention", "gathered_attention", "scored_attention", "reference_attention"]
+__all__ = ["merge_state", "partial_attention", "scored_attention", "reference_attention"]
 
 
 def _refuse_non_finite(
@@ -140,51 +140,10 @@ def partial_attention(
     return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)
 
 
-def gathered_attention(
-    scores: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over its own retrieved keys, given their raw scores q . k.
-
-    This is the CPU side of a decode step: the index already computed q . k for the keys it returns,
-    so only the values are gathered.
-
-    Parameters
-    ----------
-    scores : (groups, m, k) fp32, raw inner products of the m queries of each group with their k keys.
-    ids : (groups, m, k) int64, row of each key in ``values``.
-    values : (groups, n, head_dim) fp32.
-
-    Returns
-    -------
-    out : (groups, m, head_dim) fp32
-    lse : (groups, m) fp32; -inf when k == 0.
-    """
-    if ids.dim() != 3 or scores.shape != ids.shape or values.dim() != 3 or values.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"gathered_attention: scores {tuple(scores.shape)} and ids {tuple(ids.shape)} must both be "
-            f"(groups, m, k) and values {tuple(values.shape)} (groups, n, head_dim)"
-        )
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"gathered_attention: ids must be int32 or int64, got {ids.dtype}")
-    g, m, kk = ids.shape
-    n = values.shape[1]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-        raise ValueError(f"gathered_attention: ids must be rows of values in [0, {n - 1}]")
-    if kk == 0:
-        out = values.new_zeros((g, m, values.shape[-1]), dtype=torch.float32)
-        return out, torch.full((g, m), float("-inf"), dtype=torch.float32, device=values.device)
-    rows = torch.arange(g, device=values.device)[:, None, None]
-    v_sel = values[rows, ids]  # [G, m, k, D]
-    out, lse = scored_attention(scores, v_sel, scale)
-    # values: only the retrieved rows are scanned, never the whole store
-    _refuse_non_finite("gathered_attention", out, lse, torch.isfinite(scores).all(), scores=scores, values=v_sel)
-    return out, lse
-
-
 def scored_attention(scores: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its own keys given their raw scores and their (already gathered) values.
 
-    No value checks: callers pass checked data (``gathered_attention`` checks after calling it).
+    No value checks: callers pass checked data (the engine's decode path, whose inputs were checked on entry).
 
     Parameters
     ----------

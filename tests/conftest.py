@@ -32,3 +32,14 @@ def random_qkv(batch: int, hq: int, hkv: int, n: int, d: int, seed: int = 0, dty
     k = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
     v = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
     return q, k, v
+
+
+def gathered_reference(scores: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, scale: float):
+    """Attention of each query over its own retrieved rows, in float64: the reference of the CPU kernel.
+
+    scores (G, m, k) raw q . key of the rows ids (G, m, k) of values (G, n, D) -> out (G, m, D), lse (G, m).
+    """
+    rows = torch.arange(ids.shape[0])[:, None, None]
+    logits = scores.double() * scale  # [G, m, k]
+    out = torch.einsum("gmk,gmkd->gmd", torch.softmax(logits, dim=-1), values.double()[rows, ids])
+    return out, torch.logsumexp(logits, dim=-1)

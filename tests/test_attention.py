@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retrieval_attn import merge_state
-from retrieval_attn.attention import gathered_attention, partial_attention, reference_attention
+from retrieval_attn.attention import partial_attention, reference_attention
 
 from .conftest import random_qkv
 
@@ -82,20 +82,3 @@ def test_empty_side_is_identity_and_both_empty_is_zero():
 def test_merge_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="lse_a"):
         merge_state(torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3))
-
-
-def test_gathered_attention_equals_attention_over_the_gathered_keys():
-    g = torch.Generator().manual_seed(3)
-    keys, values = torch.randn(4, 50, 8, generator=g), torch.randn(4, 50, 8, generator=g)
-    q = torch.randn(4, 3, 8, generator=g)
-    ids = torch.stack([torch.randperm(50, generator=g)[:7] for _ in range(12)]).view(4, 3, 7)
-    rows = torch.arange(4)[:, None, None]
-    scores = torch.einsum("gmd,gmkd->gmk", q, keys[rows, ids])
-    out, lse = gathered_attention(scores, ids, values, 0.5)
-    for gi in range(4):
-        for m in range(3):
-            kk, vv = keys[gi, ids[gi, m]], values[gi, ids[gi, m]]
-            ref = reference_attention(q[gi, m].view(1, 1, 1, 8), kk[None, None], vv[None, None], 0.5, causal=False)
-            assert (out[gi, m].double() - ref.view(8)).abs().max() <= TOL
-    empty_out, empty_lse = gathered_attention(scores[:, :, :0], ids[:, :, :0], values, 0.5)
-    assert torch.equal(empty_out, torch.zeros(4, 3, 8)) and torch.isneginf(empty_lse).all()

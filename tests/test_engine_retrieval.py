@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.attention import gathered_attention
 from retrieval_attn.engine.retrieval import HostRetrieval
 from retrieval_attn.engine.stats import StepTimer
 from retrieval_attn.index import make_index
 from retrieval_attn.offload import KVStore
+
+from .conftest import gathered_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FP32_TOL = 1e-5
@@ -18,7 +19,7 @@ FP32_TOL = 1e-5
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["cpu", "device"])
-def test_retrieved_part_equals_gathered_attention_over_the_searched_rows(where, device):
+def test_retrieved_part_equals_attention_over_the_searched_rows(where, device):
     b, hkv, group, d, n, top_k = 2, 2, 3, 8, 50, 10
     g = torch.Generator().manual_seed(4)
     store = KVStore(b * hkv, d)
@@ -34,7 +35,7 @@ def test_retrieved_part_equals_gathered_attention_over_the_searched_rows(where, 
     out, lse = retrieval.fetch(q, top_k)
     res = index.search(q.reshape(b * hkv, group, d).cpu().numpy(), top_k)
     ids = torch.from_numpy(res.ids)  # [G, group, top_k]
-    ref_out, ref_lse = gathered_attention(torch.from_numpy(res.scores), ids, store.values, d**-0.5)
+    ref_out, ref_lse = gathered_reference(torch.from_numpy(res.scores), ids, store.values, d**-0.5)
     assert out.shape == q.shape and lse.shape == q.shape[:3] and out.device == q.device
     assert (out.cpu().reshape(ref_out.shape) - ref_out).abs().max() <= FP32_TOL
     assert (lse.cpu().reshape(ref_lse.shape) - ref_lse).abs().max() <= FP32_TOL

@@ -81,16 +81,6 @@ class KVStore:
         """Stored values (groups, n, head_dim), a view."""
         return self._v[:, : self.n]
 
-    def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``ids`` (groups, ...) int64 of each group -> keys, values (groups, ..., head_dim)."""
-        self.synchronize()
-        if ids.shape[0] != self.groups:
-            raise ValueError(f"KVStore.gather: ids {tuple(ids.shape)} must start with groups={self.groups}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
-            raise ValueError(f"KVStore.gather: ids must be in [0, {self.n - 1}]")
-        rows = torch.arange(self.groups).view(-1, *([1] * (ids.dim() - 1)))
-        return self._k[rows, ids], self._v[rows, ids]
-
     @property
     def nbytes(self) -> int:
         """Bytes held (allocated capacity of K and V)."""
