@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval_attn.sweep import format_columns, insertion_drift, load_or_capture, model_and_tokens, parse_backend_spec
+from retrieval_attn.evaluation.sweep import format_columns, insertion_drift, load_or_capture, model_and_tokens, parse_backend_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.decode_bench import SHAPES
+from retrieval_attn.evaluation.decode_bench import SHAPES
 from retrieval_attn.hf import RetrievalCache, random_model
 from retrieval_attn.planner import resident_bytes
-from retrieval_attn.sweep import format_columns
+from retrieval_attn.evaluation.sweep import format_columns
 
 
 def main(argv: list[str] | None = None) -> int:

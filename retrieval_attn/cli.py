@@ -133,7 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalSettings, format_eval_table, run_eval, write_results
+    from .evaluation.evaluate import EvalSettings, format_eval_table, run_eval, write_results
 
     try:
         settings = EvalSettings(
@@ -155,7 +155,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from .sweep import format_sweep_table, sweep_from_args
+    from .evaluation.sweep import format_sweep_table, sweep_from_args
 
     report = sweep_from_args(args)
     print(format_sweep_table(report))
@@ -169,8 +169,8 @@ def _bench(args: argparse.Namespace) -> int:
     import os
     import platform
 
-    from .decode_bench import BenchSettings, ratio_rows, run_decode_bench, write_results
-    from .sweep import format_columns
+    from .evaluation.decode_bench import BenchSettings, ratio_rows, run_decode_bench, write_results
+    from .evaluation.sweep import format_columns
 
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
@@ -245,13 +245,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--telemetry-png", default="results/telemetry.png", help="where --telemetry writes its plot")
     gen.set_defaults(func=_generate)
 
-    from .sweep import add_sweep_arguments
+    from .evaluation.sweep import add_sweep_arguments
 
     sweep = sub.add_parser("sweep", help="recall versus cost of every index backend on the model's real queries/keys")
     add_sweep_arguments(sweep)
     sweep.set_defaults(func=_sweep)
 
-    from .decode_bench import METHODS, SHAPES
+    from .evaluation.decode_bench import METHODS, SHAPES
 
     bench = sub.add_parser("bench", help="decode speed and memory against transformers (full and offloaded cache)")
     bench.add_argument("--shape", choices=list(SHAPES), default=None,
@@ -277,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results/decode", help="folder for decode.json and decode.csv")
     bench.set_defaults(func=_bench)
 
-    from .evaluate import DEFAULT_METHODS, TASKS, EvalSettings
+    from .evaluation.evaluate import DEFAULT_METHODS, TASKS, EvalSettings
 
     d = EvalSettings()
     ev = sub.add_parser("eval", help="needle retrieval and teacher-forced fidelity: full attention vs every method")

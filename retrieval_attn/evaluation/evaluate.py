@@ -56,11 +56,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import RetrievalConfig
-from .index import AUTO, available_indexes, cpu_threads, params_class
+from ..config import RetrievalConfig
+from ..index import AUTO, available_indexes, cpu_threads, params_class
+from ..telemetry import LayerTelemetry, summarise
+from .report import format_telemetry_table, plot_telemetry
 from .sweep import format_columns, parse_backend_spec
-from .evaluation.report import format_telemetry_table, plot_telemetry
-from .telemetry import LayerTelemetry, summarise
 
 __all__ = [
     "FULL",
@@ -310,7 +310,7 @@ def _prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Ten
 
     Chunk boundaries are ``hf.prefill_spans``'.
     """
-    from .hf import prefill_spans
+    from ..hf import prefill_spans
 
     n = ids.shape[1]
     for i, j in prefill_spans(n, chunk):
@@ -346,7 +346,7 @@ class _Methods:
         """Prefill ids (1, n) for every method (``full`` only if asked): {method: its cache}."""
         from transformers import DynamicCache
 
-        from .hf import RetrievalCache
+        from ..hf import RetrievalCache
 
         caches = {}
         ids = ids.to(self.device)
@@ -540,7 +540,7 @@ def run_eval(
     Give ``model`` and ``tokenizer`` (a transformers causal LM that ``RetrievalCache`` supports), or
     neither: ``hf.load_model(model_path)`` (None: the embedded SmolLM2).
     """
-    from .hf import load_model
+    from ..hf import load_model
 
     settings = EvalSettings() if settings is None else settings
     start = time.perf_counter()

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .index import available_indexes, cpu_threads, index_class, make_index
-from .metrics import attention_mass, recall_at_k
+from ..index import available_indexes, cpu_threads, index_class, make_index
+from ..metrics import attention_mass, recall_at_k
 
 __all__ = [
     "BackendSpec",
@@ -260,7 +260,7 @@ def capture_layers(
     Uses ``hf.capture_qk`` (transformers' sdpa attention, memory-efficient on CPU); the forward stops
     after the deepest sampled decoder layer.
     """
-    from .hf import capture_qk
+    from ..hf import capture_qk
 
     decoder = model.get_decoder().layers
     last = max(layers)
@@ -656,7 +656,7 @@ def model_and_tokens(
     When ``cache_dir`` holds the layer count and enough tokens of this model (``builtin_tokens.npz``),
     the model is not loaded here: ``load_or_capture`` loads it only if a layer is not cached.
     """
-    from .hf import embedded_model_path, load_model
+    from ..hf import embedded_model_path, load_model
 
     path = embedded_model_path() if model_path is None else Path(model_path)
     key = model_cache_key(path)

@@ -18,7 +18,7 @@ import torch
 
 from retrieval_attn import cli
 from retrieval_attn.metrics import attention_mass, recall_at_k
-from retrieval_attn.sweep import (
+from retrieval_attn.evaluation.sweep import (
     BackendSpec,
     CapturedQK,
     SweepSettings,
@@ -185,7 +185,7 @@ def test_bench_script_is_the_sweep_command():
 
 
 def test_insertion_drift_replays_decode_and_is_exact_for_flat():
-    from retrieval_attn.sweep import insertion_drift
+    from retrieval_attn.evaluation.sweep import insertion_drift
 
     g = np.random.default_rng(0)
     q = g.standard_normal((4, 400, 8)).astype(np.float32)  # [Hq, n, D], 2 KV heads

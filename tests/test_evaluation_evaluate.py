@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from retrieval_attn.evaluate import (
+from retrieval_attn.evaluation.evaluate import (
     FULL,
     SINK_WINDOW,
     TASKS,

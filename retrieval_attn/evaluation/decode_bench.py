@@ -34,9 +34,9 @@ from typing import Any, Callable
 
 import torch
 
-from .config import RetrievalConfig
-from .engine import STEP_PARTS
-from .planner import GIB, MemoryBudgetError, resident_bytes
+from ..config import RetrievalConfig
+from ..engine import STEP_PARTS
+from ..planner import GIB, MemoryBudgetError, resident_bytes
 
 __all__ = ["SHAPES", "METHODS", "BenchSettings", "MethodResult", "run_decode_bench", "write_results", "ratio_rows"]
 
@@ -116,7 +116,7 @@ def _measure(
 
     Returns the per-step, per-layer ``step_seconds`` of a RetrievalCache (empty lists otherwise).
     """
-    from .hf import prefill_spans
+    from ..hf import prefill_spans
 
     device = ids.device
     n = ids.shape[1]
@@ -167,7 +167,7 @@ def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[
 
 def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda msg: None) -> list[MethodResult]:
     """Measure every (context, method) of ``settings``; see the module docstring."""
-    from .hf import random_model
+    from ..hf import random_model
 
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -194,7 +194,7 @@ def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = 
 
 def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings: BenchSettings) -> MethodResult:
     """One (context, method) measurement; the method's cache is freed when this returns."""
-    from .hf import RetrievalCache, dynamic_cache
+    from ..hf import RetrievalCache, dynamic_cache
 
     device = ids.device
     result = MethodResult(ids.shape[1], method)

@@ -8,7 +8,7 @@ import pytest
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.cli import main
-from retrieval_attn.decode_bench import BenchSettings, run_decode_bench
+from retrieval_attn.evaluation.decode_bench import BenchSettings, run_decode_bench
 
 TINY = dict(shape="tiny", contexts=(700,), steps=3, warmup=1, prefill_chunk=256, device="cpu", dtype="float32",
             retrieval=RetrievalConfig(sink_tokens=16, window_tokens=64, top_k=32))
