@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -29,7 +30,8 @@ def test_bench_measures_every_method_on_cpu():
 
 
 def test_bench_reports_a_request_the_planner_refuses():
-    settings = BenchSettings(**{**TINY, "methods": ("roar",), "gpu_memory_gib": 1e-4})
+    capped = dataclasses.replace(TINY["retrieval"], gpu_memory_gib=1e-4)
+    settings = BenchSettings(**{**TINY, "methods": ("roar",), "retrieval": capped})
     (r,) = run_decode_bench(settings)
     assert r.status.startswith("refused by the planner") and "bytes" in r.status and r.s_per_token is None
 
