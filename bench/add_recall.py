@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval_attn.sweep import format_columns, insertion_drift, load_or_capture, model_and_tokens, parse_backend_spec
+from retrieval_attn.evaluation import (
+    format_columns,
+    insertion_drift,
+    load_or_capture,
+    model_and_tokens,
+    parse_backend_spec,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{last - first:+.3f}", f"{1e3 * np.median(r['search_s']):.2f}", f"{1e3 * np.median(r['add_s']):.3f}"])
     print(f"layer {args.layer}, prefill {args.prefill} tokens, {args.steps} decode steps, recall@100 (mean over heads)")
     print(format_columns(["backend", "R first 100", "R last 100", "R rebuilt", "drift", "search ms", "add ms"], rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "add_recall.json").write_text(json.dumps({"layer": args.layer, "prefill": args.prefill,
-                                                     "steps": args.steps, "results": results}))
+    write_json(Path(args.out) / "add_recall.json",
+               {"layer": args.layer, "prefill": args.prefill, "steps": args.steps, "results": results}, indent=None)
     print(json.dumps({k: {m: v for m, v in r.items() if m != "recall_per_step"} for k, r in results.items()}))
     return 0
 

@@ -1,6 +1,6 @@
 """Does a long generation stay healthy? 10,000 decode steps with a spill at every step (issue 6).
 
-What it measures: a small randomly initialised Llama (``--shape``, see ``retrieval_attn.decode_bench``)
+What it measures: a small randomly initialised Llama (``--shape``, one of ``retrieval_attn.hf.MODEL_SHAPES``)
 prefilled with ``--prompt`` random tokens, then decoded greedily for ``--steps`` steps through a
 ``RetrievalCache`` with telemetry on and a window small enough that every step spills its oldest
 window token into the CPU store and the index. It reports, per window of ``--report-every`` steps:
@@ -20,25 +20,22 @@ Prints a table and a final JSON line; writes long_generation.json and long_gener
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.decode_bench import SHAPES
-from retrieval_attn.hf import RetrievalCache, random_model
+from retrieval_attn.evaluation import format_columns, write_csv, write_json
+from retrieval_attn.hf import MODEL_SHAPES, Decoder, RetrievalCache, random_model
 from retrieval_attn.planner import resident_bytes
-from retrieval_attn.sweep import format_columns
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=list(SHAPES), default="small")
+    parser.add_argument("--shape", choices=list(MODEL_SHAPES), default="small")
     parser.add_argument("--prompt", type=int, default=2048, help="random prompt tokens prefilled first")
     parser.add_argument("--steps", type=int, default=10000, help="decode steps")
     parser.add_argument("--warmup", type=int, default=50, help="steps excluded from the timing verdict")
@@ -57,27 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt <= args.sink + args.window:
         raise SystemExit(f"--prompt must exceed sink + window ({args.sink + args.window}) so that steps spill")
 
-    shape = SHAPES[args.shape]
-    model = random_model(shape)
+    model = random_model(args.shape)
     config = RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
                              telemetry=True, rebuild_growth=args.rebuild_growth)
     cache = RetrievalCache(model, config, max_context=args.prompt + args.steps + 1)
-    ids = torch.randint(0, shape["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     rows, samples = [], []
-    with torch.no_grad():
-        with cache.last_prefill_chunk():
-            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
-        token = logits[:, -1:].argmax(-1)
-        times: list[float] = []
-        for step in range(args.steps):
-            t0 = time.perf_counter()
-            logits = model(token, past_key_values=cache).logits
-            token = logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t0)
-            if (step + 1) % args.report_every == 0 or step + 1 == args.steps:
-                stats = cache.stats
-                samples.append({"step": step + 1, "rss": resident_bytes(), "stored": sum(s.cpu_bytes for s in stats),
-                                "offloaded": stats[0].offloaded_tokens})
+    times: list[float] = []
+
+    def sample(step: int, seconds: float) -> None:
+        times.append(seconds)
+        if (step + 1) % args.report_every == 0 or step + 1 == args.steps:
+            stats = cache.stats
+            samples.append({"step": step + 1, "rss": resident_bytes(), "stored": sum(s.cpu_bytes for s in stats),
+                            "offloaded": stats[0].offloaded_tokens})
+
+    decoder = Decoder(model, cache, prefill_chunk=args.prompt)  # the prompt in one forward pass
+    decoder.decode(decoder.prefill(ids), args.steps, on_step=sample)
     # telemetry: recall and mass of every layer, [steps, heads] each
     per_layer = [layer.engine.telemetry.tensors() for layer in cache.layers]
     recall = torch.stack([r.mean(dim=1) for r, _ in per_layer]).mean(dim=0)  # [steps]
@@ -116,15 +109,11 @@ def main(argv: list[str] | None = None) -> int:
           f"max step {verdict['max_over_median']:.2f}x the median after {args.warmup} warm-up steps "
           f"({verdict['steps_over_2x_median']} steps over 2x)")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "long_generation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "long_generation.json").write_text(json.dumps({
+    write_csv(out / "long_generation.csv", rows)
+    write_json(out / "long_generation.json", {
         "settings": vars(args), "windows": rows, "verdict": verdict,
         "recall_per_step": recall.tolist(), "step_ms": [1e3 * t for t in times],
-    }))
+    }, indent=None)
     print(json.dumps(verdict))
     return 0
 

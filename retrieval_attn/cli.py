@@ -4,18 +4,22 @@ The only module of the package that prints. ``generate`` loads a model (the embe
 default), prefills the prompt in chunks with a progress bar, streams greedy decoding token by token,
 and ends with a table of where the tokens are and what each step cost (with ``--telemetry``, also
 recall@k and attention mass per layer, and a PNG). ``sweep`` measures recall versus cost of every
-index backend on the model's real queries and keys (``retrieval_attn.sweep``) and prints its table;
+index backend on the model's real queries and keys (``evaluation.sweep``) and prints its table;
 ``bench/recall_sweep.py`` is the same command. ``bench`` measures decode speed and memory against
-transformers' full and offloaded caches (``retrieval_attn.decode_bench``); ``bench/decode.py`` is the
+transformers' full and offloaded caches (``evaluation.decode_bench``); ``bench/decode.py`` is the
 same command. ``eval`` compares full attention, every index backend and the sink + window baseline
-on needle retrieval and teacher-forced fidelity (``retrieval_attn.evaluate``); ``bench/fidelity.py``
+on needle retrieval and teacher-forced fidelity (``evaluation.evaluate``); ``bench/fidelity.py``
 is the same command.
+
+Every subcommand builds its settings (a ``RetrievalConfig``, embedded in the tools' settings) from
+its flags, and imports the model and tool modules only when it runs (the parser reads the tools'
+defaults, which load no transformers), so ``retrieval-attn --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import sys
 import time
 from importlib import resources
@@ -43,14 +47,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return resources.files("retrieval_attn").joinpath("data", BUILTIN_PROMPT).read_text()
 
 
-def format_table(rows: list[tuple[str, object]]) -> str:
-    """Two aligned columns, one row per (name, value)."""
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-
-
 def _generate(args: argparse.Namespace) -> int:
-    from .hf import RetrievalCache, load_model, prefill_spans
+    from .evaluation.report import format_columns
+    from .hf import Decoder, RetrievalCache, load_model
     from .planner import MemoryBudgetError
 
     try:
@@ -76,37 +75,35 @@ def _generate(args: argparse.Namespace) -> int:
     except MemoryBudgetError as err:
         raise SystemExit(f"error: {err}") from None
 
+    decoder = Decoder(model, cache, args.prefill_chunk)  # the last prefill chunk starts every layer's index build
     start = time.perf_counter()
-    with torch.no_grad(), tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr) as bar:
-        for i, j in prefill_spans(n, args.prefill_chunk):
-            with cache.last_prefill_chunk() if j == n else contextlib.nullcontext():  # last: indexes build meanwhile
-                logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            bar.update(j - i)
+    with tqdm(total=n, desc="prefill", unit="tok", file=sys.stderr) as bar:
+        logits = decoder.prefill(ids, progress=bar.update)
     prefill_s = time.perf_counter() - start
 
     generated: list[int] = []
-    scanned: list[int] = []
     printed = ""
+    scanned: list[int] = []
     step_seconds: list[float] = []  # the first decode step also builds every layer's index
-    with torch.no_grad():
-        for _ in range(args.max_new_tokens):
-            step_start = time.perf_counter()
-            token = int(logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            generated.append(token)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-            logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
-            scanned.append(sum(s.keys_scanned_last_step for s in cache.stats))
-            step_seconds.append(time.perf_counter() - step_start)
+
+    def stream(token: int) -> None:
+        nonlocal printed
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        print(text[len(printed):], end="", flush=True)
+        printed = text
+
+    def record(step: int, seconds: float) -> None:
+        scanned.append(sum(s.keys_scanned_last_step for s in cache.stats))
+        step_seconds.append(seconds)
+
+    decoder.decode(logits, args.max_new_tokens, stop=(tokenizer.eos_token_id,), on_token=stream, on_step=record)
     print()
     stats = cache.stats
     layers = len(stats)
     later = step_seconds[1:]
     print(
-        format_table([
+        format_columns(None, [
             ("prompt tokens", n),
             ("tokens on device / offloaded (per layer)", f"{stats[0].device_tokens} / {stats[0].offloaded_tokens}"),
             ("index", f"{config.index} -> {stats[0].index} (top_k {config.top_k})"),
@@ -133,14 +130,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalSettings, format_eval_table, run_eval, write_results
+    from .evaluation.evaluate import EvalSettings, format_eval_table, run_eval, write_results
 
     try:
+        retrieval = RetrievalConfig(  # every method sets its index; flat's leaves top_k unbounded here
+            sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index="flat",
+            telemetry=args.telemetry, cpu_threads=args.cpu_threads,
+        )
         settings = EvalSettings(
             methods=tuple(args.methods), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
             depths=tuple(args.depths), samples=args.samples, fidelity_tokens=args.fidelity_tokens,
-            fidelity_prefix=args.fidelity_prefix, sink=args.sink, window=args.window, top_k=args.top_k,
-            telemetry=args.telemetry, seed=args.seed, prefill_chunk=args.prefill_chunk, cpu_threads=args.cpu_threads,
+            fidelity_prefix=args.fidelity_prefix, retrieval=retrieval, seed=args.seed,
+            prefill_chunk=args.prefill_chunk,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -152,12 +153,51 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the sweep's options to ``parser`` (``retrieval-attn sweep``, also run by ``bench/recall_sweep.py``)."""
+    from .evaluation.backends import DEFAULT_BACKENDS
+    from .evaluation.sweep import SweepSettings
+
+    d = SweepSettings()
+    parser.add_argument("--model", default=None, help="GGUF file or transformers folder (default: embedded SmolLM2)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(d.lengths), help="context lengths in tokens")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="decoder layers to sample (default: 5 spread over depth, 3 9 16 22 29 for 30 layers)")
+    parser.add_argument("--sink", type=int, default=d.retrieval.sink_tokens,
+                        help="first tokens kept static (on the device)")
+    parser.add_argument("--window", type=int, default=d.retrieval.window_tokens,
+                        help="recent tokens kept static (on the device)")
+    parser.add_argument("--n-test", type=int, default=d.n_test, help="decode-like test positions per length")
+    parser.add_argument("--k", type=int, nargs="+", default=list(d.ks), help="top-k values; the first is primary")
+    parser.add_argument("--target-recall", type=float, default=d.target_recall, help="recall of the operating point")
+    parser.add_argument("--train-positions", choices=["prefix", "middle"], default=d.train_positions,
+                        help="positions whose queries train query-aware indexes")
+    parser.add_argument("--backend", action="append", default=None, metavar="NAME[:PARAM=V1,V2,...]...",
+                        help="backend and parameter values, repeatable (default: " +
+                             " ".join(str(b) for b in DEFAULT_BACKENDS) + ")")
+    parser.add_argument("--threads", type=int, default=d.retrieval.cpu_threads,
+                        help="CPU threads for index build and search (default: torch/numba/faiss defaults)")
+    parser.add_argument("--out", default="results/recall_sweep", help="folder for CSV, JSON and PNG results")
+    parser.add_argument("--cache-dir", default="results/qk_cache", help="folder caching captured q/k")
+    parser.add_argument("--no-cache", action="store_true", help="capture again and do not cache")
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    import json
+    from .evaluation.backends import DEFAULT_BACKENDS, parse_backend_spec
+    from .evaluation.sweep import SweepSettings, format_sweep_table, run_sweep, write_results
 
-    from .sweep import format_sweep_table, sweep_from_args
-
-    report = sweep_from_args(args)
+    try:
+        backends = tuple(parse_backend_spec(s) for s in args.backend) if args.backend else DEFAULT_BACKENDS
+        retrieval = RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, cpu_threads=args.threads)
+        settings = SweepSettings(
+            lengths=tuple(args.lengths), layers=tuple(args.layers) if args.layers else None, retrieval=retrieval,
+            n_test=args.n_test, ks=tuple(args.k), target_recall=args.target_recall,
+            train_positions=args.train_positions, backends=backends,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    report = run_sweep(settings, model_path=args.model, cache_dir=None if args.no_cache else args.cache_dir)
+    write_results(report, args.out)
     print(format_sweep_table(report))
     print(f"results: {args.out}/ (rows.csv, summary.csv, sweep.json, recall_vs_scanned.png, recall_vs_latency.png)")
     print(json.dumps({"operating_points": report.operating_points, "capture": report.capture}))
@@ -165,12 +205,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
     import os
     import platform
 
-    from .decode_bench import BenchSettings, ratio_rows, run_decode_bench, write_results
-    from .sweep import format_columns
+    from .evaluation.decode_bench import BenchSettings, format_bench_table, ratio_rows, run_decode_bench, write_results
 
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
@@ -181,10 +219,10 @@ def _bench(args: argparse.Namespace) -> int:
             contexts=tuple(args.contexts or ((32768, 65536, 131072) if on_gpu else (4096, 8192, 16384))),
             methods=tuple(args.methods), steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk,
             device=device, dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
-            gpu_memory_gib=args.gpu_memory_gib,
             retrieval=RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k,
                                       cpu_threads=args.cpu_threads, overlap=not args.no_overlap,
-                                      retrieved_attention=args.retrieved_attention),
+                                      retrieved_attention=args.retrieved_attention,
+                                      gpu_memory_gib=args.gpu_memory_gib),
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -193,30 +231,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"decode benchmark: shape {settings.shape}, {settings.dtype} on {device} ({machine})", file=sys.stderr)
     results = run_decode_bench(settings, progress=lambda msg: print(msg, file=sys.stderr))
     folder = write_results(results, settings, args.out, machine)
-    print(format_columns(
-        ["context", "method", "s/token", "TTFT s", "prefill s", "peak dev GiB", "CPU RSS GiB",
-         "dev attn ms", "search ms", "CPU attn ms", "transfer ms", "rest ms", "status"],
-        [[r.context, r.method, _num(r.s_per_token, 4), _num(r.ttft_s, 2), _num(r.prefill_s, 2),
-          _num(r.peak_device_gib, 2), _num(r.cpu_rss_gib, 2),
-          *(_num(r.breakdown_s[p] * 1e3, 2) if r.breakdown_s else "-" for p in
-            ("device_attention", "cpu_search", "cpu_attention", "transfer", "rest_of_model")),
-          r.status if r.status == "ok" else r.status[:60]] for r in results],
-    ))
-    ratios = ratio_rows(results)
-    if ratios:
-        print()
-        print(format_columns(
-            ["context", "method", "x faster than full", "x faster than offloaded", "TTFT / full TTFT"],
-            [[r["context"], r["method"], _num(r["speedup_vs_full"], 2), _num(r["speedup_vs_offloaded"], 2),
-              _num(r["ttft_over_full"], 2)] for r in ratios],
-        ))
+    print(format_bench_table(results))
     print(f"results: {folder}/ (decode.json, decode.csv)")
-    print(json.dumps({"ratios": ratios}))
+    print(json.dumps({"ratios": ratio_rows(results)}))
     return 0
-
-
-def _num(x: float | None, digits: int) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -245,17 +263,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--telemetry-png", default="results/telemetry.png", help="where --telemetry writes its plot")
     gen.set_defaults(func=_generate)
 
-    from .sweep import add_sweep_arguments
-
     sweep = sub.add_parser("sweep", help="recall versus cost of every index backend on the model's real queries/keys")
-    add_sweep_arguments(sweep)
+    _add_sweep_arguments(sweep)
     sweep.set_defaults(func=_sweep)
 
-    from .decode_bench import METHODS, SHAPES
+    from .evaluation.decode_bench import METHODS
 
     bench = sub.add_parser("bench", help="decode speed and memory against transformers (full and offloaded cache)")
-    bench.add_argument("--shape", choices=list(SHAPES), default=None,
-                       help="random model shape (default: llama3-8b on a GPU, small on CPU)")
+    bench.add_argument("--shape", default=None,  # checked by BenchSettings: listing hf.MODEL_SHAPES loads transformers
+                       help="random model shape of retrieval_attn.hf.MODEL_SHAPES, e.g. llama3-8b, small, tiny "
+                            "(default: llama3-8b on a GPU, small on CPU)")
     bench.add_argument("--contexts", type=int, nargs="+", default=None,
                        help="context lengths (default: 32768 65536 131072 on a GPU, 4096 8192 16384 on CPU)")
     bench.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -277,7 +294,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results/decode", help="folder for decode.json and decode.csv")
     bench.set_defaults(func=_bench)
 
-    from .evaluate import DEFAULT_METHODS, TASKS, EvalSettings
+    from .evaluation.evaluate import EvalSettings
+    from .evaluation.methods import DEFAULT_METHODS
+    from .evaluation.needle import TASKS
 
     d = EvalSettings()
     ev = sub.add_parser("eval", help="needle retrieval and teacher-forced fidelity: full attention vs every method")
@@ -292,9 +311,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--fidelity-tokens", type=int, default=d.fidelity_tokens,
                     help="teacher-forced decode steps compared with full attention (0: skip)")
     ev.add_argument("--fidelity-prefix", type=int, default=d.fidelity_prefix, help="tokens prefilled before them")
-    ev.add_argument("--top-k", type=int, default=d.top_k, help="keys retrieved per query head per step")
-    ev.add_argument("--sink", type=int, default=d.sink, help="first tokens kept on the device")
-    ev.add_argument("--window", type=int, default=d.window, help="recent tokens kept on the device")
+    ev.add_argument("--top-k", type=int, default=d.retrieval.top_k, help="keys retrieved per query head per step")
+    ev.add_argument("--sink", type=int, default=d.retrieval.sink_tokens, help="first tokens kept on the device")
+    ev.add_argument("--window", type=int, default=d.retrieval.window_tokens, help="recent tokens kept on the device")
     ev.add_argument("--telemetry", action="store_true", help="recall@k and attention mass per layer and method")
     ev.add_argument("--seed", type=int, default=d.seed, help="base seed of the needle generators")
     ev.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="tokens per prefill forward pass")

@@ -1,4 +1,5 @@
-"""Shared fixtures: small random attention inputs, and the embedded model loaded once per session."""
+"""Shared fixtures: small random attention inputs, a tiny random Llama, and the embedded model (and its
+tokenizer) loaded once per session."""
 
 from __future__ import annotations
 
@@ -14,6 +15,30 @@ def smollm():
     from retrieval_attn.hf import load_model
 
     return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2's tokenizer alone (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    from retrieval_attn.hf import embedded_model_path
+
+    path = embedded_model_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A randomly initialised Llama: 2 layers, 4 query heads, 2 KV heads, head dim 16, vocabulary 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrieval_attn.evaluation import builtin_token_ids, capture_layers
 from retrieval_attn.index import make_index
 from retrieval_attn.index.roar import exact_top_keys
-from retrieval_attn.sweep import builtin_token_ids, capture_layers
 
 LAYER, TOKENS, SINK, WINDOW, TEST = 16, 4096, 128, 512, 32
 TARGET = 0.90  # mean recall@100 over the test queries of every KV head

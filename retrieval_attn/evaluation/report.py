@@ -1,18 +1,28 @@
 """Report writers of the tools: aligned text tables, CSV and JSON files, and the telemetry table and plot.
 
 One table writer (``format_columns``) serves every terminal report of the CLI and the benchmarks; one
-CSV writer and one JSON writer every results folder. Plots use matplotlib's Agg backend, imported
+CSV writer and one JSON writer every results folder (``settings_dict`` puts a tool's settings, with
+the ``RetrievalConfig`` they embed, into its JSON). Plots use matplotlib's Agg backend, imported
 only when a plot is drawn. This module computes nothing: rows in, text and files out.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["format_columns", "write_csv", "write_json", "format_telemetry_table", "plot_telemetry", "pyplot"]
+__all__ = [
+    "format_columns",
+    "write_csv",
+    "write_json",
+    "settings_dict",
+    "format_telemetry_table",
+    "plot_telemetry",
+    "pyplot",
+]
 
 
 def format_columns(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
@@ -48,6 +58,21 @@ def write_json(path: str | Path, payload: Any, indent: int | None = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=indent) + "\n")
     return path
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """The constructor fields of a settings dataclass as a JSON-ready dict; a nested dataclass (the
+    embedded ``RetrievalConfig``) becomes a dict too, and a mapping (``index_params``) a plain dict."""
+    out = {}
+    for f in dataclasses.fields(settings):
+        if f.init:
+            value = getattr(settings, f.name)
+            if dataclasses.is_dataclass(value):
+                value = settings_dict(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+    return out
 
 
 def pyplot() -> Any:

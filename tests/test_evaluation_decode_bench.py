@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.cli import main
-from retrieval_attn.decode_bench import BenchSettings, run_decode_bench
+from retrieval_attn.evaluation.decode_bench import BenchSettings, run_decode_bench
 
 TINY = dict(shape="tiny", contexts=(700,), steps=3, warmup=1, prefill_chunk=256, device="cpu", dtype="float32",
             retrieval=RetrievalConfig(sink_tokens=16, window_tokens=64, top_k=32))
@@ -29,7 +30,8 @@ def test_bench_measures_every_method_on_cpu():
 
 
 def test_bench_reports_a_request_the_planner_refuses():
-    settings = BenchSettings(**{**TINY, "methods": ("roar",), "gpu_memory_gib": 1e-4})
+    capped = dataclasses.replace(TINY["retrieval"], gpu_memory_gib=1e-4)
+    settings = BenchSettings(**{**TINY, "methods": ("roar",), "retrieval": capped})
     (r,) = run_decode_bench(settings)
     assert r.status.startswith("refused by the planner") and "bytes" in r.status and r.s_per_token is None
 

@@ -1,4 +1,4 @@
-"""Evaluation: deterministic needle generators, settings validation, a tiny end-to-end run on the embedded model."""
+"""Evaluation: settings validation, a tiny end-to-end run on the embedded model."""
 
 from __future__ import annotations
 
@@ -6,44 +6,9 @@ import json
 
 import pytest
 
-from retrieval_attn.evaluate import (
-    FULL,
-    SINK_WINDOW,
-    TASKS,
-    EvalSettings,
-    format_eval_table,
-    make_needle,
-    run_eval,
-    write_results,
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from retrieval_attn.hf import embedded_model_path
-
-    path = embedded_model_path()
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-@pytest.mark.parametrize("task", TASKS)
-def test_needle_is_deterministic_exact_length_and_at_its_depth(tokenizer, task):
-    a = make_needle(tokenizer, task, 2048, 0.3, seed=7)
-    assert a == make_needle(tokenizer, task, 2048, 0.3, seed=7)  # same seed, same sample
-    b = make_needle(tokenizer, task, 2048, 0.3, seed=8)
-    assert (a.answer, a.context_ids) != (b.answer, b.context_ids)  # another seed, another sample
-    assert 2048 - 40 <= len(a.context_ids) <= 2048  # filled up to the length, less than one sentence short
-    assert abs(a.needle_start / len(a.context_ids) - 0.3) < 0.03
-    needle = tokenizer.decode(a.context_ids[a.needle_start : a.needle_start + 24])
-    assert a.answer in needle and a.answer not in tokenizer.decode(a.question_ids)
-    for depth in (0.0, 1.0):
-        s = make_needle(tokenizer, task, 1024, depth, seed=1)
-        assert abs(s.needle_start / len(s.context_ids) - depth) < 0.05
-    if task == "multikey":  # distractors: other words, other numbers
-        text = tokenizer.decode(a.context_ids)
-        assert text.count("special magic number") == 4 and text.count(a.answer) == 1
+from retrieval_attn import RetrievalConfig
+from retrieval_attn.evaluation import FULL, SINK_WINDOW, make_needle
+from retrieval_attn.evaluation.evaluate import EvalSettings, format_eval_table, run_eval, write_results
 
 
 def test_bad_settings_raise_before_any_work(tokenizer):
@@ -68,8 +33,9 @@ def test_tiny_eval_end_to_end(smollm, tmp_path):
     model, tokenizer = smollm
     settings = EvalSettings(
         methods=(FULL, "flat", SINK_WINDOW), tasks=("passkey",), lengths=(320, 480), depths=(0.2, 0.8),
-        fidelity_tokens=24, fidelity_prefix=200, sink=16, window=48, top_k=1000, telemetry=True, prefill_chunk=128,
-        cpu_threads=1,
+        fidelity_tokens=24, fidelity_prefix=200, prefill_chunk=128,
+        retrieval=RetrievalConfig(sink_tokens=16, window_tokens=48, top_k=1000, index="flat", telemetry=True,
+                                  cpu_threads=1),
     )
     report = run_eval(settings, model=model, tokenizer=tokenizer, progress=False)
     acc = {(c["method"], c["length"], c["depth"]): c["accuracy"] for c in report.needle_cells}

@@ -16,36 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_attn import cli
-from retrieval_attn.metrics import attention_mass, recall_at_k
-from retrieval_attn.sweep import (
-    BackendSpec,
-    CapturedQK,
+from retrieval_attn import RetrievalConfig, cli
+from retrieval_attn.evaluation import BackendSpec, CapturedQK, default_layers, parse_backend_spec
+from retrieval_attn.evaluation.sweep import (
     SweepSettings,
-    capture_layers,
-    default_layers,
     evaluate_layer,
     format_sweep_table,
-    load_or_capture,
     operating_point,
-    parse_backend_spec,
     run_sweep,
     write_results,
 )
 
-SMALL = dict(sink=8, window=16, n_test=8, ks=(10,))
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+SMALL = dict(retrieval=RetrievalConfig(sink_tokens=8, window_tokens=16), n_test=8, ks=(10,))
 
 
 def random_qk(hq=4, hkv=2, n=300, d=16, seed=0) -> CapturedQK:
@@ -53,28 +35,6 @@ def random_qk(hq=4, hkv=2, n=300, d=16, seed=0) -> CapturedQK:
     return CapturedQK.from_pairs({
         0: (rng.standard_normal((hq, n, d), dtype=np.float32), rng.standard_normal((hkv, n, d), dtype=np.float32))
     })
-
-
-def test_recall_at_k_by_intersection_with_ties():
-    scores = np.array([[5.0, 4.0, 3.0, 3.0, 1.0]])  # keys 2 and 3 tie for 3rd place
-    assert recall_at_k(np.array([[0, 1, 2]]), scores, 3)[0] == 1.0
-    assert recall_at_k(np.array([[3, 1, 0]]), scores, 3)[0] == 1.0  # the tied key counts too
-    assert recall_at_k(np.array([[0, 4, 1]]), scores, 3)[0] == pytest.approx(2 / 3)
-    assert recall_at_k(np.array([[0, 0, -1]]), scores, 3)[0] == pytest.approx(1 / 3)  # repeats and -1 miss
-    assert recall_at_k(np.array([[0, 1, 4, 2]]), scores, 2)[0] == 1.0  # only the first k count
-
-
-def test_attention_mass_matches_hand_computation():
-    mid = np.array([[1.0, 2.0, 0.0]])  # q . key of 3 middle keys
-    static = np.array([[0.5]])
-    scale = 2.0
-    w = np.exp(scale * np.array([1.0, 2.0, 0.0, 0.5]))
-    p = w / w.sum()
-    lse_static = np.log(np.exp(scale * static).sum(-1))  # the static keys' log-sum-exp
-    got = attention_mass(np.array([[1, -1]]), mid, scale, lse_static)[0]
-    assert got == pytest.approx(p[1] + p[3], rel=1e-12)
-    assert attention_mass(np.array([[0, 1, 2]]), mid, scale, lse_static)[0] == pytest.approx(1.0, rel=1e-12)
-    assert attention_mass(np.array([[2, 2]]), mid, scale, lse_static)[0] == pytest.approx(p[2] + p[3], rel=1e-12)
 
 
 def test_operating_point_is_cheapest_point_reaching_target():
@@ -112,27 +72,14 @@ def test_flat_has_recall_one_and_exact_mass():
 
 
 def test_sweep_on_given_qk_with_one_thread():
-    settings = SweepSettings(lengths=(200, 300), **SMALL, backends=(BackendSpec("flat"),), threads=1)
+    one_thread = {**SMALL, "retrieval": RetrievalConfig(sink_tokens=8, window_tokens=16, cpu_threads=1)}
+    settings = SweepSettings(lengths=(200, 300), **one_thread, backends=(BackendSpec("flat"),))
     threads = torch.get_num_threads()
     report = run_sweep(settings, qk={0: (torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16))}, progress=False)
     assert torch.get_num_threads() == threads  # restored after the sweep
     assert [s["length"] for s in report.summary] == [200, 300]
     assert all(s["recall_min"] == 1.0 for s in report.summary)
     assert all(o["reached"] for o in report.operating_points)
-
-
-def test_capture_cache_round_trip(tiny_llama, tmp_path):
-    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
-    direct = capture_layers(tiny_llama, ids, [1], progress=False)
-    first, seconds = load_or_capture(tiny_llama, ids, [0, 1], tmp_path, "tiny", progress=False)
-    assert seconds is not None and first.q[1].shape == (4, 64, 16) and first.k[0].shape == (2, 64, 16)
-    np.testing.assert_allclose(first.q[1], direct.q[1], rtol=1e-5, atol=1e-6)
-    again, seconds = load_or_capture(None, ids[:, :40], [0, 1], tmp_path, "tiny", progress=False)  # a cached prefix
-    assert seconds is None
-    np.testing.assert_array_equal(again.k[1], first.k[1][:, :40])
-    assert again.scale == pytest.approx(16**-0.5)
-    with pytest.raises(ValueError, match="not cached"):
-        load_or_capture(None, ids.flip(1), [0], tmp_path, "tiny", progress=False)  # other tokens: no match
 
 
 def test_end_to_end_tiny_llama_writes_results(tiny_llama, tmp_path):
@@ -182,18 +129,6 @@ def test_bench_script_is_the_sweep_command():
     script = Path(__file__).parents[1] / "bench" / "recall_sweep.py"
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--backend" in result.stdout
-
-
-def test_insertion_drift_replays_decode_and_is_exact_for_flat():
-    from retrieval_attn.sweep import insertion_drift
-
-    g = np.random.default_rng(0)
-    q = g.standard_normal((4, 400, 8)).astype(np.float32)  # [Hq, n, D], 2 KV heads
-    k = g.standard_normal((2, 400, 8)).astype(np.float32)
-    r = insertion_drift(q, k, "flat", {}, prefill=300, steps=50, sink=4, window=16, top_k=10, progress=False)
-    assert r["recall"].shape == (50,) and (r["recall"] == 1.0).all() and r["rebuilt_recall_last"] == 1.0
-    with pytest.raises(ValueError, match="prefill \\+ steps"):
-        insertion_drift(q, k, "flat", {}, prefill=300, steps=200, sink=4, window=16, top_k=10, progress=False)
 
 
 def test_backends_with_different_build_parameters_stay_apart():

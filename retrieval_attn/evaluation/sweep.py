@@ -30,103 +30,42 @@ Measured per (length, layer, KV head, backend, parameter value, k):
 - ``build_s`` and ``index_bytes`` of the layer's index (all KV heads).
 
 One forward pass at the longest length serves every length: attention is causal, so the queries and
-keys of the first ``n`` tokens do not depend on later tokens. Captures are cached on disk per layer.
+keys of the first ``n`` tokens do not depend on later tokens. The q/k come from ``capture`` (cached on
+disk per layer); backends are named and resolved as in ``backends``; sink, window and CPU threads are
+those of the settings' ``RetrievalConfig``.
 
 This module computes and writes result files; it does not print (progress bars go to stderr).
-``bench/recall_sweep.py`` (and the CLI) print its table.
+``bench/recall_sweep.py`` (and the CLI) print its table. It runs no model itself (``capture`` does).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .index import available_indexes, cpu_threads, index_class, make_index
-from .metrics import attention_mass, recall_at_k
+from ..config import RetrievalConfig
+from ..index import available_indexes, cpu_threads, make_index
+from ..metrics import attention_mass, recall_at_k
+from .backends import DEFAULT_BACKENDS, BackendSpec, plan_backend, warm_up
+from .capture import CapturedQK, default_layers, load_or_capture, model_and_tokens
+from .report import format_columns, pyplot, settings_dict, write_csv, write_json
+from .texts import builtin_token_ids
 
 __all__ = [
-    "BackendSpec",
-    "CapturedQK",
     "SweepSettings",
     "SweepReport",
-    "DEFAULT_BACKENDS",
-    "builtin_text",
-    "builtin_token_ids",
-    "default_layers",
-    "capture_layers",
-    "load_or_capture",
-    "model_cache_key",
     "operating_point",
-    "insertion_drift",
-    "parse_backend_spec",
     "evaluate_layer",
     "run_sweep",
     "write_results",
     "format_sweep_table",
-    "format_columns",
-    "model_and_tokens",
-    "add_sweep_arguments",
-    "sweep_from_args",
 ]
-
-GRAPH_EF_GRID = (100, 150, 200, 300, 500, 800)
-HNSW_EF_GRID = (100, 200, 400, 800, 1600)
-IVF_NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-CACHED_TOKENS = 131072  # built-in text tokens kept in the capture cache, so re-runs need not load the model
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """A backend to sweep: its registry name and parameter values.
-
-    ``params`` maps a parameter name to its values. The one search-time parameter of the backend
-    (``KeyIndex.search_params``, e.g. ``ef``, ``nprobe``) may take several values: that is the grid,
-    searched on one index; every other parameter takes one value and is given at build. Omitted
-    parameters keep the backend's defaults, except ivf's ``nlist``, which defaults to 4 * sqrt(keys).
-    """
-
-    name: str
-    params: Mapping[str, tuple[int | float, ...]] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return ":".join([self.name, *(f"{k}={','.join(str(v) for v in vs)}" for k, vs in self.params.items())])
-
-
-DEFAULT_BACKENDS = (
-    BackendSpec("flat"),
-    BackendSpec("roar", {"ef": GRAPH_EF_GRID}),
-    BackendSpec("keygraph", {"ef": GRAPH_EF_GRID}),
-    BackendSpec("hnsw", {"ef": HNSW_EF_GRID, "M": (32,)}),
-    BackendSpec("ivf", {"nprobe": IVF_NPROBE_GRID}),
-)
-
-
-def parse_backend_spec(text: str) -> BackendSpec:
-    """``"name[:param=v1,v2,...]..."`` -> BackendSpec, e.g. ``"hnsw:ef=100,400:M=32"``."""
-    name, *parts = text.strip().split(":")
-    if not name:
-        raise ValueError(f"backend spec {text!r}: empty backend name")
-    params: dict[str, tuple[int | float, ...]] = {}
-    for part in parts:
-        key, eq, values = part.partition("=")
-        if not eq or not key or not values:
-            raise ValueError(f"backend spec {text!r}: expected param=v1,v2,... after ':', got {part!r}")
-        try:
-            params[key] = tuple(float(v) if "." in v or "e" in v else int(v) for v in values.split(","))
-        except ValueError:
-            raise ValueError(f"backend spec {text!r}: values of {key!r} must be numbers, got {values!r}") from None
-    return BackendSpec(name, params)
 
 
 @dataclass(frozen=True)
@@ -137,41 +76,38 @@ class SweepSettings:
     ----------
     lengths : context lengths (tokens) to evaluate; each is a prefix of the captured sequence.
     layers : decoder layers to sample; None: ``default_layers`` of the model (or all captured layers).
-    sink, window : static tokens at the start and just before the test block (stay on the device).
+    retrieval : ``sink_tokens`` and ``window_tokens``: static tokens at the start and just before the test
+        block (stay on the device); ``cpu_threads``: threads of torch, numba and faiss while indexes are
+        built and searched (None: their defaults; one thread gives steadier timings on a machine shared
+        with other work). The sweep's top-k values are ``ks``; the other fields do not apply.
     n_test : decode-like test positions at the end of each length, held out from training.
     ks : top-k values; the first is the primary one (table, plots, operating points, mass).
     target_recall : recall@k that every sampled (layer, KV head) must reach at the operating point.
     train_positions : ``"prefix"`` (all positions before the test block) or ``"middle"`` (middle only).
     backends : what to sweep; names that are not registered are skipped with a note.
-    threads : CPU threads of torch, numba and faiss while indexes are built and searched (None: their
-        defaults). One thread gives steadier timings on a machine shared with other work.
     """
 
     lengths: tuple[int, ...] = (2048, 8192, 32768)
     layers: tuple[int, ...] | None = None
-    sink: int = 128
-    window: int = 512
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     n_test: int = 64
     ks: tuple[int, ...] = (100,)
     target_recall: float = 0.95
     train_positions: str = "prefix"
     backends: tuple[BackendSpec, ...] = DEFAULT_BACKENDS
-    threads: int | None = None
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
-        if self.sink < 0 or self.window < 0 or self.n_test < 1:
-            raise ValueError(f"need sink >= 0, window >= 0, n_test >= 1; got {self.sink}, {self.window}, {self.n_test}")
+        if self.n_test < 1:
+            raise ValueError(f"n_test must be >= 1, got {self.n_test}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be positive, got {self.ks}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.train_positions not in ("prefix", "middle"):
             raise ValueError(f"train_positions must be 'prefix' or 'middle', got {self.train_positions!r}")
-        need = self.sink + self.window + self.n_test + max(self.ks)
+        need = self.retrieval.sink_tokens + self.retrieval.window_tokens + self.n_test + max(self.ks)
         if min(self.lengths) < need:
             raise ValueError(
                 f"length {min(self.lengths)} leaves fewer than max(ks)={max(self.ks)} middle keys: "
@@ -179,304 +115,10 @@ class SweepSettings:
             )
 
 
-# ---------------------------------------------------------------------------------------------------
-# capture
-
-
-@dataclass
-class CapturedQK:
-    """Post-RoPE queries and keys of some layers for one sequence (batch 1), CPU fp32 NumPy.
-
-    q : layer -> (Hq, n, D); k : layer -> (Hkv, n, D); scale : the attention logit scale.
-    """
-
-    q: dict[int, np.ndarray]
-    k: dict[int, np.ndarray]
-    scale: float
-
-    @property
-    def n(self) -> int:
-        """Tokens captured (the same for every layer)."""
-        return min(a.shape[1] for a in self.k.values())
-
-    @classmethod
-    def from_pairs(cls, pairs: Mapping[int, tuple[Any, Any]], scale: float | None = None) -> CapturedQK:
-        """From ``{layer: (q, k)}`` of torch or NumPy arrays, (1, H, n, D) as ``hf.capture_qk`` records or (H, n, D).
-
-        ``scale`` defaults to D ** -0.5.
-        """
-        q, k = {}, {}
-        for layer, (qa, ka) in pairs.items():
-            qa, ka = (np.ascontiguousarray(_numpy3(x), dtype=np.float32) for x in (qa, ka))
-            if qa.shape[0] % ka.shape[0] or qa.shape[1:] != ka.shape[1:]:
-                raise ValueError(f"layer {layer}: q {qa.shape} and k {ka.shape} must be (Hq, n, D), (Hkv, n, D), Hkv | Hq")
-            q[int(layer)], k[int(layer)] = qa, ka
-        if not q:
-            raise ValueError("no layers given")
-        dim = next(iter(k.values())).shape[2]
-        return cls(q, k, float(dim**-0.5 if scale is None else scale))
-
-
-def _numpy3(x: Any) -> np.ndarray:
-    a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim == 4:
-        if a.shape[0] != 1:
-            raise ValueError(f"captured arrays must have batch size 1, got shape {a.shape}")
-        a = a[0]
-    if a.ndim != 3:
-        raise ValueError(f"captured arrays must be (1, H, n, D) or (H, n, D), got shape {a.shape}")
-    return a
-
-
-def builtin_text() -> str:
-    """~465 KB of English prose shipped with CPython: the values of ``pydoc_data.topics.topics``, by key."""
-    from pydoc_data.topics import topics
-
-    return "".join(topics[key] for key in sorted(topics))
-
-
-def builtin_token_ids(tokenizer: Any, n: int) -> torch.Tensor:
-    """The first ``n`` tokens of ``builtin_text()`` (repeated if it is shorter), (1, n) int64."""
-    ids = tokenizer(builtin_text(), return_tensors="pt", verbose=False).input_ids[0]
-    if len(ids) < n:
-        ids = ids.repeat(math.ceil(n / len(ids)))
-    return ids[:n].unsqueeze(0)
-
-
-def default_layers(num_layers: int, count: int = 5) -> tuple[int, ...]:
-    """``count`` layers spread evenly from 10% of the depth to the last (30 layers: 3, 9, 16, 22, 29)."""
-    return tuple(sorted({int(round(x)) for x in np.linspace(0.1 * (num_layers - 1), num_layers - 1, count)}))
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook after the deepest sampled layer: the rest of the model is not needed."""
-
-
-def capture_layers(
-    model: torch.nn.Module, token_ids: torch.Tensor, layers: Sequence[int], progress: bool = True
-) -> CapturedQK:
-    """Run ``model`` on token_ids (1, n) once, up to the deepest of ``layers``, and return their q/k.
-
-    Uses ``hf.capture_qk`` (transformers' sdpa attention, memory-efficient on CPU); the forward stops
-    after the deepest sampled decoder layer.
-    """
-    from .hf import capture_qk
-
-    decoder = model.get_decoder().layers
-    last = max(layers)
-    bar = tqdm(total=last + 1, desc=f"capture {token_ids.shape[1]} tok", unit="layer", disable=not progress)
-
-    def step(module: torch.nn.Module, args: Any, output: Any) -> None:
-        bar.update(1)
-        if module is decoder[last]:
-            raise _StopForward
-
-    hooks = [decoder[i].register_forward_hook(step) for i in range(last + 1)]
-    try:
-        with torch.no_grad(), capture_qk(model, list(layers)) as store:
-            try:
-                model(token_ids.to(model.device), use_cache=False)
-            except _StopForward:
-                pass
-            pairs = dict(store)
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
-    scale = next(float(m.scaling) for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "k_proj"))
-    return CapturedQK.from_pairs(pairs, scale)
-
-
-def model_cache_key(path: str | Path) -> str:
-    """A file-name-safe key of a model file or folder: its name plus a hash of path, size and mtime."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    digest = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    return f"{path.stem}-{digest}"
-
-
-def load_or_capture(
-    model: torch.nn.Module | Callable[[], torch.nn.Module] | None,
-    token_ids: torch.Tensor,
-    layers: Sequence[int],
-    cache_dir: str | Path | None = None,
-    cache_key: str | None = None,
-    progress: bool = True,
-) -> tuple[CapturedQK, float | None]:
-    """q/k of ``layers`` on token_ids (1, n): from ``cache_dir`` where a capture of a longer or equal
-    prefix of the same tokens exists, else captured (one forward) and saved there.
-
-    Returns the capture and the seconds the forward took (None: everything came from the cache).
-    Files: ``{cache_dir}/{cache_key}/layer{L:03d}.npz`` holding q, k, token ids and scale. No caching
-    when ``cache_dir`` or ``cache_key`` is None. ``model`` may be a function returning the model (called
-    only if a capture is needed), or None if everything is cached.
-    """
-    n = token_ids.shape[1]
-    folder = Path(cache_dir) / cache_key if cache_dir is not None and cache_key is not None else None
-    pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    scale = None
-    for layer in layers:
-        path = folder / f"layer{layer:03d}.npz" if folder else None
-        if path is None or not path.is_file():
-            continue
-        with np.load(path) as f:
-            if f["k"].shape[1] >= n and np.array_equal(f["token_ids"][:n], token_ids[0].numpy()):
-                pairs[layer] = (f["q"][:, :n], f["k"][:, :n])
-                scale = float(f["scale"])
-    missing = [layer for layer in layers if layer not in pairs]
-    seconds = None
-    if missing:
-        if model is None:
-            raise ValueError(f"layers {missing} are not cached for these tokens and no model was given")
-        model = model if isinstance(model, torch.nn.Module) else model()
-        start = time.perf_counter()
-        fresh = capture_layers(model, token_ids, missing, progress)
-        seconds = time.perf_counter() - start
-        scale = fresh.scale
-        for layer in missing:
-            pairs[layer] = (fresh.q[layer], fresh.k[layer])
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f"layer{layer:03d}.tmp.npz"
-                np.savez(tmp, q=fresh.q[layer], k=fresh.k[layer], token_ids=token_ids[0].numpy(), scale=scale)
-                tmp.replace(folder / f"layer{layer:03d}.npz")
-    return CapturedQK.from_pairs({layer: pairs[layer] for layer in sorted(layers)}, scale), seconds
-
-
-# ---------------------------------------------------------------------------------------------------
-# evaluation helpers
-
-
 def operating_point(scanned: Sequence[float], min_recall: Sequence[float], target: float) -> int | None:
     """Index of the cheapest grid point (smallest ``scanned``) whose ``min_recall`` reaches ``target``, or None."""
     ok = [i for i, r in enumerate(min_recall) if r >= target]
     return min(ok, key=lambda i: scanned[i]) if ok else None
-
-
-def insertion_drift(
-    q: np.ndarray,
-    k: np.ndarray,
-    backend: str,
-    params: Mapping[str, Any],
-    prefill: int,
-    steps: int,
-    sink: int = 128,
-    window: int = 512,
-    top_k: int = 100,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Recall of an index that grows by ``add`` during decoding, step by step, against a rebuild.
-
-    Replays decoding of one layer from q (Hq, n, D), k (Hkv, n, D): the index is built on the middle
-    keys [sink, prefill - window) (trained on the queries before ``prefill``); at step t the queries of
-    position p = prefill + t search it (one call, all heads), then the key leaving the window
-    (p - window) is added, as the engine does. Returns per-step mean recall@top_k against exact search
-    over the keys indexed at that step, the seconds of each search and add, and the recall of the
-    last 64 steps' queries on an index rebuilt from scratch over the final keys.
-    """
-    hq, n, dim = q.shape
-    groups = k.shape[0]
-    rep = hq // groups
-    if not (sink + top_k <= prefill - window and prefill + steps <= n):
-        raise ValueError(f"need sink + top_k <= prefill - window and prefill + steps <= {n}")
-    qg = q.reshape(groups, rep, n, dim)  # query head h -> group h // rep
-
-    def build(end: int) -> Any:
-        index = make_index(backend, **params)
-        train = np.ascontiguousarray(qg[:, :, :end].reshape(groups, -1, dim)) if index.uses_train_queries else None
-        index.build(np.ascontiguousarray(k[:, sink : end - window]), train)
-        return index
-
-    index = build(prefill)
-    recall = np.empty(steps)
-    search_s, add_s = np.empty(steps), np.empty(steps)
-    for t in tqdm(range(steps), desc=f"{backend} add drift", disable=not progress):
-        p = prefill + t
-        queries = np.ascontiguousarray(qg[:, :, p])  # [G, rep, D]
-        start = time.perf_counter()
-        res = index.search(queries, top_k)
-        search_s[t] = time.perf_counter() - start
-        exact = np.einsum("grd,gnd->grn", queries, k[:, sink : p - window])  # [G, rep, n_indexed]
-        recall[t] = recall_at_k(res.ids, exact, top_k).mean()
-        start = time.perf_counter()
-        index.add(np.ascontiguousarray(k[:, p - window : p - window + 1]))
-        add_s[t] = time.perf_counter() - start
-    last = min(64, steps)
-    rebuilt = build(prefill + steps - last)
-    rebuilt_recall = []
-    for t in range(steps - last, steps):
-        p = prefill + t
-        queries = np.ascontiguousarray(qg[:, :, p])
-        exact = np.einsum("grd,gnd->grn", queries, k[:, sink : prefill + steps - last - window])
-        rebuilt_recall.append(recall_at_k(rebuilt.search(queries, top_k).ids, exact, top_k).mean())
-    return {
-        "recall": recall,
-        "search_s": search_s,
-        "add_s": add_s,
-        "rebuilt_recall_last": float(np.mean(rebuilt_recall)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# one layer
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """A backend resolved against the registry for one number of keys."""
-
-    name: str
-    build: dict[str, int | float]
-    grid_param: str | None
-    grid: tuple[int | float | None, ...]
-    label: str  # the backend's name in results: with the build parameters the spec fixed, e.g. "roar(conn=4)"
-
-
-def _resolve(spec: BackendSpec, n_keys: int, notes: set[str]) -> _Plan:
-    """Build parameters and search grid of ``spec`` for an index of ``n_keys`` keys.
-
-    Grid values that cannot apply (ivf ``nprobe`` above ``nlist``) are dropped with a note.
-    """
-    cls = index_class(spec.name)
-    unknown = sorted(set(spec.params) - set(cls.params))
-    if unknown:
-        raise ValueError(f"backend {spec.name!r}: unknown parameter(s) {unknown}; allowed: {sorted(cls.params)}")
-    grid_names = [p for p in spec.params if p in cls.search_params]
-    multi = [p for p, vs in spec.params.items() if len(vs) > 1 and p not in cls.search_params]
-    if multi or len(grid_names) > 1:
-        raise ValueError(
-            f"backend {spec.name!r}: only one search-time parameter {list(cls.search_params)} may take several "
-            f"values, got {spec.params}"
-        )
-    build = {p: vs[0] for p, vs in spec.params.items() if p not in grid_names}
-    label = f"{spec.name}({' '.join(f'{p}={v}' for p, v in build.items())})" if build else spec.name
-    if spec.name == "ivf" and "nlist" not in build:
-        build["nlist"] = int(max(1, min(n_keys, round(4 * math.sqrt(n_keys)))))
-    cls.validate_params(build)
-    if not grid_names:
-        return _Plan(spec.name, build, None, (None,), label)
-    name = grid_names[0]
-    grid = []
-    for v in spec.params[name]:
-        cls.validate_params({name: v}, only=(name,))
-        if name == "nprobe" and "nlist" in build and v > build["nlist"]:
-            notes.add(f"{spec.name}: nprobe={v} skipped at {n_keys} keys (nlist={build['nlist']})")
-        else:
-            grid.append(v)
-    return _Plan(spec.name, build, name, tuple(grid), label)
-
-
-def _warm_up(plans: Iterable[_Plan], dim: int) -> None:
-    """Build and search each backend once on small random data (top-10, default parameters), so JIT
-    compilation is not timed."""
-    rng = np.random.default_rng(0)
-    keys = rng.standard_normal((1, 512, dim), dtype=np.float32)
-    train = rng.standard_normal((1, 256, dim), dtype=np.float32)
-    for plan in plans:
-        build = {**plan.build, "nlist": 16, "nprobe": 1} if plan.name == "ivf" else plan.build
-        index = make_index(plan.name, **build)
-        index.build(keys, train if index.uses_train_queries else None)
-        index.search(train[:, :4], 10)
 
 
 @dataclass
@@ -493,7 +135,8 @@ class _LayerProblem:
 
 def _layer_problem(q: np.ndarray, k: np.ndarray, settings: SweepSettings, scale: float) -> _LayerProblem:
     hq, n, dim = q.shape
-    groups, t, s, w = k.shape[0], settings.n_test, settings.sink, settings.window
+    groups, t = k.shape[0], settings.n_test
+    s, w = settings.retrieval.sink_tokens, settings.retrieval.window_tokens
     rep = hq // groups
     mid0, mid1 = s, n - t - w  # middle keys [mid0, mid1)
     if mid1 - mid0 < max(settings.ks):
@@ -565,7 +208,7 @@ def evaluate_layer(
             bar.set_postfix_str(f"n={prob.n} layer={layer} {spec.name}")
         if spec.name not in registered:
             notes.add(f"{spec.name}: not registered (available: {', '.join(sorted(registered))}); skipped")
-        elif (plan := _resolve(spec, n_mid, notes)).grid:
+        elif (plan := plan_backend(spec, n_mid, notes)).grid:
             first = {} if plan.grid_param is None else {plan.grid_param: plan.grid[0]}  # checked against build params
             index = make_index(plan.name, **plan.build, **first)
             index.build(prob.keys_mid, prob.train if index.uses_train_queries else None)
@@ -605,10 +248,6 @@ def evaluate_layer(
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------
-# the sweep
-
-
 @dataclass
 class SweepReport:
     """Everything a sweep measured.
@@ -632,8 +271,7 @@ class SweepReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the whole report."""
-        settings = asdict(self.settings)
-        settings["backends"] = [str(b) for b in self.settings.backends]
+        settings = {**settings_dict(self.settings), "backends": [str(b) for b in self.settings.backends]}
         return {
             "model": self.model,
             "layers": list(self.layers),
@@ -645,34 +283,6 @@ class SweepReport:
             "summary": self.summary,
             "rows": self.rows,
         }
-
-
-def model_and_tokens(
-    model_path: str | Path | None, cache_dir: str | Path | None, need: int
-) -> tuple[Path, str, Callable[[], torch.nn.Module] | torch.nn.Module, int, torch.Tensor]:
-    """For a model file or folder (None: the embedded one): its path, cache key, the model or a loader of
-    it, its layer count, and the built-in text's first ``need`` token ids (1, need).
-
-    When ``cache_dir`` holds the layer count and enough tokens of this model (``builtin_tokens.npz``),
-    the model is not loaded here: ``load_or_capture`` loads it only if a layer is not cached.
-    """
-    from .hf import embedded_model_path, load_model
-
-    path = embedded_model_path() if model_path is None else Path(model_path)
-    key = model_cache_key(path)
-    meta = Path(cache_dir) / key / "builtin_tokens.npz" if cache_dir is not None else None
-    if meta is not None and meta.is_file():
-        with np.load(meta) as f:
-            if len(f["token_ids"]) >= need:
-                ids = torch.from_numpy(f["token_ids"][:need]).unsqueeze(0)
-                return path, key, lambda: load_model(path)[0], int(f["num_layers"]), ids
-    model, tokenizer = load_model(path)
-    n_layers = model.config.get_text_config().num_hidden_layers
-    ids = builtin_token_ids(tokenizer, max(need, CACHED_TOKENS))
-    if meta is not None:
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(meta, token_ids=ids[0].numpy(), num_layers=n_layers)
-    return path, key, model, n_layers, ids[:, :need]
 
 
 def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -796,8 +406,9 @@ def run_sweep(
     dim = next(iter(captured.k.values())).shape[2]
     rows: list[dict[str, Any]] = []
     total = len(settings.lengths) * len(layers) * len(settings.backends)
-    with cpu_threads(settings.threads), tqdm(total=total, desc="sweep", unit="index", disable=not progress) as bar:
-        _warm_up([_resolve(b, 512, set()) for b in settings.backends if b.name in registered], dim)
+    bar = tqdm(total=total, desc="sweep", unit="index", disable=not progress)
+    with cpu_threads(settings.retrieval.cpu_threads), bar:
+        warm_up([plan_backend(b, 512, set()) for b in settings.backends if b.name in registered], dim)
         for n in sorted(settings.lengths):
             for layer in layers:
                 q, k = captured.q[layer][:, :n], captured.k[layer][:, :n]
@@ -816,31 +427,17 @@ def run_sweep(
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# output
-
-
 def write_results(report: SweepReport, folder: str | Path) -> list[Path]:
     """Write rows.csv (per layer and KV head), summary.csv, sweep.json and two PNG plots into ``folder``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "rows.csv", folder / "summary.csv", folder / "sweep.json"]
-    for path, records in ((paths[0], report.rows), (paths[1], report.summary)):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["length"])
-            writer.writeheader()
-            writer.writerows(records)
-    paths[2].write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    paths = [write_csv(folder / "rows.csv", report.rows), write_csv(folder / "summary.csv", report.summary),
+             write_json(folder / "sweep.json", report.to_dict())]
     return paths + _plot(report, folder)
 
 
 def _plot(report: SweepReport, folder: Path) -> list[Path]:
     """recall_vs_scanned.png and recall_vs_latency.png: one panel per length, one curve per backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     k = report.settings.ks[0]
     lengths = sorted({s["length"] for s in report.summary})
     backends = list(dict.fromkeys(s["backend"] for s in report.summary))
@@ -874,16 +471,6 @@ def _plot(report: SweepReport, folder: Path) -> list[Path]:
     return out
 
 
-def format_columns(header: list[str], rows: list[list]) -> str:
-    """Aligned columns: first column left-aligned, others right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(row: list) -> str:
-        return "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
 def format_sweep_table(report: SweepReport) -> str:
     """The terminal report: one row per (length, backend, value, k), the operating points, the notes."""
     multi_k = len(report.settings.ks) > 1
@@ -906,10 +493,11 @@ def format_sweep_table(report: SweepReport) -> str:
         f"capture: {cap['tokens']} tokens, "
         + (f"{cap['seconds']:.1f} s forward" if cap.get("seconds") is not None else f"from {cap['source']}")
     )
+    retrieval = report.settings.retrieval
     parts = [
         f"model: {report.model}; layers {list(report.layers)}; {capture}",
-        f"sink {report.settings.sink}, window {report.settings.window}, {report.settings.n_test} test positions, "
-        f"{report.settings.threads or 'default'} threads; recall over (layer, KV head) groups; "
+        f"sink {retrieval.sink_tokens}, window {retrieval.window_tokens}, {report.settings.n_test} test positions, "
+        f"{retrieval.cpu_threads or 'default'} threads; recall over (layer, KV head) groups; "
         f"mass = softmax mass of static + retrieved keys; us/query median (best) over decode steps",
         format_columns(header, rows),
         "",
@@ -928,47 +516,3 @@ def format_sweep_table(report: SweepReport) -> str:
         parts += ["", "notes:", *(f"  {note}" for note in report.notes)]
     parts.append(f"\nsweep seconds: {report.seconds:.1f}")
     return "\n".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# command line
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the sweep's options to ``parser`` (used by ``bench/recall_sweep.py`` and ``retrieval-attn sweep``)."""
-    d = SweepSettings()
-    parser.add_argument("--model", default=None, help="GGUF file or transformers folder (default: embedded SmolLM2)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(d.lengths), help="context lengths in tokens")
-    parser.add_argument("--layers", type=int, nargs="+", default=None,
-                        help="decoder layers to sample (default: 5 spread over depth, 3 9 16 22 29 for 30 layers)")
-    parser.add_argument("--sink", type=int, default=d.sink, help="first tokens kept static (on the device)")
-    parser.add_argument("--window", type=int, default=d.window, help="recent tokens kept static (on the device)")
-    parser.add_argument("--n-test", type=int, default=d.n_test, help="decode-like test positions per length")
-    parser.add_argument("--k", type=int, nargs="+", default=list(d.ks), help="top-k values; the first is primary")
-    parser.add_argument("--target-recall", type=float, default=d.target_recall, help="recall of the operating point")
-    parser.add_argument("--train-positions", choices=["prefix", "middle"], default=d.train_positions,
-                        help="positions whose queries train query-aware indexes")
-    parser.add_argument("--backend", action="append", default=None, metavar="NAME[:PARAM=V1,V2,...]...",
-                        help="backend and parameter values, repeatable (default: " +
-                             " ".join(str(b) for b in DEFAULT_BACKENDS) + ")")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for index build and search (default: torch/numba/faiss defaults)")
-    parser.add_argument("--out", default="results/recall_sweep", help="folder for CSV, JSON and PNG results")
-    parser.add_argument("--cache-dir", default="results/qk_cache", help="folder caching captured q/k")
-    parser.add_argument("--no-cache", action="store_true", help="capture again and do not cache")
-
-
-def sweep_from_args(args: argparse.Namespace) -> SweepReport:
-    """Run the sweep described by parsed ``add_sweep_arguments`` options and write its files to ``args.out``."""
-    try:
-        backends = tuple(parse_backend_spec(s) for s in args.backend) if args.backend else DEFAULT_BACKENDS
-        settings = SweepSettings(
-            lengths=tuple(args.lengths), layers=tuple(args.layers) if args.layers else None, sink=args.sink,
-            window=args.window, n_test=args.n_test, ks=tuple(args.k), target_recall=args.target_recall,
-            train_positions=args.train_positions, backends=backends, threads=args.threads,
-        )
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    report = run_sweep(settings, model_path=args.model, cache_dir=None if args.no_cache else args.cache_dir)
-    write_results(report, args.out)
-    return report

@@ -15,17 +15,16 @@ retrieval-attn the last chunk runs inside ``RetrievalCache.last_prefill_chunk`` 
 builds on CPU threads while later layers prefill. Random weights cost what real ones cost, so
 latency and memory are meaningful; recall is not (see the recall sweep for that).
 
-Results: a table, ``decode.json`` (every measurement plus ratios) and ``decode.csv`` in ``out``.
-This module does not print; ``cli.py`` does.
+Every method runs through ``hf.Decoder`` (the one decode driver); the shapes are
+``hf.MODEL_SHAPES``. Results: a table (``format_bench_table``), ``decode.json`` (every measurement
+plus ratios) and ``decode.csv`` in ``out``. This module does not print; ``cli.py`` does. It imports
+``retrieval_attn.hf`` only where it builds or runs a model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import gc
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,26 +33,39 @@ from typing import Any, Callable
 
 import torch
 
-from .config import RetrievalConfig
-from .engine import STEP_PARTS
-from .planner import GIB, MemoryBudgetError, resident_bytes
+from ..config import RetrievalConfig
+from ..engine import STEP_PARTS
+from ..planner import GIB, MemoryBudgetError, resident_bytes
+from .report import format_columns, settings_dict, write_csv, write_json
 
-__all__ = ["SHAPES", "METHODS", "BenchSettings", "MethodResult", "run_decode_bench", "write_results", "ratio_rows"]
+__all__ = [
+    "METHODS",
+    "BenchSettings",
+    "MethodResult",
+    "run_decode_bench",
+    "ratio_rows",
+    "write_results",
+    "format_bench_table",
+]
 
-SHAPES: dict[str, dict[str, int]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256),
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=64, vocab_size=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=256),
-}
 METHODS = ("full", "offloaded", "flat", "roar")
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What to run: model shape, contexts, methods, and how to measure."""
+    """What to run: model shape, contexts, methods, and how to measure.
+
+    Attributes
+    ----------
+    shape : a random model shape of ``hf.MODEL_SHAPES``.
+    contexts : prompt tokens of each measurement.
+    methods : subset of ``METHODS``.
+    steps, warmup : decode steps measured (median), after ``warmup`` unmeasured ones.
+    prefill_chunk : prompt tokens per prefill forward pass.
+    device, dtype : where the model runs, and its weights' dtype (a name of ``torch``).
+    retrieval : the config of the retrieval-attn methods (each sets its own ``index``); its
+        ``gpu_memory_gib`` caps them (the baselines run uncapped).
+    """
 
     shape: str = "llama3-8b"
     contexts: tuple[int, ...] = (32768, 65536, 131072)
@@ -63,12 +75,13 @@ class BenchSettings:
     prefill_chunk: int = 4096
     device: str = "cuda"
     dtype: str = "bfloat16"
-    gpu_memory_gib: float | None = None
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"shape must be one of {list(SHAPES)}, got {self.shape!r}")
+        from ..hf import MODEL_SHAPES
+
+        if self.shape not in MODEL_SHAPES:
+            raise ValueError(f"shape must be one of {list(MODEL_SHAPES)}, got {self.shape!r}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
@@ -103,45 +116,30 @@ class MethodResult:
     keys_scanned_fraction: float | None = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _measure(
-    model: torch.nn.Module, ids: torch.Tensor, cache: Any, settings: BenchSettings, result: MethodResult,
-    last_chunk: Callable[[], Any],
+    decoder: Any, ids: torch.Tensor, settings: BenchSettings, result: MethodResult
 ) -> list[list[dict[str, float]]]:
-    """Prefill ``ids`` (1, n) into ``cache``, then decode greedily; fill the timings of ``result``.
+    """Prefill ``ids`` (1, n) through ``decoder``, then decode greedily; fill the timings of ``result``.
 
     Returns the per-step, per-layer ``step_seconds`` of a RetrievalCache (empty lists otherwise).
     """
-    from .hf import prefill_spans
-
-    device = ids.device
-    n = ids.shape[1]
-    _sync(device)
+    decoder.synchronize()
     start = time.perf_counter()
-    with torch.no_grad():
-        for i, j in prefill_spans(n, settings.prefill_chunk):
-            with last_chunk() if j == n else contextlib.nullcontext():
-                logits = model(ids[:, i:j], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        _sync(device)
-        result.prefill_s = time.perf_counter() - start
-        token = logits[:, -1:].argmax(-1)  # [1, 1]
-        steps, parts = [], []
-        for s in range(1 + settings.warmup + settings.steps):
-            t0 = time.perf_counter()
-            logits = model(token, past_key_values=cache, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if s == 0:
-                result.ttft_s = time.perf_counter() - start
-            elif s > settings.warmup:
-                steps.append(dt)
-                if hasattr(cache, "stats"):
-                    parts.append([dict(st.step_seconds) for st in cache.stats])
+    logits = decoder.prefill(ids)
+    decoder.synchronize()
+    result.prefill_s = time.perf_counter() - start
+    steps: list[float] = []
+    parts: list[list[dict[str, float]]] = []
+
+    def measure(step: int, seconds: float) -> None:
+        if step == 0:
+            result.ttft_s = time.perf_counter() - start
+        elif step > settings.warmup:
+            steps.append(seconds)
+            if hasattr(decoder.cache, "stats"):
+                parts.append([dict(st.step_seconds) for st in decoder.cache.stats])
+
+    decoder.decode(logits, 1 + settings.warmup + settings.steps, on_step=measure)
     result.s_per_token = statistics.median(steps)
     ordered = sorted(steps)
     result.step_p90_s = ordered[int(0.9 * (len(ordered) - 1))]
@@ -167,18 +165,18 @@ def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[
 
 def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda msg: None) -> list[MethodResult]:
     """Measure every (context, method) of ``settings``; see the module docstring."""
-    from .hf import random_model
+    from ..hf import random_model
 
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch has no CUDA device here; use --device cpu")
-    model = random_model(SHAPES[settings.shape], device=device, dtype=_DTYPES[settings.dtype])
-    vocab = SHAPES[settings.shape]["vocab_size"]
+    model = random_model(settings.shape, device=device, dtype=_DTYPES[settings.dtype])
+    vocab = model.config.vocab_size
     short = min(min(settings.contexts), settings.retrieval.sink_tokens + settings.retrieval.window_tokens + 512)
     warm = torch.randint(0, vocab, (1, short), generator=torch.Generator().manual_seed(0)).to(device)
     for method in settings.methods:  # compile numba kernels and warm allocators; not recorded
         progress(f"warm-up ({short} tokens): {method}")
-        _run_method(model, warm, method, BenchSettings(**{**_settings_fields(settings), "steps": 1, "warmup": 0}))
+        _run_method(model, warm, method, dataclasses.replace(settings, steps=1, warmup=0))
     results = []
     for context in settings.contexts:
         ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
@@ -194,7 +192,7 @@ def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = 
 
 def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings: BenchSettings) -> MethodResult:
     """One (context, method) measurement; the method's cache is freed when this returns."""
-    from .hf import RetrievalCache, dynamic_cache
+    from ..hf import Decoder, RetrievalCache, dynamic_cache
 
     device = ids.device
     result = MethodResult(ids.shape[1], method)
@@ -206,13 +204,12 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
             if device.type == "cuda":  # baselines run uncapped: a --gpu-memory-gib cap is retrieval-attn's
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
             model.set_attn_implementation("sdpa")
-            cache, last_chunk = dynamic_cache(offloading=method == "offloaded"), contextlib.nullcontext
+            cache = dynamic_cache(offloading=method == "offloaded")
         else:
-            config = dataclasses.replace(settings.retrieval, index=method, gpu_memory_gib=settings.gpu_memory_gib)
+            config = dataclasses.replace(settings.retrieval, index=method)
             total = ids.shape[1] + 1 + settings.warmup + settings.steps
             cache = RetrievalCache(model, config, max_context=total, prefill_chunk=settings.prefill_chunk)
-            last_chunk = cache.last_prefill_chunk
-        parts = _measure(model, ids, cache, settings, result, last_chunk)
+        parts = _measure(Decoder(model, cache, settings.prefill_chunk), ids, settings, result)
     except MemoryBudgetError as err:
         result.status = f"refused by the planner: {err}"
         return result
@@ -226,18 +223,6 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
         result.peak_device_gib = torch.cuda.max_memory_allocated(device) / GIB
     result.cpu_rss_gib = resident_bytes() / GIB
     return result
-
-
-def _settings_fields(settings: BenchSettings) -> dict[str, Any]:
-    """The fields of ``settings`` as a shallow dict (the RetrievalConfig kept as is)."""
-    return {f: getattr(settings, f) for f in settings.__dataclass_fields__}
-
-
-def asdict_config(config: RetrievalConfig) -> dict[str, Any]:
-    """A RetrievalConfig's fields as a plain dict (index_params copied)."""
-    out = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    out["index_params"] = dict(config.index_params)
-    return out
 
 
 def ratio_rows(results: list[MethodResult]) -> list[dict[str, Any]]:
@@ -260,20 +245,39 @@ def ratio_rows(results: list[MethodResult]) -> list[dict[str, Any]]:
 def write_results(results: list[MethodResult], settings: BenchSettings, out: str | Path, machine: str) -> Path:
     """Write decode.json (settings, machine, results, ratios) and decode.csv into ``out``; return the folder."""
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     payload = {
-        "settings": {**_settings_fields(settings), "contexts": list(settings.contexts),
-                     "methods": list(settings.methods), "retrieval": asdict_config(settings.retrieval)},
+        "settings": settings_dict(settings),
         "machine": machine,
         "results": [asdict(r) for r in results],
         "ratios": ratio_rows(results),
     }
-    (folder / "decode.json").write_text(json.dumps(payload, indent=2))
+    write_json(folder / "decode.json", payload, indent=2)
     columns = [f for f in MethodResult.__dataclass_fields__ if f != "breakdown_s"] + [*STEP_PARTS, "rest_of_model"]
-    with open(folder / "decode.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in results:
-            row = {k: v for k, v in asdict(r).items() if k != "breakdown_s"}
-            writer.writerow({**row, **r.breakdown_s})
+    rows = [{**{k: v for k, v in asdict(r).items() if k != "breakdown_s"}, **r.breakdown_s} for r in results]
+    write_csv(folder / "decode.csv", rows, columns)
     return folder
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_bench_table(results: list[MethodResult]) -> str:
+    """The terminal report: one row per (context, method), then the ratios of ``ratio_rows`` if any."""
+    table = format_columns(
+        ["context", "method", "s/token", "TTFT s", "prefill s", "peak dev GiB", "CPU RSS GiB",
+         "dev attn ms", "search ms", "CPU attn ms", "transfer ms", "rest ms", "status"],
+        [[r.context, r.method, _num(r.s_per_token, 4), _num(r.ttft_s, 2), _num(r.prefill_s, 2),
+          _num(r.peak_device_gib, 2), _num(r.cpu_rss_gib, 2),
+          *(_num(r.breakdown_s[p] * 1e3, 2) if r.breakdown_s else "-" for p in
+            ("device_attention", "cpu_search", "cpu_attention", "transfer", "rest_of_model")),
+          r.status if r.status == "ok" else r.status[:60]] for r in results],
+    )
+    ratios = ratio_rows(results)
+    if not ratios:
+        return table
+    return table + "\n\n" + format_columns(
+        ["context", "method", "x faster than full", "x faster than offloaded", "TTFT / full TTFT"],
+        [[r["context"], r["method"], _num(r["speedup_vs_full"], 2), _num(r["speedup_vs_offloaded"], 2),
+          _num(r["ttft_over_full"], 2)] for r in ratios],
+    )

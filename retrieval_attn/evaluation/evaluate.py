@@ -1,0 +1,218 @@
+"""Long-context evaluation against full attention: needle retrieval and teacher-forced fidelity (issue 5).
+
+Every task compares, in one run and on one model, *methods* (``methods``: ``full``, index backends,
+``sink+window``), each fed its prompts through ``hf.Decoder``: the context is prefilled (exactly, and
+once for all retrieval methods, which fork it), then every token that should read it through
+retrieval goes through the cache as a decode step. Tasks: the needle grid (``needle``) and
+teacher-forced fidelity on the shipped book (``fidelity``). ``RetrievalConfig(telemetry=True)`` in
+``EvalSettings.retrieval`` adds per-layer recall@k and attention mass of every retrieval method, over
+all its decode steps (``retrieval_attn.telemetry``).
+
+This module owns the run's settings, its report and its results files (JSON, CSV, PNG); it does not
+print (progress bars go to stderr). ``retrieval-attn eval`` and ``bench/fidelity.py`` print its table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import RetrievalConfig
+from ..index import backend_for, cpu_threads, index_class
+from .fidelity import fidelity_tables, plot_fidelity, run_fidelity
+from .methods import DEFAULT_METHODS, Methods, method_config
+from .needle import TASKS, needle_cells, plot_needle, run_needle
+from .report import format_columns, format_telemetry_table, plot_telemetry, settings_dict, write_csv, write_json
+from .texts import BOOK
+
+__all__ = ["EvalSettings", "EvalReport", "run_eval", "write_results", "format_eval_table"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Every knob of an evaluation run.
+
+    Attributes
+    ----------
+    methods : ``full``, ``sink+window``, or index specs ``name[:param=value]...`` (one value each).
+    tasks : needle tasks (subset of ``TASKS``); empty: no needle grid.
+    lengths, depths : the needle grid: context tokens, and needle depth fractions in [0, 1].
+    samples : needle samples per grid cell (seeds ``seed .. seed + samples - 1``).
+    fidelity_tokens : decode steps of the teacher-forced fidelity task (0: skip it).
+    fidelity_prefix : tokens of the text prefilled before them.
+    retrieval : what every retrieval method shares (``sink_tokens``, ``window_tokens``, ``top_k``,
+        ``telemetry``: per-layer recall@k and attention mass, ...); each method replaces its ``index`` and
+        ``index_params`` (``methods.method_config``). Its ``cpu_threads`` also bounds the threads of the
+        whole run (the model's forwards too); None leaves torch/numba/faiss defaults. On a machine
+        shared with other work, 1 is often fastest.
+    seed : base seed of the needle generators.
+    prefill_chunk : tokens per prefill forward pass (bounds memory), and per reference-logits chunk.
+    method_configs : (derived) method -> its ``RetrievalConfig`` (None: ``full``).
+    """
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    samples: int = 1
+    fidelity_tokens: int = 1000
+    fidelity_prefix: int = 1024
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    seed: int = 0
+    prefill_chunk: int = 1024
+    method_configs: dict[str, RetrievalConfig | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct and not empty, got {list(self.methods)}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"tasks must be among {list(TASKS)}, got {bad}")
+        if self.tasks and (not self.lengths or not self.depths):
+            raise ValueError("lengths and depths must not be empty when tasks are given")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in self.lengths):
+            raise ValueError(f"lengths must be ints >= 64, got {list(self.lengths)}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must be in [0, 1], got {list(self.depths)}")
+        for name, low in (("samples", 1), ("fidelity_tokens", 0), ("prefill_chunk", 2)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.tasks and self.fidelity_tokens == 0:
+            raise ValueError("nothing to run: give tasks or fidelity_tokens > 0")
+        device = self.retrieval.sink_tokens + self.retrieval.window_tokens
+        if self.tasks and min(self.lengths) <= device:
+            raise ValueError(
+                f"lengths must exceed sink + window = {device} (else nothing is offloaded), got {min(self.lengths)}"
+            )
+        if self.fidelity_tokens and self.fidelity_prefix <= device:
+            raise ValueError(f"fidelity_prefix must exceed sink + window = {device}, got {self.fidelity_prefix}")
+        configs = {m: method_config(m, self.retrieval) for m in self.methods}
+        builds = ([min(self.lengths)] if self.tasks else []) + ([self.fidelity_prefix] if self.fidelity_tokens else [])
+        offloaded = min(builds) - device  # keys the first decode indexes, at the least
+        for m, c in configs.items():
+            if c is None:
+                continue
+            backend, params = backend_for(c.index, c.index_params, offloaded)
+            nlist = index_class(backend).resolved_params(params).get("nlist", 0)
+            if nlist > offloaded:
+                raise ValueError(
+                    f"method {m!r}: {backend}'s nlist ({nlist}) must be <= the keys offloaded at the first decode "
+                    f"({offloaded}): lengthen the shortest context or pass ivf:nlist=..."
+                )
+        object.__setattr__(self, "method_configs", configs)
+
+
+@dataclass
+class EvalReport:
+    """Everything an evaluation measured.
+
+    needle : one row per (task, length, depth, sample, method).
+    needle_cells : accuracy per (task, length, depth, method), over samples.
+    fidelity : one row per method: mean and max KL, top-1 agreement, perplexity, over all positions.
+    fidelity_bins : the same per position bin (``FIDELITY_BINS`` equal bins of the decoded positions).
+    telemetry : per (method, layer) recall@k and attention mass (empty without ``settings.telemetry``).
+    seconds : wall seconds per method (shared prefills split evenly), and ``total``.
+    """
+
+    settings: EvalSettings
+    model: str
+    needle: list[dict[str, Any]]
+    needle_cells: list[dict[str, Any]]
+    fidelity: list[dict[str, Any]]
+    fidelity_bins: list[dict[str, Any]]
+    telemetry: list[dict[str, Any]]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the whole report."""
+        return {"model": self.model, "settings": settings_dict(self.settings), "seconds": self.seconds,
+                "needle_cells": self.needle_cells, "fidelity": self.fidelity, "fidelity_bins": self.fidelity_bins, "telemetry": self.telemetry,
+                "needle": self.needle}
+
+
+def run_eval(
+    settings: EvalSettings | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    model_path: str | Path | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Run the needle grid and the fidelity task for every method of ``settings``.
+
+    Give ``model`` and ``tokenizer`` (a transformers causal LM that ``RetrievalCache`` supports), or
+    neither: ``hf.load_model(model_path)`` (None: the embedded SmolLM2).
+    """
+    from ..hf import load_model
+
+    settings = EvalSettings() if settings is None else settings
+    start = time.perf_counter()
+    name = type(model).__name__ if model is not None else str(model_path or "embedded SmolLM2-135M-Instruct")
+    if model is None:
+        model, tokenizer = load_model(model_path)
+    elif tokenizer is None:
+        raise ValueError("give a tokenizer with the model")
+    methods = Methods(model, settings.method_configs, settings.prefill_chunk)
+    with cpu_threads(settings.retrieval.cpu_threads):
+        needle = run_needle(methods, tokenizer, settings, progress) if settings.tasks else []
+        fidelity, bins = (
+            fidelity_tables(run_fidelity(methods, tokenizer, settings, progress), settings.fidelity_prefix)
+            if settings.fidelity_tokens else ([], [])
+        )
+    seconds = {**methods.seconds, "total": time.perf_counter() - start}
+    return EvalReport(settings, name, needle, needle_cells(needle), fidelity, bins, methods.telemetry_rows(), seconds)
+
+
+def write_results(report: EvalReport, folder: str | Path) -> list[Path]:
+    """eval.json, needle.csv, needle_cells.csv, fidelity.csv, fidelity_bins.csv, telemetry.csv and PNGs
+    (needle_<method>.png heatmaps, fidelity.png, telemetry.png) into ``folder``; the paths written."""
+    folder = Path(folder)
+    paths = [write_json(folder / "eval.json", report.to_dict())]
+    for name, records in (("needle", report.needle), ("needle_cells", report.needle_cells),
+                          ("fidelity", report.fidelity), ("fidelity_bins", report.fidelity_bins),
+                          ("telemetry", report.telemetry)):
+        if records:
+            paths.append(write_csv(folder / f"{name}.csv", records))
+    if report.needle_cells:
+        paths += plot_needle(report.needle_cells, report.settings, folder)
+    if report.fidelity_bins:
+        paths.append(plot_fidelity(report.fidelity_bins, report.model, folder / "fidelity.png"))
+    if report.telemetry:
+        series: dict[str, list[dict[str, Any]]] = {}
+        for r in report.telemetry:
+            series.setdefault(r["method"], []).append(r)
+        paths.append(plot_telemetry(series, folder / "telemetry.png", f"retrieval telemetry, {report.model}"))
+    return paths
+
+
+def format_eval_table(report: EvalReport) -> str:
+    """The terminal report: needle accuracy per method (overall and per length), fidelity per method,
+    the telemetry per layer of each method, seconds per method."""
+    s = report.settings
+    config = s.retrieval
+    parts = [f"model: {report.model}; sink {config.sink_tokens}, window {config.window_tokens}, top_k {config.top_k}"]
+    if report.needle_cells:
+        header = ["method", "all", *(f"{t}" for t in s.tasks), *(f"{n} tok" for n in s.lengths)]
+
+        def acc(cells: list[dict[str, Any]]) -> str:
+            return f"{sum(c['accuracy'] for c in cells) / len(cells):.2f}"
+
+        rows = []
+        for m in s.methods:
+            cells = [c for c in report.needle_cells if c["method"] == m]
+            rows.append([m, acc(cells), *(acc([c for c in cells if c["task"] == t]) for t in s.tasks),
+                         *(acc([c for c in cells if c["length"] == n]) for n in s.lengths)])
+        parts += [f"\nneedle accuracy ({len(s.depths)} depths x {s.samples} sample(s) per cell; question and "
+                  "answer decoded through the cache)", format_columns(header, rows)]
+    if report.fidelity:
+        parts += [f"\nteacher-forced fidelity: {s.fidelity_tokens} decode steps after a {s.fidelity_prefix}-token "
+                  f"prefix of {BOOK}",
+                  format_columns(["method", "KL mean", "KL p99", "KL max", "top-1 agree", "ppl"],
+                                 [[r["method"], f"{r['kl_mean']:.5f}", f"{r['kl_p99']:.4f}", f"{r['kl_max']:.3f}",
+                                   f"{100 * r['top1_agreement']:.2f}%", f"{r['ppl']:.3f}"] for r in report.fidelity])]
+    for m in dict.fromkeys(r["method"] for r in report.telemetry):
+        parts += [f"\ntelemetry: {m}", format_telemetry_table([r for r in report.telemetry if r["method"] == m])]
+    parts += ["\nseconds: " + ", ".join(f"{m} {v:.1f}" for m, v in report.seconds.items())]
+    return "\n".join(parts)

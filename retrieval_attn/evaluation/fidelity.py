@@ -1,0 +1,127 @@
+"""Teacher-forced fidelity against full attention on the shipped book.
+
+The text is ``data/alice.txt`` (Lewis Carroll, *Alice's Adventures in Wonderland*, 1865, public
+domain, the Millennium Fulcrum Edition 2.9 text). ``fidelity_prefix`` tokens are prefilled, then
+``fidelity_tokens`` more are fed one decode step each, where retrieval acts; at every step each
+method's next-token distribution is compared with full attention's (exact forwards over the text
+through a ``DynamicCache``, chunk by chunk in lockstep with the decode steps): KL(full || method) in
+nats, top-1 agreement, and each method's own negative log-likelihood of the true next token
+(perplexity). ``fidelity_tables`` reduces them over all positions and over ``FIDELITY_BINS`` position
+bins; ``plot_fidelity`` draws the bins.
+
+This module knows tokenizers and the ``Methods`` runner, not how a method attends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from .methods import FULL, Methods
+from .report import pyplot
+from .texts import book_text, token_ids
+
+if TYPE_CHECKING:
+    from .evaluate import EvalSettings
+
+__all__ = ["FIDELITY_BINS", "run_fidelity", "fidelity_tables", "plot_fidelity"]
+
+FIDELITY_BINS = 8
+
+
+def run_fidelity(
+    methods: Methods, tokenizer: Any, settings: EvalSettings, progress: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per method, per position arrays (tokens,): ``kl`` (nats) and ``agree`` against full attention, ``nll``.
+
+    Full attention's logits come from exact chunked forwards over the text (a DynamicCache, sdpa),
+    computed chunk by chunk in lockstep with the methods' decode steps; ``full`` itself gets its nll.
+    """
+    from ..hf import Decoder, dynamic_cache
+
+    p, n = settings.fidelity_prefix, settings.fidelity_tokens
+    ids = torch.tensor([token_ids(tokenizer, book_text())])
+    if ids.shape[1] < p + n + 1:
+        raise ValueError(f"fidelity_prefix + fidelity_tokens must be < {ids.shape[1]} (the text's tokens), got {p + n}")
+    ids = ids[:, : p + n + 1]
+    decoders = methods.start(ids[:, :p], full=False)  # full attention is the reference below
+    chunk = settings.prefill_chunk
+    reference = Decoder(methods.model, dynamic_cache(), chunk)
+    reference.prefill(ids[:, :p])
+    targets = ids[0, p + 1 :]  # the token each step predicts, (n,)
+    names = [FULL, *decoders] if FULL in methods.configs else list(decoders)
+    res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n)} for m in names}
+    bar = tqdm(total=n, desc="fidelity", unit="tok", disable=not progress)
+    for t0 in range(0, n, chunk):
+        t1 = min(n, t0 + chunk)
+        start = time.perf_counter()
+        ref = reference.prefill(ids[:, p + t0 : p + t1], all_logits=True)[0].float().cpu()  # one forward: c <= chunk
+        ref_logp = torch.log_softmax(ref, dim=-1)  # [c, vocab]: full attention, predicting targets[t0:t1]
+        tgt = targets[t0:t1]
+        if FULL in res:
+            methods.seconds[FULL] += time.perf_counter() - start
+            res[FULL]["kl"][t0:t1] = 0.0
+            res[FULL]["agree"][t0:t1] = 1.0
+            res[FULL]["nll"][t0:t1] = -ref_logp.gather(1, tgt[:, None])[:, 0]
+        for m, decoder in decoders.items():
+            logp = torch.log_softmax(
+                torch.stack([methods.step(m, decoder, int(ids[0, p + t])) for t in range(t0, t1)]), dim=-1
+            )  # [c, vocab]
+            res[m]["kl"][t0:t1] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0.0)
+            res[m]["agree"][t0:t1] = (logp.argmax(-1) == ref_logp.argmax(-1)).float()
+            res[m]["nll"][t0:t1] = -logp.gather(1, tgt[:, None])[:, 0]
+        bar.update(t1 - t0)
+    bar.close()
+    methods.finish(decoders)
+    return res
+
+
+def fidelity_tables(
+    res: dict[str, dict[str, torch.Tensor]], prefix: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``run_fidelity``'s arrays reduced: one row per method over all positions (mean, p99 and max KL,
+    top-1 agreement, perplexity), and one per method and position bin (``FIDELITY_BINS`` equal bins)."""
+    overall, bins = [], []
+    for m, r in res.items():
+        n = r["kl"].shape[0]
+        overall.append({"method": m, "tokens": n, "kl_mean": float(r["kl"].mean()), "kl_max": float(r["kl"].max()),
+                        "kl_p99": float(r["kl"].quantile(0.99)), "top1_agreement": float(r["agree"].mean()),
+                        "ppl": math.exp(float(r["nll"].mean()))})
+        edges = torch.linspace(0, n, FIDELITY_BINS + 1).round().long().tolist()
+        for a, b in zip(edges[:-1], edges[1:]):
+            if b > a:
+                bins.append({"method": m, "position_start": prefix + a, "position_end": prefix + b,
+                             "kl_mean": float(r["kl"][a:b].mean()), "top1_agreement": float(r["agree"][a:b].mean()),
+                             "ppl": math.exp(float(r["nll"][a:b].mean()))})
+    return overall, bins
+
+
+def plot_fidelity(bins: list[dict[str, Any]], model: str, path: Path) -> Path:
+    """PNG of KL, top-1 agreement and perplexity by position bin, one curve per method."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for i, m in enumerate(dict.fromkeys(b["method"] for b in bins)):
+        rows = [b for b in bins if b["method"] == m]
+        x = [(b["position_start"] + b["position_end"]) / 2 for b in rows]
+        color = plt.get_cmap("tab10")(i % 10)
+        for ax, key in zip(axes, ("kl_mean", "top1_agreement", "ppl")):
+            if m != FULL or key == "ppl":
+                ax.plot(x, [max(b[key], 1e-7) if key == "kl_mean" else b[key] for b in rows], "o-", color=color,
+                        label=m, ms=3)
+    axes[0].set_yscale("log")
+    for ax, label in zip(axes, ("KL(full || method), nats (mean per bin)", "top-1 agreement with full",
+                                "perplexity")):
+        ax.set_xlabel("token position")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"teacher-forced fidelity, {model}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

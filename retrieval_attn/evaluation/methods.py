@@ -1,0 +1,138 @@
+"""The methods an eval compares, and how one sequence runs through each of them.
+
+- ``full``: the model with transformers' own ``DynamicCache`` (``hf.dynamic_cache``, sdpa): the reference;
+- an index backend name (``roar``, ``flat``, ``hnsw``, ``ivf``, ``keygraph``, ``auto``), optionally
+  with parameters (``roar:ef=200``): a ``RetrievalCache`` with that index;
+- ``sink+window``: a ``RetrievalCache`` with ``retrieve=False`` (StreamingLLM-style: decode attends
+  over the sink and the recent window only). If it matches ``full``, the task does not depend on what
+  lies outside the window and says nothing about retrieval.
+
+``method_config`` derives each method's ``RetrievalConfig`` from the one config of the run with
+``dataclasses.replace`` (its index and parameters, or ``retrieve=False``). ``Methods`` runs one
+sequence at a time for every method, each through its own ``hf.Decoder``: ``full`` prefills its own
+cache; all retrieval methods fork one exact ``RetrievalCache`` prefill (``RetrievalCache.fork``). It
+times every method (a shared prefill split evenly) and keeps their telemetry across sequences.
+
+This module knows nothing of the tasks (needle, fidelity) or of results files; it imports
+``retrieval_attn.hf`` only where it runs the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Mapping
+
+import torch
+
+from ..config import RetrievalConfig
+from ..index import AUTO, available_indexes, params_class
+from ..telemetry import LayerTelemetry, summarise
+from .backends import parse_backend_spec
+
+__all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "method_config", "Methods"]
+
+FULL, SINK_WINDOW = "full", "sink+window"
+DEFAULT_METHODS = (FULL, "roar", "flat", "hnsw", "ivf", SINK_WINDOW)
+
+
+def method_config(method: str, retrieval: RetrievalConfig) -> RetrievalConfig | None:
+    """The ``RetrievalConfig`` of a method (None for ``full``): ``retrieval`` with the method's index and
+    parameters (``retrieve=False`` for ``sink+window``); ValueError for an unknown method."""
+    if method == FULL:
+        return None
+    if method == SINK_WINDOW:  # no index is built; flat has no ef bound on top_k
+        return dataclasses.replace(retrieval, retrieve=False, index="flat", index_params={})
+    spec = parse_backend_spec(method)
+    names = [FULL, SINK_WINDOW, AUTO, *available_indexes()]
+    if spec.name not in names:
+        raise ValueError(f"method must be one of {names} (with optional :param=value), got {method!r}")
+    multi = [p for p, vs in spec.params.items() if len(vs) != 1]
+    if multi:
+        raise ValueError(f"method {method!r}: give one value per parameter, got several for {multi}")
+    return dataclasses.replace(retrieval, index=spec.name, index_params={p: vs[0] for p, vs in spec.params.items()})
+
+
+def _source_config(configs: list[RetrievalConfig]) -> RetrievalConfig | None:
+    """The config of the one exact prefill that every retrieval method forks (None: there is none).
+
+    It keeps the methods' layout (sink, window) and threads. Its index is that of the first method
+    whose index trains on prefill queries, so the prefill keeps them for the forks that need them, else
+    flat. It never decodes: ``retrieve=False`` also means its last prefill chunk starts no index build,
+    which ``fork`` would refuse.
+    """
+    if not configs:
+        return None
+    trainer = next((c.index for c in configs if c.retrieve and params_class(c.index).uses_train_queries), "flat")
+    return dataclasses.replace(configs[0], top_k=1, index=trainer, index_params={}, telemetry=False, retrieve=False)
+
+
+class Methods:
+    """Every method's ``Decoder`` for one sequence at a time, with per-method seconds and telemetry
+    collected across sequences.
+
+    Parameters
+    ----------
+    model : a transformers causal LM that ``RetrievalCache`` supports.
+    configs : method -> its ``RetrievalConfig`` (None: ``full``), in the run's order (see ``method_config``).
+    prefill_chunk : tokens per prefill forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, configs: Mapping[str, RetrievalConfig | None], prefill_chunk: int):
+        self.model, self.configs, self.prefill_chunk = model, dict(configs), prefill_chunk
+        self.seconds = {m: 0.0 for m in self.configs}
+        self.telemetry: dict[str, list[list[LayerTelemetry]]] = {m: [] for m in self.configs}
+        self.source_config = _source_config([c for c in self.configs.values() if c is not None])
+
+    def start(self, ids: torch.Tensor, full: bool = True) -> dict[str, Any]:
+        """Prefill ids (1, n) for every method (``full`` only if asked): {method: its ``hf.Decoder``}."""
+        from ..hf import Decoder, RetrievalCache, dynamic_cache
+
+        decoders = {}
+        if full and FULL in self.configs:
+            start = time.perf_counter()
+            decoders[FULL] = Decoder(self.model, dynamic_cache(), self.prefill_chunk)
+            decoders[FULL].prefill(ids)
+            self.seconds[FULL] += time.perf_counter() - start
+        if self.source_config is not None:
+            start = time.perf_counter()
+            source = RetrievalCache(self.model, self.source_config)
+            Decoder(self.model, source, self.prefill_chunk).prefill(ids)
+            forks = {m: c for m, c in self.configs.items() if c is not None}
+            shared = (time.perf_counter() - start) / len(forks)
+            for m, config in forks.items():
+                decoders[m] = Decoder(self.model, source.fork(config), self.prefill_chunk)
+                self.seconds[m] += shared
+        return decoders
+
+    def step(self, method: str, decoder: Any, token: int) -> torch.Tensor:
+        """Feed ``token`` to ``method``'s decoder: logits (vocab,) of the next token, fp32 on the CPU."""
+        start = time.perf_counter()
+        logits = decoder.step(token)[0].float().cpu()
+        self.seconds[method] += time.perf_counter() - start
+        return logits
+
+    def greedy(
+        self, method: str, decoder: Any, logits: torch.Tensor, max_new_tokens: int, stop: tuple[int, ...]
+    ) -> list[int]:
+        """Greedy decoding of ``method`` from logits (vocab,) (``Decoder.decode``): the tokens chosen."""
+
+        def count(step: int, seconds: float) -> None:
+            self.seconds[method] += seconds
+
+        return decoder.decode(logits, max_new_tokens, stop=stop, on_step=count)
+
+    def finish(self, decoders: Mapping[str, Any]) -> None:
+        """Keep the telemetry of this sequence's retrieval caches."""
+        for m, decoder in decoders.items():
+            config = self.configs[m]
+            if config is not None and config.telemetry:
+                self.telemetry[m].append([layer.engine.telemetry for layer in decoder.cache.layers])
+
+    def telemetry_rows(self) -> list[dict[str, Any]]:
+        """Per method and layer, ``telemetry.summarise`` over every sequence of the run."""
+        rows = []
+        for m, runs in self.telemetry.items():
+            for layer, parts in enumerate(zip(*runs)):
+                rows.append({"method": m, "layer": layer, **summarise(*parts)})
+        return rows
