@@ -63,7 +63,7 @@ class RetrievalConfig:
         retrieved keys against the exact top-k offloaded keys and the softmax mass held by sink +
         window + retrieved keys, both computed exactly on the side (an extra scan of every offloaded
         key: for measuring and tuning ``top_k`` and ``ef``, not for production). See
-        ``retrieval_attn.telemetry``.
+        ``retrieval_attn.engine.telemetry``.
     """
 
     sink_tokens: int = 128

@@ -26,7 +26,7 @@ concern:
 
 ``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
 ``RetrievalConfig(telemetry=True)`` makes every decode step also measure, exactly, what retrieval
-missed (``self.telemetry``, see ``retrieval_attn.telemetry``). ``fork(config)`` copies an engine
+missed (``self.telemetry``, see ``retrieval_attn.engine.telemetry``). ``fork(config)`` copies an engine
 after prefill to decode with other settings, so one exact prefill serves several of them.
 
 Plain tensors in, tensors out: this package knows nothing about transformers or tokenizers.
@@ -44,7 +44,7 @@ from ..attention import merge_state
 from ..config import RetrievalConfig
 from ..index import params_class
 from ..offload import KVStore
-from ..telemetry import LayerTelemetry, step_recall_and_mass
+from .telemetry import LayerTelemetry, step_recall_and_mass
 from .checks import check_construction, check_finite, check_qkv
 from .indexing import IndexLifecycle
 from .retrieval import HostRetrieval

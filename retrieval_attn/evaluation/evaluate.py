@@ -6,7 +6,7 @@ once for all retrieval methods, which fork it), then every token that should rea
 retrieval goes through the cache as a decode step. Tasks: the needle grid (``needle``) and
 teacher-forced fidelity on the shipped book (``fidelity``). ``RetrievalConfig(telemetry=True)`` in
 ``EvalSettings.retrieval`` adds per-layer recall@k and attention mass of every retrieval method, over
-all its decode steps (``retrieval_attn.telemetry``).
+all its decode steps (``retrieval_attn.engine.telemetry``).
 
 This module owns the run's settings, its report and its results files (JSON, CSV, PNG); it does not
 print (progress bars go to stderr). ``retrieval-attn eval`` and ``bench/fidelity.py`` print its table.

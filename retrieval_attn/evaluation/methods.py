@@ -27,7 +27,7 @@ import torch
 
 from ..config import RetrievalConfig
 from ..index import AUTO, available_indexes, params_class
-from ..telemetry import LayerTelemetry, summarise
+from ..engine.telemetry import LayerTelemetry, summarise
 from .backends import parse_backend_spec
 
 __all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "method_config", "Methods"]

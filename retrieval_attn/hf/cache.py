@@ -44,7 +44,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from ..config import RetrievalConfig
 from ..engine import RetrievalAttention
 from ..planner import GIB, MemoryPlan, ModelShape, plan_memory
-from ..telemetry import LayerTelemetry, summarise
+from ..engine.telemetry import LayerTelemetry, summarise
 
 __all__ = ["RetrievalCache", "capture_qk", "left_padding", "ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES"]
 
@@ -281,7 +281,7 @@ class RetrievalCache(Cache):
         return twin
 
     def telemetry_summary(self) -> list[dict[str, float | int]]:
-        """Per layer, the summary of ``retrieval_attn.telemetry.summarise`` with a ``layer`` field, over
+        """Per layer, the summary of ``retrieval_attn.engine.telemetry.summarise`` with a ``layer`` field, over
         every sequence's heads (one engine per sequence of a padded batch); needs
         ``RetrievalConfig(telemetry=True)``."""
         if not self.retrieval_config.telemetry:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .metrics import attention_mass, recall_at_k
+from ..metrics import attention_mass, recall_at_k
 
 __all__ = ["LayerTelemetry", "step_recall_and_mass", "summarise"]
 

@@ -10,7 +10,7 @@ import torch
 from retrieval_attn import RetrievalAttention, RetrievalConfig
 from retrieval_attn.attention import reference_attention
 from retrieval_attn.evaluation.report import format_telemetry_table, plot_telemetry
-from retrieval_attn.telemetry import step_recall_and_mass, summarise
+from retrieval_attn.engine.telemetry import step_recall_and_mass, summarise
 
 from .conftest import random_qkv
 
