@@ -7,8 +7,10 @@ Thread safety: numba's and OpenMP's (faiss, torch) thread counts belong to the c
 block sets and restores them for its own thread only, and blocks in several Python threads do not
 disturb each other. torch also keeps one process-wide count that threads started later begin with;
 ``torch.set_num_threads`` updates it too, so while blocks overlap it holds the latest request, and
-the last block to exit puts back the value found by the first block to enter. Results never depend
-on the thread count (tests/test_threads.py), only the speed does.
+the last block to exit puts back the process default: the main thread's count when a block entered
+there with no block running, else the main thread's count at import. (A worker thread's own count
+is no guide: one started inside a block begins with that block's count.) Results never depend on
+the thread count (tests/test_threads.py), only the speed does.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = ["cpu_threads"]
 
 _lock = threading.Lock()
 _active = 0  # cpu_threads blocks running in any thread
-_torch_default = 0  # torch's thread count when the first of them entered
+_torch_default = torch.get_num_threads()  # the process default, restored when the last block exits
 
 
 @contextlib.contextmanager
@@ -38,7 +40,7 @@ def cpu_threads(n: int | None) -> Iterator[None]:
     faiss = sys.modules.get("faiss")  # loaded by the ivf backend, whose config was made before any block
     old = torch.get_num_threads(), numba.get_num_threads(), faiss.omp_get_max_threads() if faiss else 0
     with _lock:
-        if _active == 0:
+        if _active == 0 and threading.current_thread() is threading.main_thread():
             _torch_default = old[0]
         _active += 1
         torch.set_num_threads(n)
