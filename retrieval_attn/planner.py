@@ -1,25 +1,29 @@
-"""The memory planner: the device and CPU bytes a request needs, checked before any work is done.
+"""The memory planner: every byte a request holds on the device and on the host, checked before any work.
 
 ``plan_memory`` adds up, for a model shape, a context length and a ``RetrievalConfig``:
 
 - device: the weights; each layer's sink + window (+1 scratch slot) of K and V; the activations of
-  the largest prefill chunk (hidden states, q/k/v, the MLP, the last position's logits, and one copy of the
-  keys and values of the whole context, which prefill attention reads back); on a CPU
-  device also the fp32 attention scores of a prefill block (sdpa's math path; CUDA kernels tile
-  them away); and, when roar trains on the device, its block of keys and scores;
-- CPU: each layer's offloaded K and V in fp32 (exactly, the store being reserved for the context), the index
-  (``KeyIndex.estimate_nbytes`` of the backend ``auto`` resolves to), and the prefill queries kept
-  for training.
+  the largest prefill chunk (hidden states, q/k/v, the MLP, the last position's logits, and one copy
+  of the keys and values of the whole context, which prefill attention reads back); on a CPU device
+  also the fp32 attention scores of a prefill block (sdpa's math path; CUDA kernels tile them away);
+  and, when roar trains on the device, its block of keys and scores;
+- host: each layer's offloaded K and V in the model's dtype (exactly: the store is reserved for the
+  context), each layer's index structures (``KeyIndex.estimate_nbytes``: what the backend holds
+  besides the store's rows, which graphs and flat read in place; faiss and hnswlib count their own
+  fp32 copies), buffers its searches share (``estimate_shared_nbytes``), the prefill queries each
+  layer keeps until its build (one per position, in the model's dtype), and the transient peak of
+  one build in flight (``estimate_build_nbytes``; builds run one at a time).
+
+On a CPU-only run the device *is* host memory: ``host_total`` adds both sides, weights included.
+Items whose name ends in "(transient)" are freed when their step ends; ``steady_host`` leaves them
+out (what the process holds while decoding, less the Python runtime itself).
 
 Not counted: the second index a background rebuild (``RetrievalConfig.rebuild_growth``) holds until
-it is swapped in; it happens only once generation has grown the index by that fraction of the keys
-it was built over, i.e. for generations long compared to their prompt.
+it is swapped in, and the CUDA context (a few hundred MiB outside torch's allocator).
 
 ``MemoryPlan.check`` raises ``MemoryBudgetError`` with needed and available bytes when either side
 does not fit. Available device memory is ``RetrievalConfig.gpu_memory_gib`` when set, else what the
-device reports (free memory on CUDA; on a CPU device the device *is* host memory, so both sides
-are checked against it together). The CUDA context (a few hundred MiB outside torch's allocator)
-is not counted.
+device reports (free memory on CUDA; on a CPU device both sides are checked against host memory).
 
 This module knows nothing about transformers: ``ModelShape.from_config`` reads attribute names any
 Llama-style config has.
@@ -105,6 +109,17 @@ class MemoryPlan:
     @property
     def cpu_total(self) -> int:
         return sum(self.cpu.values())
+
+    @property
+    def host_total(self) -> int:
+        """Every byte on the host: the CPU side, and the device side too when the device is the CPU."""
+        return self.cpu_total + (self.device_total if self.device_kind == "cpu" else 0)
+
+    @property
+    def steady_host(self) -> int:
+        """``host_total`` without the transient items: what a decoding process holds besides its runtime."""
+        items = {**self.cpu, **(self.device if self.device_kind == "cpu" else {})}
+        return sum(v for k, v in items.items() if not k.endswith("(transient)"))
 
     def rows(self) -> list[tuple[str, str]]:
         """(item, GiB) rows for a table: every item, then the totals against what is available."""
@@ -221,17 +236,25 @@ def plan_memory(
         block = min(config.prefill_block, c)
         dev["prefill attention scores (fp32, math path)"] = 2 * b * hq * block * t * 4
     name, params = backend_for(config.index, config.index_params, n_off)
-    groups = b * hkv
-    train_rows = 0
-    if index_class(name).uses_train_queries and n_off:
-        cap = index_class(name).resolved_params(params)["train_queries"]
-        train_rows = min(t, cap) * (hq // hkv)  # kept positions x query heads of the group
+    backend, groups, group = index_class(name), b * hkv, hq // hkv
+    kept = 0  # prefill positions each layer keeps to train its index, one query each per group
+    if backend.uses_train_queries and n_off:
+        kept = min(t, backend.resolved_params(params)["train_queries"])
         if device.type != "cpu":
-            dev["roar training top lists (build)"] = min(n_off * d * 4, 1 << 28) + (1 << 26)
+            dev["roar training top lists (build, transient)"] = min(n_off * d * 4, 1 << 28) + (1 << 26)
+    dev_items = list(dev)
+    for item in dev_items:  # the prefill's activations and copies are freed when it ends
+        if item.startswith("prefill"):
+            dev[f"{item} (transient)"] = dev.pop(item)
     cpu = {
-        "offloaded KV (fp32)": shape.num_layers * 2 * groups * max(n_off, _STORE_INITIAL_ROWS) * d * 4,
-        f"index ({name})": shape.num_layers * index_class(name).estimate_nbytes(groups, n_off, d, params) if n_off else 0,
-        "training queries": shape.num_layers * groups * train_rows * d * 4,
+        f"offloaded KV ({str(dtype).removeprefix('torch.')})":
+            shape.num_layers * 2 * groups * max(n_off, _STORE_INITIAL_ROWS) * d * es,
+        f"index ({name})": shape.num_layers * backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k)
+        if n_off else 0,
+        f"{name} search buffers": backend.estimate_shared_nbytes(groups, n_off, d, params, group) if n_off else 0,
+        "training queries, until each layer's build (transient)": shape.num_layers * groups * kept * d * es,
+        "index build, one layer (transient)": backend.estimate_build_nbytes(groups, n_off, d, params, kept)
+        if n_off else 0,
     }
     return MemoryPlan(
         context_tokens=t,

@@ -26,7 +26,7 @@ def test_defaults():
         ({"index": "nope"}, r"index must be one of \['auto', .*'flat'.*\], got 'nope'"),
         ({"index": "flat", "index_params": {"ef": 10}}, r"index 'flat': unknown parameter\(s\) \['ef'\]"),
         ({"index": "roar", "index_params": {"ef": 0}}, r"parameter 'ef' must be in \[1, inf\]"),
-        ({"top_k": 200}, r"top_k \(200\) must be <= the search queue ef \(150\) of index 'roar'"),
+        ({"top_k": 250}, r"top_k \(250\) must be <= the search queue ef \(200\) of index 'roar'"),
         ({"index": "keygraph", "top_k": 64, "index_params": {"ef": 32}}, r"top_k \(64\) must be <= .* ef \(32\)"),
         ({"index_params": {"bogus": 1}}, r"index_params.*unknown parameter\(s\) \['bogus'\]"),
         ({"index_params": [1]}, r"index_params must be a mapping"),

@@ -19,8 +19,13 @@ def test_train_query_sample_is_independent_of_chunking_and_capped():
         chunked.add(q[:, :, start:end], start, num_kv_heads=3)
     assert torch.equal(one.queries(), chunked.queries())
     kept = one.queries()
-    assert kept.shape == (6, 2 * 25, 4)  # stride 4: positions 0, 4, ..., 96
-    assert torch.equal(kept[1, :25], q[0, 2, ::4]) and torch.equal(kept[1, 25:], q[0, 3, ::4])
+    assert kept.shape == (6, 25, 4)  # stride 4: positions 0, 4, ..., 96, one query head each
+    # group 1 (batch 0, KV head 1: query heads 2 and 3): position p keeps head 2 + p % 2, i.e. head 2
+    assert torch.equal(kept[1], q[0, 2, ::4])
+    q[0, 3, 1::2] = 7.0  # an odd position's query (head 3 of group 1) is kept when the stride is 1
+    two = _QuerySample(cap=200)
+    two.add(q, 0, num_kv_heads=3)
+    assert torch.equal(two.queries()[1, 1::2], q[0, 3, 1::2]) and torch.equal(two.queries()[1, ::2], q[0, 2, ::2])
 
 
 def test_spilled_keys_enter_the_index_once_built_and_a_due_rebuild_swaps_in_over_every_key():

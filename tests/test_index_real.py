@@ -11,7 +11,7 @@ import pytest
 
 from retrieval_attn.evaluation import builtin_token_ids, capture_layers
 from retrieval_attn.index import make_index
-from retrieval_attn.index.roar import exact_top_keys
+from retrieval_attn.index.dense import exact_top_keys
 
 LAYER, TOKENS, SINK, WINDOW, TEST = 16, 4096, 128, 512, 32
 TARGET = 0.90  # mean recall@100 over the test queries of every KV head
@@ -44,7 +44,7 @@ def cheapest_at_target(index, test, exact, efs):
 @pytest.mark.slow
 def test_roar_needs_fewer_distance_computations_than_ip_hnsw(problem):
     keys, train, test = problem
-    exact = exact_top_keys(test, keys, 100)
+    exact = exact_top_keys(test, keys, keys.shape[1], 100)
     roar = make_index("roar")
     roar.build(keys, train)
     hnsw = make_index("hnsw", M=32, ef_construction=200)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from retrieval_attn import RetrievalAttention, RetrievalConfig
 from retrieval_attn.index import make_index
+from retrieval_attn.offload import KVStore
 from retrieval_attn.planner import GIB, MemoryBudgetError, ModelShape, plan_memory
 
 LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -18,7 +18,7 @@ def test_plan_counts_offloaded_kv_and_device_window_exactly():
     cfg = RetrievalConfig(sink_tokens=128, window_tokens=512, index="flat")
     plan = plan_memory(LLAMA3_8B, 131072, cfg, dtype=torch.bfloat16, device="cuda", check_available=False)
     n_off = 131072 - 640
-    assert plan.cpu["offloaded KV (fp32)"] == 32 * 2 * 8 * n_off * 128 * 4
+    assert plan.cpu["offloaded KV (bfloat16)"] == 32 * 2 * 8 * n_off * 128 * 2  # the model's dtype
     assert plan.device["sink + window KV"] == 32 * 2 * 8 * 641 * 128 * 2
     assert plan.device["weights"] == LLAMA3_8B.weight_bytes
     assert plan.device_available is None and plan.cpu_available is None
@@ -26,15 +26,24 @@ def test_plan_counts_offloaded_kv_and_device_window_exactly():
 
 
 @pytest.mark.parametrize("name", ["flat", "roar", "keygraph", "hnsw", "ivf"])
-def test_index_estimate_bounds_what_the_index_holds(name):
-    """estimate_nbytes is what a freshly built index of n keys holds (hnsw: within 10%)."""
-    rng = np.random.default_rng(0)
-    keys = rng.standard_normal((2, 3000, 16)).astype(np.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_estimate_bounds_what_the_index_holds(name, dtype):
+    """On random keys read from a store, estimate_nbytes (+ the shared search buffers) is what the index holds
+    after a build and a search, within 10% (graphs: their expected degree is measured on random keys)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 8192, 64
+    keys = torch.randn(2, n, d, generator=g).to(dtype)
+    store = KVStore(2, d, dtype=dtype)
+    store.append(keys, keys)
     params = {"nlist": 16, "nprobe": 4} if name == "ivf" else {}
     index = make_index(name, **params)
-    index.build(keys, rng.standard_normal((2, 200, 16)).astype(np.float32) if index.uses_train_queries else None)
-    est = type(index).estimate_nbytes(2, 3000, 16, params)
-    assert 0.9 * est <= index.nbytes <= 1.1 * est
+    index.build(store.key_source, torch.randn(2, n, d, generator=g).numpy() if index.uses_train_queries else None)
+    index.search(torch.randn(2, 3, d, generator=g).numpy(), 10)
+    cls = type(index)
+    est = cls.estimate_nbytes(2, n, d, params, queries=3, k=10)
+    assert 0.9 * est <= index.nbytes <= 1.1 * est + 4096
+    assert not index.owns_keys  # graphs and flat read the store's rows in place; faiss/hnswlib count their copy
+    assert cls.estimate_shared_nbytes(2, n, d, params, queries=3) >= (2 * 3 * n * 4 if name == "flat" else 0)
 
 
 def test_engine_store_matches_plan_when_reserved():
@@ -46,7 +55,7 @@ def test_engine_store_matches_plan_when_reserved():
     x = torch.randn(1, 4, 2999, 8)
     engine.prefill(x, x[:, :2], x[:, :2])
     engine.decode(x[:, :, :1], x[:, :2, :1], x[:, :2, :1])
-    assert engine.store.nbytes == plan.cpu["offloaded KV (fp32)"]
+    assert engine.store.nbytes == plan.cpu["offloaded KV (float32)"]
 
 
 def test_over_budget_request_is_refused_with_needed_and_available_bytes():

@@ -58,4 +58,4 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_planner_example_runs(capsys):
     block = next(b for b in python_blocks() if "plan_memory(" in b)
     exec(compile(block, "README.md", "exec"), {})
-    assert "cpu: offloaded KV (fp32) 31.84 GiB" in capsys.readouterr().out
+    assert "cpu: offloaded KV (bfloat16) 15.92 GiB" in capsys.readouterr().out

@@ -113,7 +113,7 @@ class RetrievalAttention:
         """Keep tokens in ``window`` and ``store``, with host buffers to retrieve from the store."""
         self.window, self.store = window, store
         self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
-                                       pin_memory=window.k.is_cuda, timer=self.timer)
+                                       pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype)
 
     @property
     def seen(self) -> int:
@@ -182,7 +182,7 @@ class RetrievalAttention:
         self._check(q, k, v, decode=False)
         if self.window is None:
             b = k.shape[0]
-            store = KVStore(b * self.num_kv_heads, self.head_dim)
+            store = KVStore(b * self.num_kv_heads, self.head_dim, dtype=k.dtype)  # rows in the model's dtype
             store.reserve(self._reserved)
             self._hold(DeviceWindow(self.config.sink_tokens, self.config.window_tokens, b, self.num_kv_heads,
                                     self.head_dim, k.dtype, k.device), store)

@@ -26,32 +26,37 @@ _INDEX_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval
 
 
 class _QuerySample:
-    """Prefill queries kept to train a query-aware index, at most ``cap`` positions, in CPU fp32.
+    """Prefill queries kept to train a query-aware index: at most ``cap`` positions, one query each per
+    KV head, in the queries' dtype on the CPU.
 
     Keeps positions ``p`` with ``p % stride == 0``; when more than ``cap`` are held, the stride doubles
-    and every other kept position is dropped. The sample depends only on the positions seen, so chunked
-    and one-call prefill train the same index.
+    and every other kept position is dropped. At position ``p`` it keeps query head ``p % group`` of
+    each GQA group, so the sample spans positions and heads alike with one vector per position (as
+    good as a random subset of every head's queries, measured on the embedded model's real queries,
+    at a group-th of the memory). The sample depends only on the positions seen, so chunked and
+    one-call prefill train the same index.
     """
 
     def __init__(self, cap: int | None):
         self.cap, self.stride = cap, 1
-        self._chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions [m], queries [G, group, m, D])
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions [m], queries [G, m, D])
 
     def add(self, q: torch.Tensor, start: int, num_kv_heads: int) -> None:
         """Keep the sampled positions of q (B, Hq, n, D) whose first token is at position ``start``."""
         b, hq, n, d = q.shape
+        group = hq // num_kv_heads
         pos = torch.arange(start, start + n)
         keep = pos % self.stride == 0
-        qs = q[:, :, keep.to(q.device)].float().cpu()  # [B, Hq, m, D]
-        self._chunks.append((pos[keep], qs.reshape(b * num_kv_heads, hq // num_kv_heads, -1, d)))
+        cols, heads = (keep.nonzero()[:, 0], pos[keep] % group)  # [m] each: column in the chunk, head in the group
+        qs = q.view(b, num_kv_heads, group, n, d)[:, :, heads.to(q.device), cols.to(q.device)]  # [B, Hkv, m, D]
+        self._chunks.append((pos[keep], qs.reshape(b * num_kv_heads, -1, d).cpu()))
         while self.cap is not None and sum(len(p) for p, _ in self._chunks) > self.cap:
             self.stride *= 2
-            self._chunks = [(p[p % self.stride == 0], x[:, :, p % self.stride == 0]) for p, x in self._chunks]
+            self._chunks = [(p[p % self.stride == 0], x[:, p % self.stride == 0]) for p, x in self._chunks]
 
     def queries(self) -> torch.Tensor:
-        """The kept queries of every group, (groups, group_size * positions, D), contiguous."""
-        x = torch.cat([x for _, x in self._chunks], dim=2)  # [G, group, m, D]
-        return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+        """The kept queries of every group, (groups, positions, D) fp32, contiguous."""
+        return torch.cat([x for _, x in self._chunks], dim=1).float().contiguous()
 
 
 class IndexLifecycle:
@@ -101,7 +106,7 @@ class IndexLifecycle:
             index = make_index_for(self.config.index, self.config.index_params, store.n)
             if store.n:
                 train = self.train.queries().numpy() if self.train is not None and index.uses_train_queries else None
-                index.build(store.keys.numpy(), train, device=device)
+                index.build(store.key_source, train, device=device)
                 self.train = None  # only the first build over offloaded keys trains on prefill queries
         self.index, self.built_n = index, store.n
         self.build_seconds = time.perf_counter() - start
@@ -125,7 +130,7 @@ class IndexLifecycle:
         the next decode)."""
         if self.index is not None and len(self.index):
             store.synchronize()
-            self.index.add(store.keys[:, -t:].numpy())
+            self.index.add()  # it reads the store's new rows in place
 
     def remember(self, q: torch.Tensor) -> None:
         """Keep a decode step's queries q (G, group, D), CPU fp32, in the ring that trains rebuilds."""
@@ -142,7 +147,7 @@ class IndexLifecycle:
             self.rebuild_future = None
             if store.n > n:
                 store.synchronize()
-                index.add(store.keys[:, n:].numpy())
+                index.add()  # the rows spilled while it was built
             self.index, self.built_n, self.build_seconds = index, n, seconds
             self.rebuilds += 1
         growth = self.config.rebuild_growth
@@ -162,6 +167,6 @@ class IndexLifecycle:
         start = time.perf_counter()
         with cpu_threads(self.config.cpu_threads):
             index = make_index_for(self.index.name, self.config.index_params, n)
-            keys = store.keys[:, :n].numpy()  # rows < n are never rewritten; appends go after them
-            index.build(keys, train.numpy() if train is not None else None, device=device)
+            # rows < n are never rewritten; appends go after them
+            index.build(store.key_source, train.numpy() if train is not None else None, device=device, n=n)
         return index, n, time.perf_counter() - start

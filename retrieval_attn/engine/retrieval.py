@@ -16,8 +16,9 @@ import torch
 
 from ..attention import scored_attention
 from ..config import RetrievalConfig
-from ..index import cpu_threads
+from ..index import SearchResult, cpu_threads
 from ..offload import KVStore, attend_rows, gather_rows
+from ..rows import kernel_array
 from .stats import StepTimer
 
 __all__ = ["HostRetrieval"]
@@ -41,11 +42,12 @@ class HostRetrieval:
     scale : logit scale.
     pin_memory : pin the host buffers (the layer's tensors are on a GPU).
     timer : the engine's ``StepTimer``, credited with the search, the CPU attention and the copies.
+    dtype : the store's dtype, that of the values shipped for ``retrieved_attention="device"``.
     """
 
     def __init__(
         self, config: RetrievalConfig, groups: int, group: int, head_dim: int, scale: float, pin_memory: bool,
-        timer: StepTimer,
+        timer: StepTimer, dtype: torch.dtype = torch.float32,
     ):
         self.config, self.scale, self.timer = config, scale, timer
         # q, out: [B * Hkv, group, D], lse: [B * Hkv, group] (row j of group g is query head g % Hkv * group + j)
@@ -57,8 +59,9 @@ class HostRetrieval:
         if config.retrieved_attention == "device":
             top_k = config.top_k
             self.scores = torch.empty((groups, group, top_k), dtype=torch.float32, pin_memory=pin_memory)
-            self.values = torch.empty((groups, group, top_k, head_dim), dtype=torch.float32, pin_memory=pin_memory)
+            self.values = torch.empty((groups, group, top_k, head_dim), dtype=dtype, pin_memory=pin_memory)
         self._stream: torch.cuda.Stream | None = None
+        self._result: SearchResult | None = None  # the search's output arrays, reused while top_k stays
         self.clear()
 
     def clear(self) -> None:
@@ -88,20 +91,23 @@ class HostRetrieval:
         """
         with cpu_threads(self.config.cpu_threads):
             t0 = time.perf_counter()
-            res = index.search(self.q.numpy(), top_k)  # ids, scores: [B * Hkv, group, top_k]
+            if self._result is None or self._result.ids.shape[2] != top_k:
+                self._result = SearchResult.empty(*self.q.shape[:2], top_k)
+                self._result_ids = torch.from_numpy(self._result.ids)  # the same memory, for telemetry
+            res = index.search(self.q.numpy(), top_k, out=self._result)  # ids, scores: [B * Hkv, group, top_k]
             t1 = time.perf_counter()
             if self.config.retrieved_attention == "cpu":
-                attend_rows(res.scores, res.ids, store.values.numpy(), self.scale, self.out.numpy(), self.lse.numpy())
+                attend_rows(res.scores, res.ids, store.kernel_values(), self.scale, self.out.numpy(), self.lse.numpy())
             else:
                 scores, values = self._device_inputs(top_k)
                 scores.numpy()[:] = res.scores
-                gather_rows(res.ids, store.values.numpy(), values.numpy())
+                gather_rows(res.ids, store.kernel_values(), kernel_array(values))
             t2 = time.perf_counter()
         self.timer.seconds["cpu_search"], self.timer.seconds["cpu_attention"] = t1 - t0, t2 - t1
         self.scanned = int(res.scored.sum())
         self.scanned_fraction = res.scored_fraction(len(index))
         self.retrieved = int(res.ids.size)
-        self.ids = torch.from_numpy(res.ids)
+        self.ids = self._result_ids
 
     def _device_inputs(self, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous views of the host buffers for ``top_k`` rows: scores (G, group, top_k), values

@@ -1,13 +1,16 @@
 """``hnsw``: hnswlib's HNSW graph built and searched by inner product, one hnswlib index per group.
 
-This is the off-the-shelf key-only baseline. hnswlib answers the queries; because its Python API
-does not report how many distances a search computed, the cost (``scored``) is measured by
-*replaying* each search on the same graph: the link lists are read from the index's pickled state
-(``__getstate__``: level-0 blocks in ``data_level0``, upper levels in ``link_lists``) and a numba
-kernel follows hnswlib's algorithm — greedy descent through the upper levels, then a best-first beam
-of ``max(ef, k)`` at level 0 (``graph.beam_search``) — counting every distance computation (hnswlib
-computes the entry point's distance twice, so does the replay). The replay finds the same ids as
-hnswlib up to float ties; the tests check that.
+This is the off-the-shelf key-only baseline. hnswlib keeps its own fp32 copy of every key (its
+element data: vector, level-0 links, label; it cannot read ours) and answers the queries; the scores
+are recomputed exactly from the key source's rows. Because hnswlib's Python API does not report how
+many distances a search computed, the cost (``scored``) is measured by *replaying* each search on
+the same graph: the link lists are read from the index's pickled state (``__getstate__``: level-0
+blocks in ``data_level0``, upper levels in ``link_lists``) and a numba kernel follows hnswlib's
+algorithm — greedy descent through the upper levels, then a best-first beam of ``max(ef, k)`` at
+level 0 (``graph_kernels.beam_search`` over the level-0 lists as a ``graph.Graph``) — counting every
+distance computation (hnswlib computes the entry point's distance twice, so does the replay). The
+replay reads the keys from the source's rows and finds the same ids as hnswlib up to float ties; the
+tests check that.
 
 Determinism: each group's index is built single-threaded (hnswlib's parallel inserts depend on
 thread timing) and the groups are built on parallel Python threads (hnswlib releases the GIL).
@@ -25,9 +28,12 @@ import hnswlib
 import numpy as np
 from numba import njit, prange
 
-from .base import GrowableKeys, KeyIndex, Param, build_capacity
+from ..rows import FASTMATH, grown_capacity, to_float32
+from .base import KeyIndex, Param, SearchResult
+from .dense import fp32_rows
+from .graph import Graph
+from .graph_kernels import IP, beam_search, distance
 from .registry import register_index
-from .graph import FASTMATH, IP, beam_scratch, beam_search, distance
 
 __all__ = ["HnswIndex"]
 
@@ -35,12 +41,12 @@ _SEED = 100
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top_levels, queries, k, ef,
+def _replay(keys, n, level0, upper, upper_ptr, words_per_level, entries, top_levels, queries, k, ef,
             ids, scored):
     """Replay hnswlib searches of queries [G, m, D]: writes the ids [G, m, k] found and the distance count [G, m].
 
-    keys [G, cap, D]; level 0: adj0 [G, cap, maxM0], deg0 [G, cap]; upper levels: node i of group g
-    has its level-l block (count word, then links) at upper[upper_ptr[g, i] + (l - 1) * words_per_level].
+    keys [G, cap, D] kernel rows; level 0: a ``graph.Graph`` (CSR lists); upper levels: node i of group
+    g has its level-l block (count word, then links) at upper[upper_ptr[g, i] + (l - 1) * words_per_level].
     """
     groups, m = queries.shape[0], queries.shape[1]
     ip = np.int64(IP)  # a plain int64, as graph.search_graph passes it: one compiled beam_search
@@ -64,8 +70,9 @@ def _replay(keys, n, adj0, deg0, upper, upper_ptr, words_per_level, entries, top
                         cur_d = d
                         cur = cand
                         changed = True
-        pool_i, pool_d, pool_x, visited = beam_scratch(ef, n)
-        _, c0 = beam_search(keys[g], n, adj0[g], deg0[g], cur, q, ef, k, ip, pool_i, pool_d, pool_x, visited)
+        pool_i, pool_d = np.empty(ef, np.int32), np.empty(ef, np.float32)
+        pool_x, visited = np.empty(ef, np.bool_), np.empty((n + 63) >> 6, np.uint64)
+        _, c0 = beam_search(keys[g], n, level0, g, cur, q, ef, k, ip, pool_i, pool_d, pool_x, visited)
         for j in range(k):
             ids[g, i, j] = pool_i[j]
         scored[g, i] = cnt + c0
@@ -84,66 +91,58 @@ class HnswIndex(KeyIndex):
     }
 
     @classmethod
-    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
-        """Our key copy and the replay's level-0 links, plus hnswlib's element data (vector, 2M links, label)."""
+    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], queries: int = 1,
+                        k: int = 100) -> int:
+        """hnswlib's element data (fp32 vector, 2M level-0 links, count, label) for the rows it allocates,
+        and the replay's level-0 lists."""
         m = cls.resolved_params(params)["M"]
-        ours = super().estimate_nbytes(groups, n, dim, params)
-        return ours + groups * build_capacity(n) * (dim * 4 + 2 * m * 4 + 4 + 8)
+        return groups * grown_capacity(n) * (dim * 4 + 2 * m * 4 + 4 + 8) + groups * n * (2 * m * 4 + 8)
 
     @classmethod
-    def _bytes_per_row(cls, config: dict[str, Any]) -> int:
-        return 4 * (2 * config["M"] + 1)  # the replay's level-0 adjacency and degree
+    def estimate_build_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], train: int = 0) -> int:
+        """The fp32 copy of the keys handed to hnswlib."""
+        return groups * n * dim * 4
 
-    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
-        groups, n, dim = keys.shape
-        self._keys = GrowableKeys.holding(keys)
+    def _build(self, train_queries: np.ndarray | None) -> None:
         self._indexes = []
-        for _ in range(groups):
-            index = hnswlib.Index(space="ip", dim=dim)
-            index.init_index(max_elements=self._keys.buffer.shape[1], M=self.config["M"],
+        for _ in range(self.groups):
+            index = hnswlib.Index(space="ip", dim=self.dim)
+            index.init_index(max_elements=grown_capacity(len(self)), M=self.config["M"],
                              ef_construction=self.config["ef_construction"], random_seed=_SEED)
             self._indexes.append(index)
-        self._insert(keys, 0)
+        self._insert(0, len(self))
 
-    def _add(self, keys: np.ndarray) -> None:
-        n_old = self._keys.n
-        self._keys.append(keys)
+    def _add(self, n_old: int, t: int) -> None:
         for index in self._indexes:
-            if index.get_max_elements() < self._keys.buffer.shape[1]:
-                index.resize_index(self._keys.buffer.shape[1])
-        self._insert(keys, n_old)
+            if index.get_max_elements() < n_old + t:
+                index.resize_index(grown_capacity(n_old + t))
+        self._insert(n_old, t)
 
-    def _insert(self, keys: np.ndarray, first: int) -> None:
-        """Add keys [G, t, D] as rows first.. of every group: one thread per group, single-threaded inserts."""
+    def _insert(self, first: int, t: int) -> None:
+        """Add rows first .. first + t - 1 of every group: one thread per group, single-threaded inserts."""
         self._graph = None  # the replay's copy of the links is stale
-        if keys.shape[1] == 0:
+        if t == 0:
             return
-        labels = np.arange(first, first + keys.shape[1])
+        keys = to_float32(self.rows()[:, first : first + t])  # [G, t, D]: hnswlib copies them anyway
+        labels = np.arange(first, first + t)
         with ThreadPoolExecutor(max_workers=len(self._indexes)) as pool:
             list(pool.map(lambda g: self._indexes[g].add_items(keys[g], labels, num_threads=1),
                           range(len(self._indexes))))
 
-    def __len__(self) -> int:
-        return self._keys.n if self.dim else 0
-
-    @property
-    def nbytes(self) -> int:
-        if not self.dim:
-            return 0
+    def _own_nbytes(self) -> int:
         graph = self._links()
-        replay = sum(a.nbytes for a in graph.values() if isinstance(a, np.ndarray))
-        return self._keys.nbytes + replay + graph["hnswlib_bytes"]
+        return graph["level0"].nbytes + graph["upper"].nbytes + graph["upper_ptr"].nbytes + graph["hnswlib_bytes"]
 
     def _links(self) -> dict[str, Any]:
         """The link lists of every group as numba-friendly arrays, read from hnswlib's pickled state."""
         if self._graph is not None:
             return self._graph
-        groups, n, cap = self.groups, self._keys.n, self._keys.buffer.shape[1]
+        groups, n = self.groups, len(self)
         states = [index.__getstate__()[0] for index in self._indexes]
         max_m0, words_per_level = states[0]["max_M0"], states[0]["size_links_per_element"] // 4
-        adj0 = np.zeros((groups, cap, max_m0), np.int32)
-        deg0 = np.zeros((groups, cap), np.int32)
-        upper_ptr = np.zeros((groups, cap), np.int64)
+        adj0 = np.zeros((groups, n, max_m0), np.int32)
+        deg0 = np.zeros((groups, n), np.int32)
+        upper_ptr = np.zeros((groups, n), np.int64)
         uppers, offset, hnswlib_bytes = [], 0, 0
         for g, s in enumerate(states):
             block = s["data_level0"].view(np.uint32).reshape(n, s["size_data_per_element"] // 4)  # [n, words]
@@ -158,8 +157,7 @@ class HnswIndex(KeyIndex):
             offset += uppers[-1].shape[0]
             hnswlib_bytes += s["max_elements"] * s["size_data_per_element"] + s["link_lists"].nbytes
         self._graph = {
-            "adj0": adj0,
-            "deg0": deg0,
+            "level0": Graph.from_adjacency(adj0, deg0, n, n),
             "upper": np.concatenate(uppers).astype(np.int32),
             "upper_ptr": upper_ptr,
             "words_per_level": words_per_level,
@@ -174,21 +172,19 @@ class HnswIndex(KeyIndex):
         graph = self._links()
         ids = np.empty((*queries.shape[:2], k), np.int64)
         scored = np.empty(queries.shape[:2], np.int64)
-        _replay(self._keys.buffer, self._keys.n, graph["adj0"], graph["deg0"], graph["upper"], graph["upper_ptr"],
+        _replay(self.rows(), len(self), graph["level0"], graph["upper"], graph["upper_ptr"],
                 graph["words_per_level"], graph["entries"], graph["top_levels"], queries, k, ef, ids, scored)
         return ids, scored
 
-    def _search(self, queries: np.ndarray, k: int, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, config: dict[str, Any], out: SearchResult) -> None:
         ef = config["ef"]
         if ef < k:
             raise ValueError(f"index 'hnsw': ef ({ef}) must be >= k ({k})")
         groups = queries.shape[0]
         ef = min(ef, len(self))  # the same search: a queue as long as the key set holds every key
-        ids = np.empty((*queries.shape[:2], k), np.int64)
         for g, index in enumerate(self._indexes):
             index.set_ef(ef)
-            ids[g] = index.knn_query(queries[g], k=k)[0]  # [m, k] labels; its distances are 1 - ip
-        found = self._keys.view[np.arange(groups)[:, None, None], ids]  # [G, m, k, D]
-        scores = np.einsum("gmkd,gmd->gmk", found, queries).astype(np.float32)  # exact q . key
-        _, scored = self.replay(queries, k, ef)
-        return ids, scores, scored
+            out.ids[g] = index.knn_query(queries[g], k=k)[0]  # [m, k] labels; its distances are 1 - ip
+        found = fp32_rows(self.rows()[np.arange(groups)[:, None, None], out.ids], "cpu").numpy()  # [G, m, k, D]
+        out.scores[:] = np.einsum("gmkd,gmd->gmk", found, queries)  # exact q . key
+        _, out.scored[:] = self.replay(queries, k, ef)

@@ -13,6 +13,9 @@ otherwise); calls on fewer than ``PARALLEL_ROWS`` vectors (a decode step's queri
 run on one thread, because waking a thread team costs far more than such a call (measured: adding 8
 keys took 2.4 ms on 2 threads and 0.01 ms on one). k-means uses faiss' fixed seed, so builds are
 deterministic.
+
+Memory: faiss keeps its own fp32 copy of every key in the inverted lists (with an int64 id); the
+index counts it in ``nbytes`` and the planner in ``estimate_nbytes``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .base import KeyIndex, Param
+from ..rows import to_float32
+from .base import KeyIndex, Param, SearchResult
 from .registry import register_index
 
 __all__ = ["IvfIndex", "PARALLEL_ROWS"]
@@ -63,13 +67,20 @@ class IvfIndex(KeyIndex):
             raise ValueError(f"index 'ivf': nprobe ({nprobe}) must be <= nlist ({self.config['nlist']})")
 
     @classmethod
-    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any]) -> int:
+    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], queries: int = 1,
+                        k: int = 100) -> int:
         """Centroids plus each key's vector and int64 id in its inverted list (``nbytes``' formula)."""
         nlist = cls.resolved_params(params)["nlist"]
         return groups * (nlist * dim * 4 + n * (dim * 4 + 8))
 
-    def _build(self, keys: np.ndarray, train_queries: np.ndarray | None) -> None:
-        groups, n, dim = keys.shape
+    @classmethod
+    def estimate_build_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], train: int = 0) -> int:
+        """The fp32 copy of the keys handed to faiss."""
+        return groups * n * dim * 4
+
+    def _build(self, train_queries: np.ndarray | None) -> None:
+        groups, n, dim = self.groups, len(self), self.dim
+        keys = to_float32(self.rows()[:, :n])  # [G, n, D]: faiss keeps its own copy of the vectors
         nlist = self.config["nlist"]
         if nlist > n:
             raise ValueError(f"index 'ivf': nlist ({nlist}) must be <= the number of keys per group ({n}) to train")
@@ -82,14 +93,12 @@ class IvfIndex(KeyIndex):
             self._indexes.append(index)
         self._sizes = None
 
-    def _add(self, keys: np.ndarray) -> None:
-        with _threads_for(keys.shape[1]):
+    def _add(self, n_old: int, t: int) -> None:
+        keys = to_float32(self.rows()[:, n_old : n_old + t])  # [G, t, D]
+        with _threads_for(t):
             for g, index in enumerate(self._indexes):
                 index.add(keys[g])  # faiss numbers them ntotal, ntotal + 1, ...: the row order
         self._sizes = None
-
-    def __len__(self) -> int:
-        return self._indexes[0].ntotal if self.dim else 0
 
     def _list_sizes(self) -> np.ndarray:
         """Keys per inverted list, [G, nlist] int64 (cached until the next add)."""
@@ -100,22 +109,16 @@ class IvfIndex(KeyIndex):
             )
         return self._sizes
 
-    @property
-    def nbytes(self) -> int:
-        if not self.dim:
-            return 0
+    def _own_nbytes(self) -> int:
         centroids = self.config["nlist"] * self.dim * 4
         per_key = self.dim * 4 + 8  # the vector and its int64 id in an inverted list
         return len(self._indexes) * (centroids + len(self) * per_key)
 
-    def _search(self, queries: np.ndarray, k: int, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, config: dict[str, Any], out: SearchResult) -> None:
         nprobe, nlist = config["nprobe"], self.config["nlist"]
         self._check_nprobe(nprobe)
-        groups, m, _ = queries.shape
+        m = queries.shape[1]
         sizes = self._list_sizes()  # [G, nlist]
-        ids = np.empty((groups, m, k), np.int64)
-        scores = np.empty((groups, m, k), np.float32)
-        scored = np.empty((groups, m), np.int64)
         with _threads_for(m):
             for g, index in enumerate(self._indexes):
                 rows, probes = np.arange(m), nprobe
@@ -123,8 +126,7 @@ class IvfIndex(KeyIndex):
                     index.nprobe = probes
                     cell_scores, cells = index.quantizer.search(queries[g, rows], probes)  # [r, probes]
                     top, found = index.search_preassigned(queries[g, rows], k, cells, cell_scores)  # [r, k]
-                    ids[g, rows], scores[g, rows] = found, top
-                    scored[g, rows] = sizes[g, cells].sum(axis=1)
+                    out.ids[g, rows], out.scores[g, rows] = found, top
+                    out.scored[g, rows] = sizes[g, cells].sum(axis=1)
                     rows = rows[found[:, -1] < 0]  # probed cells held fewer than k keys
                     probes = min(2 * probes, nlist)
-        return ids, scores, scored
