@@ -56,6 +56,11 @@ class RetrievalConfig:
         (default) never rebuilds. Opt-in: in the 10,000-step benchmark it did not stop recall falling
         as the index grew 6x (bench/README.md).
     rebuild_queries : decode steps whose queries train a rebuild (the most recent ones, >= 1).
+    serve_while_building : True (default): a layer whose index is still being built in the background
+        when decoding starts (``RetrievalCache.last_prefill_chunk``, ``start_index_build``) is served
+        by exact search over its offloaded keys (``flat``) until the build lands, so the first token
+        never waits for an index; False waits for it, so every step's retrieval is the index's
+        (reproducible outputs, whatever the build's timing).
     retrieve : True (default) retrieves the top-k offloaded keys at every decode step; False is the
         StreamingLLM-style baseline: decode attends over sink + window only, offloaded tokens are
         kept in the CPU store but never attended to again, and no index is built.
@@ -80,13 +85,14 @@ class RetrievalConfig:
     telemetry: bool = False
     rebuild_growth: float | None = None
     rebuild_queries: int = 1024
+    serve_while_building: bool = True
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("window_tokens", self.window_tokens, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("prefill_block", self.prefill_block, 1)
-        for name in ("retrieve", "telemetry", "overlap"):
+        for name in ("retrieve", "telemetry", "overlap", "serve_while_building"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.cpu_threads is not None:

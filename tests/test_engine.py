@@ -210,7 +210,8 @@ def test_fork_gets_host_buffers_for_its_own_config():
 @pytest.mark.parametrize("index", ["flat", "roar"])
 def test_background_index_build_equals_build_at_first_decode(index):
     q, k, v = random_qkv(1, 4, 2, 600, 16, seed=13)
-    cfg = RetrievalConfig(sink_tokens=8, window_tokens=32, top_k=20, index=index)
+    # waiting for the build: every step retrieves with the built index, whatever the build's timing
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=32, top_k=20, index=index, serve_while_building=False)
     inline = run_engine(RetrievalAttention(cfg, 4, 2, 16), q, k, v, 500)
     engine = RetrievalAttention(cfg, 4, 2, 16)
     outs = [engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])]
@@ -225,6 +226,45 @@ def test_background_index_build_equals_build_at_first_decode(index):
     assert s.index == index and s.index_build_seconds > 0
     assert set(s.step_seconds) == {"device_attention", "cpu_search", "cpu_attention", "transfer"}
     assert s.step_seconds["cpu_search"] > 0 and s.step_seconds["device_attention"] > 0
+
+
+def test_exact_search_serves_while_the_background_build_runs(monkeypatch):
+    """Decode does not wait for a background build: flat (exact top-k) serves until the build lands, then
+    the built index takes over after indexing the keys spilled meanwhile."""
+    import threading
+
+    from retrieval_attn.engine import indexing
+
+    q, k, v = random_qkv(1, 4, 2, 600, 16, seed=14)
+    layout = dict(sink_tokens=8, window_tokens=32, top_k=20)
+    built_all, gate = threading.Event(), threading.Event()
+    first_build = indexing.IndexLifecycle._first_build
+
+    def held(self, store, device):  # roar's build lands only when the test lets it (flat's at once)
+        built = first_build(self, store, device)
+        if self.config.index == "roar":
+            built_all.set()
+            gate.wait()
+        return built
+
+    monkeypatch.setattr(indexing.IndexLifecycle, "_first_build", held)
+    engine = RetrievalAttention(RetrievalConfig(index="roar", **layout), 4, 2, 16)
+    exact = RetrievalAttention(RetrievalConfig(index="flat", **layout), 4, 2, 16)
+    engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])
+    exact.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])
+    engine.start_index_build()
+    built_all.wait()  # over the 460 keys offloaded by prefill
+    for t in range(500, 520):  # the build is held: these steps are served by exact search
+        step = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert torch.equal(engine.decode(*step), exact.decode(*step))
+    assert engine.stats.index == "flat" and engine.stats.keys_scanned_fraction == 1.0
+    gate.set()
+    engine.indexing.build_future.result()
+    for t in range(520, 540):
+        engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+    s = engine.stats
+    assert s.index == "roar" and len(engine.indexing.index) == s.offloaded_tokens  # caught up with the spills
+    assert engine.indexing.built_n == 460 and s.keys_scanned_fraction < 1.0
 
 
 def test_start_index_build_needs_a_prefill():

@@ -187,7 +187,7 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
     """Chunked prefill whose last chunk starts every layer's index build gives the tokens of build-at-decode."""
     model = _tiny(LlamaForCausalLM, LlamaConfig)
     ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(2))
-    cfg = RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=40, index="roar")
+    cfg = RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=40, index="roar", serve_while_building=False)
     tokens = {}
     for background in (False, True):
         cache = RetrievalCache(model, cfg, max_context=430)

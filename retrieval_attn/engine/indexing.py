@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..config import RetrievalConfig
-from ..index import cpu_threads, make_index_for, params_class
+from ..index import cpu_threads, make_index, make_index_for, params_class
 from ..offload import KVStore
 
 __all__ = ["IndexLifecycle"]
@@ -81,6 +81,7 @@ class IndexLifecycle:
         self.build_seconds = 0.0  # of the last build or rebuild
         self._recent_q: torch.Tensor | None = None  # [G, rebuild_queries, group, D] ring of decode queries
         self._recent_steps = 0
+        self.standing_in = False  # exact flat search serves while the background build runs
 
     def wait(self) -> None:
         """Wait for the builds in flight; their errors are dropped (of no interest once their tokens are)."""
@@ -94,34 +95,56 @@ class IndexLifecycle:
             self.train.add(q, start, num_kv_heads)
 
     def start_build(self, store: KVStore, device: torch.device) -> None:
-        """Build the index over the store's keys on the builder thread; ``ready`` waits for it."""
-        self.build_future = _INDEX_BUILDER.submit(self.build, store, device)
+        """Build the index over the store's keys on the builder thread; ``ready`` takes it in."""
+        self.build_future = _INDEX_BUILDER.submit(self._first_build, store, device)
 
-    def build(self, store: KVStore, device: torch.device | None) -> None:
-        """Index the offloaded keys (by the first decode, and again while none were offloaded yet); the
-        exact training top lists are computed on ``device``."""
+    def _first_build(self, store: KVStore, device: torch.device | None) -> tuple:
+        """An index over every offloaded key, trained on the prefill queries (then freed): (index, keys, seconds).
+
+        The exact training top lists are computed on ``device``. Changes no state the decode thread reads."""
         start = time.perf_counter()
         store.synchronize()
+        n = store.n
         with cpu_threads(self.config.cpu_threads):
-            index = make_index_for(self.config.index, self.config.index_params, store.n)
-            if store.n:
+            index = make_index_for(self.config.index, self.config.index_params, n)
+            if n:
                 train = self.train.queries().numpy() if self.train is not None and index.uses_train_queries else None
-                index.build(store.key_source, train, device=device)
+                index.build(store.key_source, train, device=device, n=n)
                 self.train = None  # only the first build over offloaded keys trains on prefill queries
-        self.index, self.built_n = index, store.n
-        self.build_seconds = time.perf_counter() - start
+        return index, n, time.perf_counter() - start
+
+    def _take(self, built: tuple, store: KVStore) -> None:
+        """Serve with a built (index, keys it holds, seconds), after it indexes the keys spilled meanwhile."""
+        index, n, seconds = built
+        if store.n > n:
+            store.synchronize()
+            index.add()
+        self.index, self.built_n, self.build_seconds = index, n, seconds
 
     def ready(self, store: KVStore, device: torch.device, first: bool) -> None:
-        """Make sure an index over the offloaded keys serves this decode step: at the ``first`` one wait
-        for the background build or build here; later build an index that was empty once keys spilled,
-        else swap in a finished rebuild or start one when due."""
+        """Make sure an index over the offloaded keys serves this decode step.
+
+        At the ``first`` one: take the background build if it is done (or wait for it unless
+        ``serve_while_building``), else serve with exact search over the store (``flat``, nothing to
+        build) until it is; without a background build, build here. Later: take a background build
+        that finished, build an index that was empty once keys spilled, else swap in a finished
+        rebuild or start one when due.
+        """
+        if self.standing_in and self.build_future.done():  # the build the stand-in served for has landed
+            self.standing_in = False
+            self._take(self.build_future.result(), store)  # re-raises a failed build's error
         if first:
-            if self.build_future is not None:
-                self.build_future.result()  # re-raises a failed build's error
-            else:
-                self.build(store, device)
+            if self.build_future is None:
+                self._take(self._first_build(store, device), store)
+            elif self.build_future.done() or not self.config.serve_while_building:
+                self._take(self.build_future.result(), store)
+            else:  # exact search over the store (flat: nothing to build) serves until the build lands
+                self.index, self.built_n, self.standing_in = make_index("flat"), store.n, True
+                self.index.build(store.key_source)
+        elif self.standing_in:
+            return
         elif store.n and not len(self.index):  # a prompt shorter than sink + window: its first spill
-            self.build(store, device)
+            self._take(self._first_build(store, device), store)
         else:
             self._maybe_rebuild(store, device)
 
@@ -143,12 +166,8 @@ class IndexLifecycle:
     def _maybe_rebuild(self, store: KVStore, device: torch.device) -> None:
         """Swap in a finished rebuild (after adding the keys spilled meanwhile), or start one when due."""
         if self.rebuild_future is not None and self.rebuild_future.done():
-            index, n, seconds = self.rebuild_future.result()  # re-raises a failed rebuild's error
+            self._take(self.rebuild_future.result(), store)  # re-raises a failed rebuild's error
             self.rebuild_future = None
-            if store.n > n:
-                store.synchronize()
-                index.add()  # the rows spilled while it was built
-            self.index, self.built_n, self.build_seconds = index, n, seconds
             self.rebuilds += 1
         growth = self.config.rebuild_growth
         due = growth is not None and self.index.name != "flat" and len(self.index) >= (1 + growth) * self.built_n

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..metrics import attention_mass, recall_at_k
+from ..rows import grown_capacity
 
 __all__ = ["LayerTelemetry", "step_recall_and_mass", "summarise"]
 
@@ -55,16 +56,28 @@ def step_recall_and_mass(
 
 
 class LayerTelemetry:
-    """Recall and mass of every decode step of one layer, one value per query head and step."""
+    """Recall and mass of every decode step of one layer, one value per query head and step.
+
+    Kept in two fp32 arrays (steps, heads) grown by a quarter when full: a few bytes per step and head,
+    no object per step."""
 
     def __init__(self) -> None:
-        self._recall: list[torch.Tensor] = []  # per step: (batch * num_heads,)
-        self._mass: list[torch.Tensor] = []
+        self._values = torch.zeros(2, 0, 0)  # [recall | mass, capacity, heads]
+        self._steps = 0
 
     def record(self, recall: torch.Tensor, mass: torch.Tensor) -> None:
         """Keep one step's ``step_recall_and_mass`` results, recall and mass (G, group) each."""
-        self._recall.append(recall.flatten())
-        self._mass.append(mass.flatten())
+        heads = recall.numel()
+        if self._steps and heads != self._values.shape[2]:
+            raise ValueError(f"LayerTelemetry.record: {heads} heads, earlier steps had {self._values.shape[2]}")
+        if self._steps == self._values.shape[1]:
+            grown = torch.zeros(2, grown_capacity(self._steps), heads)
+            if self._steps:
+                grown[:, : self._steps] = self._values[:, : self._steps]
+            self._values = grown
+        self._values[0, self._steps] = recall.flatten()
+        self._values[1, self._steps] = mass.flatten()
+        self._steps += 1
 
     @classmethod
     def side_by_side(cls, parts: list[LayerTelemetry]) -> LayerTelemetry:
@@ -75,20 +88,23 @@ class LayerTelemetry:
         if len({p.steps for p in parts}) != 1:
             raise ValueError(f"side_by_side: parts must have recorded the same steps, got {[p.steps for p in parts]}")
         merged = cls()
-        merged._recall = [torch.cat(step) for step in zip(*(p._recall for p in parts))]
-        merged._mass = [torch.cat(step) for step in zip(*(p._mass for p in parts))]
+        merged._values = torch.cat([p._values[:, : p.steps] for p in parts], dim=2)
+        merged._steps = parts[0].steps
         return merged
 
     @property
     def steps(self) -> int:
         """Decode steps recorded."""
-        return len(self._recall)
+        return self._steps
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the recorded values hold (their grown capacity)."""
+        return self._values.nbytes
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """recall and mass, each (steps, batch * num_heads) fp32 (empty when no step was recorded)."""
-        if not self._recall:
-            return torch.zeros(0, 0), torch.zeros(0, 0)
-        return torch.stack(self._recall), torch.stack(self._mass)
+        return self._values[0, : self._steps], self._values[1, : self._steps]
 
 
 def summarise(*parts: LayerTelemetry) -> dict[str, float | int]:

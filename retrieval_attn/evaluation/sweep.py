@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from ..config import RetrievalConfig
 from ..index import available_indexes, cpu_threads, make_index
+from ..offload import KVStore
 from ..metrics import attention_mass, recall_at_k
 from .backends import DEFAULT_BACKENDS, BackendSpec, plan_backend, warm_up
 from .capture import CapturedQK, default_layers, load_or_capture, model_and_tokens
@@ -85,6 +86,9 @@ class SweepSettings:
     target_recall : recall@k that every sampled (layer, KV head) must reach at the operating point.
     train_positions : ``"prefix"`` (all positions before the test block) or ``"middle"`` (middle only).
     backends : what to sweep; names that are not registered are skipped with a note.
+    rows_dtype : the dtype the indexes read the middle keys in: ``"float32"`` (each index keeps its own
+        fp32 copy) or ``"bfloat16"``/``"float16"`` (the keys are rounded to it and held once in a
+        ``KVStore`` that every index reads in place, as in the engine; exact scores use the rounded keys).
     """
 
     lengths: tuple[int, ...] = (2048, 8192, 32768)
@@ -95,8 +99,11 @@ class SweepSettings:
     target_recall: float = 0.95
     train_positions: str = "prefix"
     backends: tuple[BackendSpec, ...] = DEFAULT_BACKENDS
+    rows_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.rows_dtype not in ROWS_DTYPES:
+            raise ValueError(f"rows_dtype must be one of {list(ROWS_DTYPES)}, got {self.rows_dtype!r}")
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
         if self.n_test < 1:
@@ -121,12 +128,15 @@ def operating_point(scanned: Sequence[float], min_recall: Sequence[float], targe
     return min(ok, key=lambda i: scanned[i]) if ok else None
 
 
+ROWS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class _LayerProblem:
     """The retrieval problem of one layer at one length (see the module docstring for the positions)."""
 
     n: int
-    keys_mid: np.ndarray  # [G, n_mid, D] what the index holds
+    keys_mid: np.ndarray | Any  # [G, n_mid, D] fp32 keys the index copies, or a store's key source (rows_dtype)
     train: np.ndarray  # [G, rep * P, D] training queries of each group
     steps: np.ndarray  # [T, G, rep, D] test queries, one search call per decode step
     mid_scores: np.ndarray  # [G, T * rep, n_mid] exact q . key, queries in (T, rep) order
@@ -141,14 +151,20 @@ def _layer_problem(q: np.ndarray, k: np.ndarray, settings: SweepSettings, scale:
     mid0, mid1 = s, n - t - w  # middle keys [mid0, mid1)
     if mid1 - mid0 < max(settings.ks):
         raise ValueError(f"{n} tokens leave {mid1 - mid0} middle keys, fewer than k={max(settings.ks)}")
-    keys_mid = np.ascontiguousarray(k[:, mid0:mid1])
+    rows = torch.from_numpy(np.ascontiguousarray(k[:, mid0:mid1])).to(ROWS_DTYPES[settings.rows_dtype])
+    keys_mid = rows.float().numpy()  # [G, n_mid, D]: the keys the index reads, in fp32 for the exact scores
+    source: Any = keys_mid
+    if settings.rows_dtype != "float32":
+        store = KVStore(groups, dim, dtype=rows.dtype, capacity=rows.shape[1])
+        store.append(rows, rows)
+        source = store.key_source
     keys_static = np.concatenate([k[:, :s], k[:, mid1 : n - t]], axis=1)  # [G, s + w, D]
     test = q[:, n - t :].reshape(groups, rep, t, dim)  # [G, rep, T, D]: query head h is in group h // rep
     flat_q = torch.from_numpy(np.ascontiguousarray(test.transpose(0, 2, 1, 3).reshape(groups, t * rep, dim)))
     p0, p1 = (0, n - t) if settings.train_positions == "prefix" else (mid0, mid1)
     return _LayerProblem(
         n=n,
-        keys_mid=keys_mid,
+        keys_mid=source,
         train=np.ascontiguousarray(q[:, p0:p1].reshape(groups, rep * (p1 - p0), dim)),
         steps=np.ascontiguousarray(test.transpose(2, 0, 1, 3)),
         mid_scores=torch.bmm(flat_q, torch.from_numpy(keys_mid).transpose(1, 2)).numpy(),
@@ -196,7 +212,7 @@ def evaluate_layer(
     """
     notes = set() if notes is None else notes
     prob = _layer_problem(q, k, settings, scale)
-    hq, groups, n_mid = q.shape[0], k.shape[0], prob.keys_mid.shape[1]
+    hq, groups, n_mid = q.shape[0], k.shape[0], prob.mid_scores.shape[2]
     exact_mass = {}  # k -> [G]
     for kk in settings.ks:
         exact_ids = torch.topk(torch.from_numpy(prob.mid_scores), kk, dim=-1).indices.numpy()  # [G, M, kk]

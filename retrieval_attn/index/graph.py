@@ -100,6 +100,8 @@ class GraphIndex(KeyIndex):
         "ef": Param(128, 1, None, doc="search beam width (queue length); must be >= k"),
         "max_degree": Param(64, 2, 255, doc="cap of every neighbour list (reverse and connectivity edges "
                             "stop there; a full list prunes)"),
+        "ef_growth": Param(0.5, 0.0, 2.0, kind=float, doc="search effort follows the keys added since the "
+                           "build: ef x (keys / keys built) ** ef_growth (0: a fixed ef)"),
     }
 
     @classmethod
@@ -128,6 +130,7 @@ class GraphIndex(KeyIndex):
 
     def _build(self, train_queries: np.ndarray | None) -> None:
         groups, n, rows = self.groups, len(self), self.rows()
+        self._built = n  # keys the build indexed; search widens its beam as add() grows the graph past them
         # entry point: the key nearest (L2) to its group's mean key; -1 while a group has no keys
         self._entries = np.full(groups, -1, np.int64)
         self._scratch = SearchScratch()
@@ -232,6 +235,10 @@ class GraphIndex(KeyIndex):
         ef = config["ef"]
         if ef < k:
             raise ValueError(f"index {self.name!r}: ef ({ef}) must be >= k ({k})")
+        # the beam widens as decoding adds keys: a graph's recall at a fixed ef falls as its key set grows
+        grown = len(self) / max(self._built, 1)
+        if grown > 1 and self.config["ef_growth"]:
+            ef = int(np.ceil(ef * grown ** self.config["ef_growth"]))
         # a queue as long as the key set already holds every key: a longer one would only allocate more
         ef = min(ef, len(self))
         search_graph(self.rows(), len(self), self._graph, self._entries, queries, k, ef, out.ids, out.scores,

@@ -7,26 +7,33 @@ the entry point; storage, pruning, ``add`` and the search kernel are the shared 
 Edges are chosen in L2 between keys (inner product between keys is dominated by key norms: every list
 would fill up with the few largest keys); search ranks by inner product.
 
-Build, for all groups of a layer at once (cost per key at 32K keys and head dim 64 on this project's
-2-core development CPU, bench/README.md has the measured table):
+Build, for all groups of a layer at once. Costs per key in core-microseconds, measured at 32K keys
+per head of the embedded model (head dim 64, 8,192 training queries, this project's 2-core CPU;
+``bench/build.py``), after each step:
 
 1. sample at most ``train_queries`` training queries per group (seeded, the same rows in every
    group) and take the exact top-``nq`` keys of each (``dense.exact_top_keys``: torch matmul + topk
-   on the build's device, the GPU when the layer's tensors are there): s x D multiply-adds per key;
-2. co-occurrence candidates (``_cooccurrence``, numba, parallel over nodes): in every training
-   query's ranked top list, each key is paired with the keys at most ``window`` ranks away; a key's
-   candidates are its ``cands`` most frequent partners over all lists (ties: lower row first). Each
-   key gets its own list, so keys that are the top-1 of many queries (large-norm "hub" keys) do not
-   absorb the information, and keys of the same answer sets link to each other;
-3. prune each list to ``M`` (``graph._prune``: drop p if a kept neighbour r has |p - r| < |p - node|,
-   then top up with the nearest dropped ones), then add reverse edges, re-pruning lists above ``M``:
-   ~cands x M distances per selected key;
+   on the build's device, the GPU when the layer's tensors are there): s x D multiply-adds per key,
+   ~50 us on the CPU (the one part that grows with the training set; a GPU makes it negligible);
+2. co-occurrence candidates (``_occurrences``, a counting sort, then ``_cooccurrence``, numba,
+   parallel over nodes): in every training query's ranked top list, each key is paired with the
+   keys at most ``window`` ranks away; a key's candidates are its ``cands`` most frequent partners
+   over all lists (ties: lower row first), picked by a histogram of counts, not a sort. Each key
+   gets its own list, so keys that are the top-1 of many queries (large-norm "hub" keys) do not
+   absorb the information, and keys of the same answer sets link to each other: ~5 us;
+3. prune each list to ``M`` (``graph_kernels._prune``: drop p if a kept neighbour r has
+   |p - r| < |p - node|, then top up with the nearest dropped ones), then add reverse edges,
+   re-pruning lists above ``M``: ~5 us;
 4. connectivity: most keys are in no training query's top list (on the embedded model, half of them
    at 32K); each key links to ``conn`` of its nearest *covered* keys (those step 3 linked; found in
    bulk by ``dense.nearest_covered``: clustering plus a scan of two clusters, then pruned), both ways,
-   while lists have room (``max_degree``). This hangs every key off the part of the graph that
-   queries reach; it replaced a beam search of every key's own vector, which cost 5x more and
-   reached a lower recall on the worst heads.
+   while lists have room (``max_degree``): ~8 us. It replaced a beam search of every key's own
+   vector (RoarGraph's pass, still ``keygraph``'s), which cost 5x more and reached a lower recall on
+   the worst heads;
+5. reachability (``graph_kernels.span``): keys no edge reaches (their hubs' lists were full) are
+   linked from a near reached key: ~1 us.
+
+The graph part (steps 2-5) runs at ~50,000 keys per second per core.
 
 Entry point of a group: its most frequent top-1 key over the training queries. The search cost of a
 query is close to the number of distinct neighbours of its true top keys, so ``conn`` is kept small:
