@@ -59,7 +59,7 @@ def test_parse_backend_spec_and_defaults():
 
 def test_flat_has_recall_one_and_exact_mass():
     qk = random_qk()
-    settings = SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"), BackendSpec("no-such-index")))
+    settings = SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"),))
     notes: set[str] = set()
     rows = evaluate_layer(qk.q[0], qk.k[0], settings, qk.scale, layer=0, notes=notes)
     assert [r["kv_head"] for r in rows] == [0, 1]
@@ -68,7 +68,13 @@ def test_flat_has_recall_one_and_exact_mass():
         assert r["mass"] == pytest.approx(r["mass_exact"], rel=1e-9)
         assert r["scanned"] == 1.0 and r["n_keys"] == 300 - 8 - 16 - 8
         assert r["us_per_query"] > 0 and r["index_bytes"] > 0
-    assert any("no-such-index" in note for note in notes)
+
+
+def test_unknown_backends_and_parameters_are_refused():
+    with pytest.raises(ValueError, match=r"unknown backend 'no-such-index'; available: flat, hnsw"):
+        SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"), BackendSpec("no-such-index")))
+    with pytest.raises(ValueError, match=r"backend 'roar': unknown parameter\(s\) \['bogus'\]"):
+        SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("roar", {"bogus": (1,)}),))
 
 
 def test_sweep_on_given_qk_with_one_thread():

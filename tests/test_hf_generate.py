@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.hf import Decoder, RetrievalCache, dynamic_cache, prefill_spans
+from retrieval_attn.hf import Decoder, RetrievalCache, cache_kwargs, dynamic_cache, prefill_spans
 
 EXACT = RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000, index="flat")  # top_k covers every key
 
 
 def test_chunked_prefill_and_greedy_decode_equal_generate(tiny_llama):
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(5))
-    plain = tiny_llama.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=dynamic_cache())
+    plain = tiny_llama.generate(ids, max_new_tokens=24, do_sample=False, **cache_kwargs(tiny_llama, dynamic_cache()))
     expected = plain[0, 300:].tolist()
     assert len(expected) == 24  # no end-of-sequence token cut generate() short: the decoders compare 24 tokens
     cache = RetrievalCache(tiny_llama, EXACT)

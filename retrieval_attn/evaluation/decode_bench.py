@@ -36,7 +36,7 @@ import torch
 from ..config import RetrievalConfig
 from ..engine import STEP_PARTS
 from ..planner import GIB, MemoryBudgetError, resident_bytes
-from .report import format_columns, settings_dict, write_csv, write_json
+from .report import Interrupted, format_columns, settings_dict, write_csv, write_json
 
 __all__ = [
     "METHODS",
@@ -164,7 +164,8 @@ def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[
 
 
 def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda msg: None) -> list[MethodResult]:
-    """Measure every (context, method) of ``settings``; see the module docstring."""
+    """Measure every (context, method) of ``settings``; see the module docstring. Ctrl-C raises
+    ``report.Interrupted`` holding the results of the (context, method) pairs measured."""
     from ..hf import random_model
 
     device = torch.device(settings.device)
@@ -178,15 +179,18 @@ def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = 
         progress(f"warm-up ({short} tokens): {method}")
         _run_method(model, warm, method, dataclasses.replace(settings, steps=1, warmup=0))
     results = []
-    for context in settings.contexts:
-        ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
-        for method in settings.methods:
-            progress(f"context {context}: {method}")
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            results.append(_run_method(model, ids, method, settings))
+    try:
+        for context in settings.contexts:
+            ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
+            for method in settings.methods:
+                progress(f"context {context}: {method}")
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                results.append(_run_method(model, ids, method, settings))
+    except KeyboardInterrupt:
+        raise Interrupted(results) from None
     return results
 
 
