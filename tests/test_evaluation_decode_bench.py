@@ -9,7 +9,9 @@ import pytest
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.cli import main
-from retrieval_attn.evaluation.decode_bench import BenchSettings, run_decode_bench
+from retrieval_attn.evaluation import decode_bench
+from retrieval_attn.evaluation.decode_bench import BenchSettings, format_bench_table, run_decode_bench
+from retrieval_attn.evaluation.report import Interrupted
 
 TINY = dict(shape="tiny", contexts=(700,), steps=3, warmup=1, prefill_chunk=256, device="cpu", dtype="float32",
             retrieval=RetrievalConfig(sink_tokens=16, window_tokens=64, top_k=32))
@@ -58,3 +60,21 @@ def test_bench_cli_writes_table_json_and_csv(tmp_path, capsys):
 def test_bench_settings_reject_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         BenchSettings(**{**TINY, **bad})
+
+
+def test_ctrl_c_keeps_what_was_measured(monkeypatch):
+    run = decode_bench._run_method
+    calls = []
+
+    def interrupt_the_third(*args, **kwargs):  # warm-up of each method, then the first context's full, roar
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(decode_bench, "_run_method", interrupt_the_third)
+    with pytest.raises(Interrupted) as stop:
+        run_decode_bench(BenchSettings(**{**TINY, "methods": ("full", "roar")}))
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert [r.method for r in stop.value.partial] == ["full"] and stop.value.partial[0].status == "ok"
+    assert "full" in format_bench_table(stop.value.partial)

@@ -18,6 +18,8 @@ import torch
 
 from retrieval_attn import RetrievalConfig, cli
 from retrieval_attn.evaluation import BackendSpec, CapturedQK, default_layers, parse_backend_spec
+from retrieval_attn.evaluation import sweep
+from retrieval_attn.evaluation.report import Interrupted
 from retrieval_attn.evaluation.sweep import (
     SweepSettings,
     evaluate_layer,
@@ -145,3 +147,22 @@ def test_backends_with_different_build_parameters_stay_apart():
     report = run_sweep(settings, qk=qk, progress=False)
     assert sorted(s["backend"] for s in report.summary) == ["roar(conn=4)", "roar(conn=8)"]
     assert sorted(o["backend"] for o in report.operating_points) == ["roar(conn=4)", "roar(conn=8)"]
+
+
+def test_ctrl_c_keeps_the_finished_lengths_and_layers(monkeypatch):
+    evaluate = sweep.evaluate_layer
+    calls = []
+
+    def interrupt_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_layer", interrupt_the_second)
+    settings = SweepSettings(lengths=(200, 300), **SMALL, backends=(BackendSpec("flat"),))
+    with pytest.raises(Interrupted) as stop:
+        run_sweep(settings, qk=random_qk(), progress=False)
+    report = stop.value.partial
+    assert [s["length"] for s in report.summary] == [200] and report.operating_points[0]["reached"]
+    assert "200" in format_sweep_table(report)

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.hf import RetrievalCache, cache_kwargs, capture_qk, load_model
+from retrieval_attn.hf import RetrievalCache, cache_argument, cache_kwargs, capture_qk, load_model
 
 
 @pytest.mark.slow
@@ -264,3 +264,60 @@ def test_prefill_spans_cover_the_prompt_without_a_one_token_last_forward(n, chun
     spans = list(prefill_spans(n, chunk))
     assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert all(j - i <= chunk + 1 for i, j in spans) and (n == 1 or spans[-1][1] - spans[-1][0] > 1)
+
+
+@pytest.mark.parametrize("new_length", [10, 45 - 2, 45 - 1])
+def test_a_used_cache_refuses_a_new_prompt_naming_reset(new_length):
+    """A second generate() from an unrelated prompt on a used cache: a clear error naming reset(), before
+    any layer runs; after reset() the same call works. (A prompt that extends what the cache holds is
+    continuation, not tested here.) transformers before 5.24 fails in generate() itself first."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 128, (1, 40), generator=gen)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=1000, index="flat"))
+    model.generate(ids, **cache_kwargs(model, cache), **kw)
+    held = cache.get_seq_length()
+    assert held == 44
+    other = torch.randint(0, 128, (1, new_length), generator=gen)
+    if cache_argument(model) == "cache":
+        with pytest.raises(ValueError, match=r"holds 44 tokens .* does not continue what the cache holds .* "
+                                             r"call cache\.reset\(\)"):
+            model.generate(other, **cache_kwargs(model, cache), **kw)
+    else:  # before transformers 5.24, generate() fails on its own (IndexError) before calling the model
+        with pytest.raises(IndexError):
+            model.generate(other, **cache_kwargs(model, cache), **kw)
+    assert cache.get_seq_length() == held and all(s.offloaded_tokens + s.device_tokens == held for s in cache.stats)
+    cache.reset()
+    plain = model.generate(other, **kw)
+    assert torch.equal(model.generate(other, **cache_kwargs(model, cache), **kw), plain)
+
+
+@pytest.mark.slow
+def test_dequantised_model_is_cached_and_loads_the_same(tmp_path, monkeypatch, smollm):
+    """The first load of a GGUF file caches the de-quantised model; the next loads it from there: same
+    weights, same tokenizer (ids, chat template), and it is the copy that ``retrieval-attn cache`` lists."""
+    from retrieval_attn.hf import cached_copy, embedded_model_path
+    from retrieval_attn.model_files import cache_entries, clear_model_cache, inspect_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = embedded_model_path()
+    assert not inspect_model(path).cached
+    cold_model, cold_tok = load_model(path)
+    copy = cached_copy(path, torch.float32)
+    assert (copy / "config.json").is_file() and (copy / "model.safetensors").is_file()
+    assert inspect_model(path).cached and inspect_model(path).num_layers == 30
+    warm_model, warm_tok = load_model(path)
+    reference, reference_tok = smollm  # loaded by the session (from the user's cache or the GGUF file)
+    for model in (cold_model, warm_model):
+        for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), name
+    text = "The grass is green. What is the pass key?"
+    messages = [{"role": "user", "content": text}]
+    for tok in (cold_tok, warm_tok):
+        assert tok(text).input_ids == reference_tok(text).input_ids
+        chat = tok.apply_chat_template(messages, tokenize=False)
+        assert chat == reference_tok.apply_chat_template(messages, tokenize=False) and "<|im_start|>user" in chat
+        assert tok.eos_token_id == reference_tok.eos_token_id
+    assert [p.name for p, _ in cache_entries()] == [copy.name]
+    assert clear_model_cache() > 100 * 2**20 and cache_entries() == []
