@@ -248,3 +248,68 @@ def test_interrupt_while_loading_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "retrieval-attn generate: interrupted (Ctrl-C)"
     assert "Traceback" not in err
+
+
+
+
+@pytest.fixture
+def small_generate(small_model_with_the_embedded_vocabulary, tokenizer, monkeypatch, tmp_path):
+    """``generate`` on a small random model (loaded in place of the embedded one, whose header checks still
+    apply) with a ~700-token prompt file. Returns ``run(*flags)`` -> exit code, the ``RetrievalConfig`` of
+    every cache the runs made, and the (backend, parameters) of every index they made."""
+    import retrieval_attn.hf
+    from retrieval_attn.index import registry
+
+    model = small_model_with_the_embedded_vocabulary
+    monkeypatch.setattr(retrieval_attn.hf, "load_model", lambda *a, **k: (model, tokenizer))
+    configs, made = [], []
+
+    class RecordingCache(retrieval_attn.hf.RetrievalCache):
+        def __init__(self, model, config, **kwargs):
+            configs.append(config)
+            super().__init__(model, config, **kwargs)
+
+    make_index = registry.make_index
+
+    def recording_make_index(name, **params):
+        made.append((name, params))
+        return make_index(name, **params)
+
+    monkeypatch.setattr(retrieval_attn.hf, "RetrievalCache", RecordingCache)
+    monkeypatch.setattr(registry, "make_index", recording_make_index)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The grass is green and the sky is blue. " * 70)
+
+    def run(*flags: str) -> int:
+        configs.clear()
+        made.clear()
+        return cli.main(["generate", "--prompt-file", str(prompt), "--max-new-tokens", "3", "--sink", "4",
+                         "--window", "8", *flags])
+
+    return run, configs, made
+
+
+@pytest.mark.parametrize("flags, backend, params", [
+    (["--top-k", "300"], "flat", {}),  # auto over ~700 keys: exact search (was refused: "raise ef")
+    (["--top-k", "300", "--index", "roar"], "roar", {"ef": 300}),
+    (["--top-k", "300", "--index", "roar", "--index-param", "ef=400"], "roar", {"ef": 400}),
+    (["--index", "roar", "--index-param", "M=8"], "roar", {"M": 8}),
+    (["--index", "hnsw", "--index-param", "M=8", "--index-param", "ef_construction=50"], "hnsw",
+     {"M": 8, "ef_construction": 50}),
+    (["--index", "ivf", "--index-param", "nlist=8", "--index-param", "nprobe=2"], "ivf", {"nlist": 8, "nprobe": 2}),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_index_params_reach_the_backend_and_ef_follows_top_k(small_generate, flags, backend, params, capsys):
+    """``--index-param`` sets any backend's parameters; a ``--top-k`` above the default ef works with ``auto``
+    and with a graph (whose ef follows it), where it asked for ``ef`` before."""
+    run, _, made = small_generate
+    assert run(*flags) == 0, capsys.readouterr().err
+    assert made and all(m == (backend, params) for m in made), made  # one index per layer
+    assert f"-> {backend} (top_k " in capsys.readouterr().out
+
+
+def test_telemetry_png_implies_telemetry(small_generate, tmp_path, capsys):
+    run, configs, _ = small_generate
+    png = tmp_path / "plots" / "telemetry.png"
+    assert run("--telemetry-png", str(png)) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert configs[-1].telemetry and "telemetry: recall@100" in out and png.stat().st_size > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.evaluation import FULL, SINK_WINDOW, make_needle
@@ -57,17 +56,6 @@ def test_tiny_eval_end_to_end(smollm, tmp_path):
             "fidelity.png", "telemetry.png"} <= names
     assert json.loads((tmp_path / "eval.json").read_text())["settings"]["lengths"] == [320, 480]
     assert "needle accuracy" in format_eval_table(report)
-
-
-@pytest.fixture(scope="module")
-def small_model_with_the_embedded_vocabulary(tokenizer):
-    """A randomly initialised 2-layer Llama over the embedded tokenizer's vocabulary (fast, meaningless)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_ctrl_c_keeps_what_finished(small_model_with_the_embedded_vocabulary, tokenizer, monkeypatch):

@@ -166,3 +166,26 @@ def test_ctrl_c_keeps_the_finished_lengths_and_layers(monkeypatch):
     report = stop.value.partial
     assert [s["length"] for s in report.summary] == [200] and report.operating_points[0]["reached"]
     assert "200" in format_sweep_table(report)
+
+
+def test_plot_axis_labels_do_not_overlap(tmp_path, monkeypatch):
+    """Every panel of both plots labels its x axis with at least two numbers, none overlapping the next
+    (log axes spanning less than a decade used to label every minor tick, in one unreadable string)."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to measure their labels
+    backends = (BackendSpec("flat"), parse_backend_spec("ivf:nlist=8:nprobe=1,2,4,8"), parse_backend_spec("roar:ef=20,40"))
+    report = run_sweep(SweepSettings(lengths=(200, 300), **SMALL, backends=backends), qk=random_qk(), progress=False)
+    write_results(report, tmp_path)
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            boxes = [label.get_window_extent(renderer) for x, label in zip(ax.get_xticks(), ax.get_xticklabels())
+                     if low <= x <= high and label.get_text()]
+            assert len(boxes) >= 2, ax.get_title()
+            assert not any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:])), ax.get_title()  # left to right, apart
+        close(fig)
