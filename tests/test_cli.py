@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -313,3 +314,22 @@ def test_telemetry_png_implies_telemetry(small_generate, tmp_path, capsys):
     assert run("--telemetry-png", str(png)) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert configs[-1].telemetry and "telemetry: recall@100" in out and png.stat().st_size > 0
+
+
+def test_ctrl_c_during_prefill_prints_what_ran(small_generate, monkeypatch, capsys):
+    from retrieval_attn.hf import Decoder
+
+    run, _, _ = small_generate
+    forward, calls = Decoder._forward, []
+
+    def interrupt_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "_forward", interrupt_the_second)
+    assert run("--prefill-chunk", "256") == 130
+    out, err = capsys.readouterr()
+    assert re.search(r"prefill seconds +[0-9.]+ \(interrupted after 256 of \d+ tokens\)", out), out
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted (Ctrl-C): the table above covers what ran"
