@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = builtin_token_ids(tokenizer, args.prompt)
         described = f"model {args.model}"
     config = RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
-                             telemetry=not args.no_telemetry, rebuild_growth=args.rebuild_growth)
+                             telemetry=not args.no_telemetry, rebuild_growth=args.rebuild_growth,
+                             serve_while_building=False)  # every step's recall is the index's
     cache = RetrievalCache(model, config, max_context=args.prompt + args.steps + 1)
     rows, samples = [], []
     times: list[float] = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .index.registry import AUTO, available_indexes, params_class
+from .index.registry import AUTO, available_indexes, index_params_for, params_class
 
 __all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
 
@@ -38,8 +38,9 @@ class RetrievalConfig:
     top_k : keys retrieved from the CPU per query head per decode step (>= 1).
     index : ``"auto"`` (flat for small offloaded sets, roar for large ones) or the name of a registered
         backend (see ``retrieval_attn.index.available_indexes()``).
-    index_params : parameters of that backend (roar's for ``"auto"``), checked against its ranges;
-        for graph backends ``top_k`` must not exceed the search queue ``ef``.
+    index_params : parameters of that backend (roar's for ``"auto"``), checked against its ranges.
+        Graph backends search with a queue ``ef`` that must hold ``top_k``: left unset, ``ef`` follows
+        ``top_k`` (the backend's default, or ``top_k`` where that is larger); set, it must be >= ``top_k``.
     cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
     prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
     overlap : run a decode step's CPU search and attention on a worker thread while the device attends
@@ -117,7 +118,7 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
         cls = params_class(self.index)
         try:
-            ef = cls.resolved_params(dict(self.index_params)).get("ef")
+            ef = cls.resolved_params(index_params_for(self.index, self.index_params, self.top_k)).get("ef")
         except ValueError as err:
             raise ValueError(f"RetrievalConfig.index_params: {err}") from None
         if ef is not None and self.top_k > ef:

@@ -235,7 +235,7 @@ def plan_memory(
     if device.type == "cpu":
         block = min(config.prefill_block, c)
         dev["prefill attention scores (fp32, math path)"] = 2 * b * hq * block * t * 4
-    name, params = backend_for(config.index, config.index_params, n_off)
+    name, params = backend_for(config.index, config.index_params, n_off, config.top_k)
     backend, groups, group = index_class(name), b * hkv, hq // hkv
     kept = 0  # prefill positions each layer keeps to train its index, one query each per group
     if backend.uses_train_queries and n_off:

@@ -42,6 +42,18 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def small_model_with_the_embedded_vocabulary(tokenizer):
+    """A randomly initialised 2-layer Llama over the embedded tokenizer's vocabulary (fast, meaningless):
+    2 query heads, 1 KV head, head dim 16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
 def passkey_ids(smollm):
     """Token ids (1, n) of the built-in pass-key document, n >= 2,000."""
     from importlib import resources

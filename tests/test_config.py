@@ -26,7 +26,8 @@ def test_defaults():
         ({"index": "nope"}, r"index must be one of \['auto', .*'flat'.*\], got 'nope'"),
         ({"index": "flat", "index_params": {"ef": 10}}, r"index 'flat': unknown parameter\(s\) \['ef'\]"),
         ({"index": "roar", "index_params": {"ef": 0}}, r"parameter 'ef' must be in \[1, inf\]"),
-        ({"top_k": 250}, r"top_k \(250\) must be <= the search queue ef \(200\) of index 'roar'"),
+        ({"top_k": 250, "index_params": {"ef": 200}},
+         r"top_k \(250\) must be <= the search queue ef \(200\) of index 'roar'"),
         ({"index": "keygraph", "top_k": 64, "index_params": {"ef": 32}}, r"top_k \(64\) must be <= .* ef \(32\)"),
         ({"index_params": {"bogus": 1}}, r"index_params.*unknown parameter\(s\) \['bogus'\]"),
         ({"index_params": [1]}, r"index_params must be a mapping"),
@@ -53,3 +54,17 @@ def test_auto_resolves_by_size_and_takes_roar_params():
     assert resolve_index("auto", AUTO_FLAT_BELOW - 1) == "flat"
     assert resolve_index("auto", AUTO_FLAT_BELOW) == "roar"
     assert resolve_index("hnsw", 10) == "hnsw"
+
+
+@pytest.mark.parametrize("index, default_ef", [("auto", 200), ("roar", 200), ("keygraph", 128), ("hnsw", 128)])
+def test_ef_follows_top_k_unless_set(index, default_ef):
+    from retrieval_attn.index import backend_for, index_params_for
+
+    assert index_params_for(index, {}, default_ef) == {}  # up to the default, the default
+    assert index_params_for(index, {}, 1000) == {"ef": 1000}  # above it, ef = top_k
+    assert index_params_for(index, {"ef": 1200, "M": 8}, 1000) == {"ef": 1200, "M": 8}  # a set ef is kept
+    config = RetrievalConfig(index=index, top_k=1000)  # accepted: no ef to raise by hand
+    assert dict(config.index_params) == {}  # the config keeps what was given
+    backend, params = backend_for(index, config.index_params, 10**6, config.top_k)
+    assert params["ef"] == 1000 and backend == ("roar" if index == "auto" else index)
+    assert index_params_for("flat", {}, 1000) == {} and index_params_for("ivf", {}, 1000) == {}

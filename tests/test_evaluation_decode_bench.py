@@ -9,7 +9,9 @@ import pytest
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.cli import main
-from retrieval_attn.evaluation.decode_bench import BenchSettings, run_decode_bench
+from retrieval_attn.evaluation import decode_bench
+from retrieval_attn.evaluation.decode_bench import BenchSettings, format_bench_table, run_decode_bench
+from retrieval_attn.evaluation.report import Interrupted
 
 TINY = dict(shape="tiny", contexts=(700,), steps=3, warmup=1, prefill_chunk=256, device="cpu", dtype="float32",
             retrieval=RetrievalConfig(sink_tokens=16, window_tokens=64, top_k=32))
@@ -22,7 +24,8 @@ def test_bench_measures_every_method_on_cpu():
         r = results[method]
         assert r.status == "ok" and r.s_per_token > 0 and r.ttft_s >= r.prefill_s > 0 and r.cpu_rss_gib > 0
         assert r.step_max_s >= r.step_p90_s >= r.s_per_token
-    for method in ("flat", "roar"):
+    for method in ("flat", "roar"):  # the timed steps come after every layer's index is ready
+        assert results[method].index_ready_s >= results[method].ttft_s
         parts = results[method].breakdown_s
         assert set(parts) == {"device_attention", "cpu_search", "cpu_attention", "transfer", "rest_of_model"}
         assert parts["cpu_search"] > 0 and parts["device_attention"] > 0
@@ -58,3 +61,21 @@ def test_bench_cli_writes_table_json_and_csv(tmp_path, capsys):
 def test_bench_settings_reject_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         BenchSettings(**{**TINY, **bad})
+
+
+def test_ctrl_c_keeps_what_was_measured(monkeypatch):
+    run = decode_bench._run_method
+    calls = []
+
+    def interrupt_the_third(*args, **kwargs):  # warm-up of each method, then the first context's full, roar
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(decode_bench, "_run_method", interrupt_the_third)
+    with pytest.raises(Interrupted) as stop:
+        run_decode_bench(BenchSettings(**{**TINY, "methods": ("full", "roar")}))
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert [r.method for r in stop.value.partial] == ["full"] and stop.value.partial[0].status == "ok"
+    assert "full" in format_bench_table(stop.value.partial)

@@ -56,3 +56,37 @@ def test_tiny_eval_end_to_end(smollm, tmp_path):
             "fidelity.png", "telemetry.png"} <= names
     assert json.loads((tmp_path / "eval.json").read_text())["settings"]["lengths"] == [320, 480]
     assert "needle accuracy" in format_eval_table(report)
+
+
+def test_ctrl_c_keeps_what_finished(small_model_with_the_embedded_vocabulary, tokenizer, monkeypatch):
+    """Ctrl-C in the needle grid keeps the samples every method finished; in the fidelity task, the
+    positions compared (whole chunks)."""
+    from retrieval_attn.evaluation import needle
+    from retrieval_attn.evaluation.methods import Methods
+    from retrieval_attn.evaluation.report import Interrupted
+
+    model = small_model_with_the_embedded_vocabulary
+    config = RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=1000, index="flat")
+    grid = EvalSettings(methods=(FULL, "flat"), tasks=("passkey",), lengths=(200,), depths=(0.2, 0.8),
+                        fidelity_tokens=0, retrieval=config)
+    make, made = needle.make_needle, []
+    monkeypatch.setattr(needle, "make_needle", lambda *a, **k: make(*a, **k) if len(made) < 1 and not made.append(1)
+                        else _interrupt())
+    with pytest.raises(Interrupted) as stop:
+        run_eval(grid, model=model, tokenizer=tokenizer, progress=False)
+    assert sorted((c["method"], c["depth"]) for c in stop.value.partial.needle_cells) == [("flat", 0.2), (FULL, 0.2)]
+    assert "needle accuracy" in format_eval_table(stop.value.partial)
+
+    fidelity = EvalSettings(methods=(FULL, "flat"), tasks=(), fidelity_tokens=48, fidelity_prefix=100,
+                            prefill_chunk=16, retrieval=config)
+    step, steps = Methods.step, []
+    monkeypatch.setattr(Methods, "step", lambda self, *a, **k: step(self, *a, **k) if len(steps) < 32
+                        and not steps.append(1) else _interrupt())  # flat's steps: the third chunk is cut
+    with pytest.raises(Interrupted) as stop:
+        run_eval(fidelity, model=model, tokenizer=tokenizer, progress=False)
+    assert {r["method"]: r["tokens"] for r in stop.value.partial.fidelity} == {FULL: 32, "flat": 32}
+    assert "teacher-forced fidelity" in format_eval_table(stop.value.partial)
+
+
+def _interrupt():
+    raise KeyboardInterrupt

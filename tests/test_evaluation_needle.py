@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval_attn.evaluation.needle import TASKS, make_needle
+from retrieval_attn import RetrievalConfig
+from retrieval_attn.evaluation.evaluate import EvalSettings
+from retrieval_attn.evaluation.needle import TASKS, make_needle, plot_needle
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -23,3 +25,16 @@ def test_needle_is_deterministic_exact_length_and_at_its_depth(tokenizer, task):
     if task == "multikey":  # distractors: other words, other numbers
         text = tokenizer.decode(a.context_ids)
         assert text.count("special magic number") == 4 and text.count(a.answer) == 1
+
+
+def test_needle_heatmap_of_one_cell_is_large_enough_to_read(tmp_path):
+    from matplotlib.image import imread
+
+    settings = EvalSettings(methods=("sink+window",), tasks=("passkey",), lengths=(1024,), depths=(0.5,),
+                            fidelity_tokens=0, retrieval=RetrievalConfig(sink_tokens=16, window_tokens=64))
+    cells = [{"task": "passkey", "length": 1024, "depth": 0.5, "method": "sink+window", "samples": 1, "accuracy": 1.0}]
+    (path,) = plot_needle(cells, settings, tmp_path)
+    height, width = imread(path).shape[:2]
+    assert width >= 450 and height >= 300, (width, height)  # was 253 x 154 with a clipped title
+    (path,) = plot_needle([], settings, tmp_path)  # an interrupted run: no cell finished
+    assert path.stat().st_size > 0

@@ -18,6 +18,8 @@ import torch
 
 from retrieval_attn import RetrievalConfig, cli
 from retrieval_attn.evaluation import BackendSpec, CapturedQK, default_layers, parse_backend_spec
+from retrieval_attn.evaluation import sweep
+from retrieval_attn.evaluation.report import Interrupted
 from retrieval_attn.evaluation.sweep import (
     SweepSettings,
     evaluate_layer,
@@ -59,7 +61,7 @@ def test_parse_backend_spec_and_defaults():
 
 def test_flat_has_recall_one_and_exact_mass():
     qk = random_qk()
-    settings = SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"), BackendSpec("no-such-index")))
+    settings = SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"),))
     notes: set[str] = set()
     rows = evaluate_layer(qk.q[0], qk.k[0], settings, qk.scale, layer=0, notes=notes)
     assert [r["kv_head"] for r in rows] == [0, 1]
@@ -68,7 +70,13 @@ def test_flat_has_recall_one_and_exact_mass():
         assert r["mass"] == pytest.approx(r["mass_exact"], rel=1e-9)
         assert r["scanned"] == 1.0 and r["n_keys"] == 300 - 8 - 16 - 8
         assert r["us_per_query"] > 0 and r["index_bytes"] > 0
-    assert any("no-such-index" in note for note in notes)
+
+
+def test_unknown_backends_and_parameters_are_refused():
+    with pytest.raises(ValueError, match=r"unknown backend 'no-such-index'; available: flat, hnsw"):
+        SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("flat"), BackendSpec("no-such-index")))
+    with pytest.raises(ValueError, match=r"backend 'roar': unknown parameter\(s\) \['bogus'\]"):
+        SweepSettings(lengths=(300,), **SMALL, backends=(BackendSpec("roar", {"bogus": (1,)}),))
 
 
 def test_sweep_on_given_qk_with_one_thread():
@@ -139,3 +147,45 @@ def test_backends_with_different_build_parameters_stay_apart():
     report = run_sweep(settings, qk=qk, progress=False)
     assert sorted(s["backend"] for s in report.summary) == ["roar(conn=4)", "roar(conn=8)"]
     assert sorted(o["backend"] for o in report.operating_points) == ["roar(conn=4)", "roar(conn=8)"]
+
+
+def test_ctrl_c_keeps_the_finished_lengths_and_layers(monkeypatch):
+    evaluate = sweep.evaluate_layer
+    calls = []
+
+    def interrupt_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_layer", interrupt_the_second)
+    settings = SweepSettings(lengths=(200, 300), **SMALL, backends=(BackendSpec("flat"),))
+    with pytest.raises(Interrupted) as stop:
+        run_sweep(settings, qk=random_qk(), progress=False)
+    report = stop.value.partial
+    assert [s["length"] for s in report.summary] == [200] and report.operating_points[0]["reached"]
+    assert "200" in format_sweep_table(report)
+
+
+def test_plot_axis_labels_do_not_overlap(tmp_path, monkeypatch):
+    """Every panel of both plots labels its x axis with at least two numbers, none overlapping the next
+    (log axes spanning less than a decade used to label every minor tick, in one unreadable string)."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to measure their labels
+    backends = (BackendSpec("flat"), parse_backend_spec("ivf:nlist=8:nprobe=1,2,4,8"), parse_backend_spec("roar:ef=20,40"))
+    report = run_sweep(SweepSettings(lengths=(200, 300), **SMALL, backends=backends), qk=random_qk(), progress=False)
+    write_results(report, tmp_path)
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            boxes = [label.get_window_extent(renderer) for x, label in zip(ax.get_xticks(), ax.get_xticklabels())
+                     if low <= x <= high and label.get_text()]
+            assert len(boxes) >= 2, ax.get_title()
+            assert not any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:])), ax.get_title()  # left to right, apart
+        close(fig)

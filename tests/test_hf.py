@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.hf import RetrievalCache, capture_qk, load_model
+from retrieval_attn.hf import RetrievalCache, cache_argument, cache_kwargs, capture_qk, load_model
 
 
 @pytest.mark.slow
@@ -19,12 +19,12 @@ def test_smollm_generate_matches_sdpa_and_offloads(smollm, passkey_ids):
     assert ids.shape[1] >= 2000
     plain = model.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64)
     exact = RetrievalCache(model, RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=ids.shape[1] + 64, index="flat"))
-    out = model.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64, past_key_values=exact)
+    out = model.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64, **cache_kwargs(model, exact))
     assert torch.equal(out, plain), (tokenizer.decode(out[0, ids.shape[1]:]), tokenizer.decode(plain[0, ids.shape[1]:]))
     assert exact.get_seq_length() == ids.shape[1] + 63  # the last token is never fed back
 
     approx = RetrievalCache(model, RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=100))
-    out = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=approx)
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, **cache_kwargs(model, approx))
     stats = approx.stats
     assert len(stats) == model.config.num_hidden_layers
     seen = out.shape[1] - 1  # every token but the last generated one went through the cache
@@ -32,7 +32,7 @@ def test_smollm_generate_matches_sdpa_and_offloads(smollm, passkey_ids):
     assert stats[0].retrieved_last_step == 9 * 100  # 9 query heads, top_k 100
     assert "52718" in tokenizer.decode(out[0, ids.shape[1]:])
     # a plain run of the model, still switched to "retrieval_attn", falls back to sdpa unchanged
-    fallback = model.generate(ids[:, :300], max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
+    fallback = model.generate(ids[:, :300], max_new_tokens=8, do_sample=False, **cache_kwargs(model, DynamicCache()))
     model.set_attn_implementation("sdpa")
     assert torch.equal(fallback, model.generate(ids[:, :300], max_new_tokens=8, do_sample=False))
 
@@ -52,7 +52,7 @@ def test_tiny_random_model_generate_matches(cls, config_cls):
     ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1))  # batch 2, equal lengths
     plain = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000, index="flat"))
-    out = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40, **cache_kwargs(model, cache))
     assert torch.equal(out, plain)
     assert cache.stats[1].offloaded_tokens == 300 + 39 - 48
 
@@ -77,7 +77,7 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(cls, config_cls):
     config = RetrievalConfig(sink_tokens=sink, window_tokens=window, top_k=1000, index="flat")
     cache = RetrievalCache(model, config)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), **kw)
     for i, p in enumerate(prompts):
         alone = model.generate(p[None], **kw)  # plain sdpa, no padding
         assert torch.equal(out[i, ids.shape[1] :], alone[0, len(p) :]), f"sequence {i}"
@@ -86,7 +86,7 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(cls, config_cls):
             assert (s.seen_tokens, s.offloaded_tokens) == (len(p) + new - 1, len(p) + new - 1 - sink - window)
     cache.reset()  # the same cache then serves an unpadded batch on one batched engine
     same = torch.stack([prompts[0][:60], prompts[1][:60]])
-    out = model.generate(same, past_key_values=cache, **kw)
+    out = model.generate(same, **cache_kwargs(model, cache), **kw)
     assert torch.equal(out, model.generate(same, **kw))
     assert all(len(layer) == 1 for layer in cache.sequence_stats)
 
@@ -98,7 +98,7 @@ def test_smollm_left_padded_batch_decodes_each_prompt_as_alone(smollm, passkey_i
     ids, mask = left_padded(prompts)
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000, index="flat"))
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), **kw)
     for i, p in enumerate(prompts):
         assert torch.equal(out[i, ids.shape[1] :], model.generate(p[None], **kw)[0, len(p) :]), f"sequence {i}"
         assert cache.sequence_stats[0][i].offloaded_tokens == len(p) + 7 - 48
@@ -120,7 +120,7 @@ def test_right_padding_and_holes_are_clear_errors(holes):
         mask[row, cols] = 0
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=2, window_tokens=4))
     with pytest.raises(ValueError, match=r"attention_mask of sequence \d is not left padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, past_key_values=cache)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, **cache_kwargs(model, cache))
 
 
 def test_left_padding_reads_bool_and_float_masks():
@@ -175,12 +175,14 @@ def test_signature_drift_is_tolerated():
     model = _tiny(LlamaForCausalLM, LlamaConfig)
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=2, window_tokens=4))
     k = torch.randn(1, 2, 5, 16)
+    assert cache.get_mask_sizes(3, 0) == (3, 0)
+    assert cache.get_mask_sizes(torch.arange(0, 3), 0) == (3, 0)  # mask size from a cache_position tensor
     # older callers pass cache_kwargs positionally or by name
     assert cache.update(k, k, 0, {"cache_position": torch.arange(5)})[0] is k
     assert cache.update(k, k, 1, cache_kwargs={"sin": None})[0] is k
     assert cache.get_seq_length() == 5
-    assert cache.get_mask_sizes(3, 0) == (8, 0)
-    assert cache.get_mask_sizes(torch.arange(5, 8), 0) == (8, 0)  # mask size from a cache_position tensor
+    assert cache.layers[0].get_mask_sizes(3) == (8, 0)
+    assert cache.layers[0].get_mask_sizes(torch.arange(5, 8)) == (8, 0)
 
 
 def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_tokens():
@@ -192,15 +194,15 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
     for background in (False, True):
         cache = RetrievalCache(model, cfg, max_context=430)
         with torch.no_grad():
-            model(ids[:, :200], past_key_values=cache)
+            model(ids[:, :200], **cache_kwargs(model, cache))
             with cache.last_prefill_chunk() if background else contextlib.nullcontext():
-                logits = model(ids[:, 200:], past_key_values=cache).logits
+                logits = model(ids[:, 200:], **cache_kwargs(model, cache)).logits
             started = [layer.engine.indexing.build_future is not None for layer in cache.layers]
             assert started == [background] * 2
             out = []
             for _ in range(30):
                 out.append(int(logits[0, -1].argmax()))
-                logits = model(torch.tensor([[out[-1]]]), past_key_values=cache).logits
+                logits = model(torch.tensor([[out[-1]]]), **cache_kwargs(model, cache)).logits
         tokens[background] = out
         assert all(s.index == "roar" and s.index_build_seconds > 0 for s in cache.stats)
     assert tokens[True] == tokens[False]
@@ -228,11 +230,11 @@ def test_interrupted_generate_leaves_cache_resettable_and_model_usable():
     plain = model.generate(ids, **kw)
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
     with pytest.raises(KeyboardInterrupt):  # between two decode steps
-        model.generate(ids, streamer=_InterruptAfter(5), past_key_values=cache, **kw)
+        model.generate(ids, streamer=_InterruptAfter(5), **cache_kwargs(model, cache), **kw)
     assert cache.get_seq_length() > ids.shape[1]
     cache.reset()
     assert all(s.offloaded_tokens == 0 and s.cpu_bytes == 0 for s in cache.stats)  # CPU store (pinned on CUDA) dropped
-    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, cache), **kw), plain)
 
     # inside a forward pass: layer 1's cache update ran, its attention did not
     cache.reset()
@@ -245,14 +247,14 @@ def test_interrupted_generate_leaves_cache_resettable_and_model_usable():
 
     layer.update = update_then_interrupt
     with pytest.raises(KeyboardInterrupt):
-        model.generate(ids, past_key_values=cache, **kw)
+        model.generate(ids, **cache_kwargs(model, cache), **kw)
     layer.update = update
     with pytest.raises(ValueError, match=r"layer 1 holds 0 tokens but the cache counts .* call cache.reset\(\)"):
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], **cache_kwargs(model, cache))
     cache.reset()
-    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, cache), **kw), plain)
     fresh = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
-    assert torch.equal(model.generate(ids, past_key_values=fresh, **kw), plain)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, fresh), **kw), plain)
 
 
 @pytest.mark.parametrize("n, chunk", [(10, 4), (9, 4), (4, 4), (1, 4), (2049, 512)])
@@ -262,3 +264,60 @@ def test_prefill_spans_cover_the_prompt_without_a_one_token_last_forward(n, chun
     spans = list(prefill_spans(n, chunk))
     assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert all(j - i <= chunk + 1 for i, j in spans) and (n == 1 or spans[-1][1] - spans[-1][0] > 1)
+
+
+@pytest.mark.parametrize("new_length", [10, 45 - 2, 45 - 1])
+def test_a_used_cache_refuses_a_new_prompt_naming_reset(new_length):
+    """A second generate() from an unrelated prompt on a used cache: a clear error naming reset(), before
+    any layer runs; after reset() the same call works. (A prompt that extends what the cache holds is
+    continuation, not tested here.) transformers before 5.24 fails in generate() itself first."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 128, (1, 40), generator=gen)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=1000, index="flat"))
+    model.generate(ids, **cache_kwargs(model, cache), **kw)
+    held = cache.get_seq_length()
+    assert held == 44
+    other = torch.randint(0, 128, (1, new_length), generator=gen)
+    if cache_argument(model) == "cache":
+        with pytest.raises(ValueError, match=r"holds 44 tokens .* does not continue what the cache holds .* "
+                                             r"call cache\.reset\(\)"):
+            model.generate(other, **cache_kwargs(model, cache), **kw)
+    else:  # before transformers 5.24, generate() fails on its own (IndexError) before calling the model
+        with pytest.raises(IndexError):
+            model.generate(other, **cache_kwargs(model, cache), **kw)
+    assert cache.get_seq_length() == held and all(s.offloaded_tokens + s.device_tokens == held for s in cache.stats)
+    cache.reset()
+    plain = model.generate(other, **kw)
+    assert torch.equal(model.generate(other, **cache_kwargs(model, cache), **kw), plain)
+
+
+@pytest.mark.slow
+def test_dequantised_model_is_cached_and_loads_the_same(tmp_path, monkeypatch, smollm):
+    """The first load of a GGUF file caches the de-quantised model; the next loads it from there: same
+    weights, same tokenizer (ids, chat template), and it is the copy that ``retrieval-attn cache`` lists."""
+    from retrieval_attn.hf import cached_copy, embedded_model_path
+    from retrieval_attn.model_files import cache_entries, clear_model_cache, inspect_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = embedded_model_path()
+    assert not inspect_model(path).cached
+    cold_model, cold_tok = load_model(path)
+    copy = cached_copy(path, torch.float32)
+    assert (copy / "config.json").is_file() and (copy / "model.safetensors").is_file()
+    assert inspect_model(path).cached and inspect_model(path).num_layers == 30
+    warm_model, warm_tok = load_model(path)
+    reference, reference_tok = smollm  # loaded by the session (from the user's cache or the GGUF file)
+    for model in (cold_model, warm_model):
+        for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), name
+    text = "The grass is green. What is the pass key?"
+    messages = [{"role": "user", "content": text}]
+    for tok in (cold_tok, warm_tok):
+        assert tok(text).input_ids == reference_tok(text).input_ids
+        chat = tok.apply_chat_template(messages, tokenize=False)
+        assert chat == reference_tok.apply_chat_template(messages, tokenize=False) and "<|im_start|>user" in chat
+        assert tok.eos_token_id == reference_tok.eos_token_id
+    assert [p.name for p, _ in cache_entries()] == [copy.name]
+    assert clear_model_cache() > 100 * 2**20 and cache_entries() == []

@@ -42,6 +42,8 @@ def test_main_job_command_prints_the_answer():
     assert result.returncode == 0, result.stderr[-2000:]
     assert PASSKEY in result.stdout
     assert "offloaded" in result.stdout and "seconds per decoded token" in result.stdout
+    assert "warning" not in result.stderr.lower(), result.stderr[-2000:]  # no deprecation or other warning
+    assert "Loading weights" not in result.stderr, result.stderr[-2000:]  # transformers' own bars are silenced
 
 
 def test_index_example_runs():
@@ -50,12 +52,43 @@ def test_index_example_runs():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run's first command is the README's test command, verbatim; the only one after it is the
+    transformers-floor run (which installs nothing into the environment the README sets up)."""
     test_cmd = next(line for line in README.splitlines() if line.startswith("pip install") and "pytest" in line)
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text().splitlines()
-    assert ci[-1] == test_cmd
+    commands = [line for line in ci if line and not line.startswith("#") and line != "set -euo pipefail"
+                and not line.startswith("cd ")]
+    assert commands == [test_cmd, "bash .ci/transformers_floor"]
 
 
 def test_planner_example_runs(capsys):
     block = next(b for b in python_blocks() if "plan_memory(" in b)
     exec(compile(block, "README.md", "exec"), {})
     assert "cpu: offloaded KV (bfloat16) 15.92 GiB" in capsys.readouterr().out
+
+
+def test_sdist_carries_what_the_readme_points_to(tmp_path):
+    """The source distribution holds every bench/, tests/ and .ci/ file the README names, and the license;
+    its metadata has the SPDX license expression, the project's URLs and classifiers."""
+    import shutil
+    import sys
+    import tarfile
+
+    root = Path(__file__).parent.parent
+    tree = tmp_path / "src"
+    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(".git", "results", "__pycache__", "*.egg-info", "build",
+                                                              "dist", ".venv", ".pytest_cache", ".hypothesis"))
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    result = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=tree, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "license" not in result.stderr.lower(), result.stderr[-2000:]  # no deprecated license form
+    with tarfile.open(tmp_path / result.stdout.split()[-1]) as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+        pkg_info = sdist.extractfile(next(n for n in sdist.getnames() if n.count("/") == 1 and
+                                          n.endswith("/PKG-INFO"))).read().decode()
+    pointed = set(re.findall(r"(?:bench|tests|\.ci)/[\w./-]*\w", README))
+    assert pointed >= {"bench/README.md", "bench/decode.py", ".ci/run", ".ci/transformers_floor"}, pointed
+    assert pointed | {"LICENSE", "retrieval_attn/data/passkey.txt", "tests/conftest.py"} <= names, pointed - names
+    assert "License-Expression: Apache-2.0" in pkg_info and "License-File: LICENSE" in pkg_info
+    assert "Project-URL: " in pkg_info and "Classifier: Programming Language :: Python :: 3" in pkg_info

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from retrieval_attn import RetrievalAttention, RetrievalConfig
-from retrieval_attn.hf import RetrievalCache
+from retrieval_attn.hf import RetrievalCache, cache_kwargs
 from retrieval_attn.index import cpu_threads, make_index
 
 from .conftest import random_qkv
@@ -127,7 +127,7 @@ def test_one_model_two_caches_in_two_threads_equal_each_alone():
     def job(ids):
         cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=16, index="roar",
                                                       index_params={"ef": 32}))
-        return model.generate(ids, max_new_tokens=15, min_new_tokens=15, do_sample=False, past_key_values=cache)
+        return model.generate(ids, max_new_tokens=15, min_new_tokens=15, do_sample=False, **cache_kwargs(model, cache))
 
     alone = [job(p) for p in prompts]
     together = run_in_threads([lambda p=p: job(p) for p in prompts])

@@ -210,16 +210,24 @@ class RetrievalAttention:
         return out
 
     def start_index_build(self) -> None:
-        """Start building the index over the offloaded keys on a background thread; decode waits for it.
+        """Start building the index over the offloaded keys on a background thread.
 
         Call it after the last prefill chunk (``RetrievalCache.last_prefill_chunk`` does, layer by
-        layer), so the build of this layer overlaps the prefill of the next ones. Without it, the first
-        ``decode`` builds the index itself. A second call is a no-op; prefill afterwards is an error.
+        layer), so the build of this layer overlaps the prefill of the next ones. Decode serves with
+        exact search until the build lands (``RetrievalConfig.serve_while_building``; False: the first
+        decode waits for it). Without it, the first ``decode`` builds the index itself. A second call is
+        a no-op; prefill afterwards is an error.
         """
         if self.seen == 0:
             raise ValueError("start_index_build called before prefill")
         if self.indexing.build_future is None and not self._decoding and self.config.retrieve:
             self.indexing.start_build(self.store, self.window.k.device)
+
+    def wait_for_index(self) -> None:
+        """Block until the background index build (if one is in flight) has finished, re-raising its error;
+        the next decode step serves with it. For measurements of the index, not of the exact stand-in."""
+        if self.indexing.build_future is not None:
+            self.indexing.build_future.result()
 
     @torch.no_grad()
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -317,7 +325,8 @@ class RetrievalAttention:
         """Token placement and the cost of the last decode step."""
         window, store, index, retrieval = self.window, self.store, self.indexing.index, self.retrieval
         return EngineStats(
-            index=index.name if index is not None else "",
+            index=(f"{index.name} (index building)" if self.indexing.standing_in else index.name)
+            if index is not None else "",
             seen_tokens=self.seen,
             device_tokens=window.filled if window is not None else 0,
             offloaded_tokens=store.n if store is not None else 0,

@@ -14,7 +14,7 @@ import torch
 
 from ..config import RetrievalConfig
 
-__all__ = ["check_construction", "check_finite", "check_qkv"]
+__all__ = ["check_construction", "check_cpu_threads", "check_finite", "check_qkv"]
 
 
 def check_construction(
@@ -30,10 +30,15 @@ def check_construction(
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and scale != float("inf")):
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
-    if config.cpu_threads is not None and config.cpu_threads > numba.config.NUMBA_NUM_THREADS:
+    check_cpu_threads(config.cpu_threads)
+
+
+def check_cpu_threads(n: int | None, name: str = "RetrievalConfig.cpu_threads") -> None:
+    """A thread count this machine can run (None: the libraries' defaults), else ValueError naming ``name``."""
+    if n is not None and not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(
-            f"RetrievalConfig.cpu_threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] on this machine "
-            f"(os.cpu_count()={os.cpu_count()}), got {config.cpu_threads}"
+            f"{name} must be in [1, {numba.config.NUMBA_NUM_THREADS}] on this machine "
+            f"(os.cpu_count()={os.cpu_count()}), got {n}"
         )
 
 

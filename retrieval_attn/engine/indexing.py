@@ -106,7 +106,7 @@ class IndexLifecycle:
         store.synchronize()
         n = store.n
         with cpu_threads(self.config.cpu_threads):
-            index = make_index_for(self.config.index, self.config.index_params, n)
+            index = make_index_for(self.config.index, self.config.index_params, n, self.config.top_k)
             if n:
                 train = self.train.queries().numpy() if self.train is not None and index.uses_train_queries else None
                 index.build(store.key_source, train, device=device, n=n)
@@ -185,7 +185,7 @@ class IndexLifecycle:
         decode queries; runs on the builder thread while decoding goes on with the old index."""
         start = time.perf_counter()
         with cpu_threads(self.config.cpu_threads):
-            index = make_index_for(self.index.name, self.config.index_params, n)
+            index = make_index_for(self.index.name, self.config.index_params, n, self.config.top_k)
             # rows < n are never rewritten; appends go after them
             index.build(store.key_source, train.numpy() if train is not None else None, device=device, n=n)
         return index, n, time.perf_counter() - start

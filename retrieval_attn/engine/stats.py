@@ -26,7 +26,8 @@ STEP_PARTS = ("device_attention", "cpu_search", "cpu_attention", "transfer")
 class EngineStats:
     """Where the tokens of one layer are, and what the last decode step cost.
 
-    ``index`` is the backend in use ("" before the first decode builds it; ``auto`` resolved).
+    ``index`` is the backend in use ("" before the first decode builds it; ``auto`` resolved;
+    "flat (index building)" while exact search serves until a background build lands).
     ``keys_scanned_last_step`` sums, over all query heads of the batch, the offloaded keys whose score
     the index computed in the last decode step; ``keys_scanned_fraction`` is its mean per query head
     divided by the keys indexed at that moment. ``index_build_seconds`` is the last build's (or

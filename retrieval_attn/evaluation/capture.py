@@ -13,7 +13,6 @@ This module runs a model but does not know what the captures are used for; it im
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..model_files import model_cache_key
 from .texts import builtin_token_ids
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "CapturedQK",
     "default_layers",
     "capture_layers",
-    "model_cache_key",
     "load_or_capture",
     "model_and_tokens",
 ]
@@ -125,14 +124,6 @@ def capture_layers(
         bar.close()
     scale = next(float(m.scaling) for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "k_proj"))
     return CapturedQK.from_pairs(pairs, scale)
-
-
-def model_cache_key(path: str | Path) -> str:
-    """A file-name-safe key of a model file or folder: its name plus a hash of path, size and mtime."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    digest = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    return f"{path.stem}-{digest}"
 
 
 def load_or_capture(

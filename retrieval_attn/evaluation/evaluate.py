@@ -24,10 +24,20 @@ from ..index import backend_for, cpu_threads, index_class
 from .fidelity import fidelity_tables, plot_fidelity, run_fidelity
 from .methods import DEFAULT_METHODS, Methods, method_config
 from .needle import TASKS, needle_cells, plot_needle, run_needle
-from .report import format_columns, format_telemetry_table, plot_telemetry, settings_dict, write_csv, write_json
+from .report import (
+    Interrupted,
+    format_columns,
+    format_telemetry_table,
+    plot_telemetry,
+    settings_dict,
+    write_csv,
+    write_json,
+)
 from .texts import BOOK
 
 __all__ = ["EvalSettings", "EvalReport", "run_eval", "write_results", "format_eval_table"]
+
+EMBEDDED_NAME = "embedded SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class EvalSettings:
         for m, c in configs.items():
             if c is None:
                 continue
-            backend, params = backend_for(c.index, c.index_params, offloaded)
+            backend, params = backend_for(c.index, c.index_params, offloaded, c.top_k)
             nlist = index_class(backend).resolved_params(params).get("nlist", 0)
             if nlist > offloaded:
                 raise ValueError(
@@ -138,31 +148,43 @@ def run_eval(
     model: Any = None,
     tokenizer: Any = None,
     model_path: str | Path | None = None,
+    model_name: str | None = None,
     progress: bool = True,
 ) -> EvalReport:
     """Run the needle grid and the fidelity task for every method of ``settings``.
 
     Give ``model`` and ``tokenizer`` (a transformers causal LM that ``RetrievalCache`` supports), or
-    neither: ``hf.load_model(model_path)`` (None: the embedded SmolLM2).
+    neither: ``hf.load_model(model_path)`` (None: the embedded SmolLM2). ``model_name`` names the model
+    in the report (default: the path, or the model's class). Ctrl-C while running the
+    tasks raises ``report.Interrupted`` holding the report of what finished.
     """
     from ..hf import load_model
 
     settings = EvalSettings() if settings is None else settings
     start = time.perf_counter()
-    name = type(model).__name__ if model is not None else str(model_path or "embedded SmolLM2-135M-Instruct")
+    name = model_name or (type(model).__name__ if model is not None else str(model_path or EMBEDDED_NAME))
     if model is None:
         model, tokenizer = load_model(model_path)
     elif tokenizer is None:
         raise ValueError("give a tokenizer with the model")
     methods = Methods(model, settings.method_configs, settings.prefill_chunk)
+    needle, res, stopped = [], {}, False
     with cpu_threads(settings.retrieval.cpu_threads):
-        needle = run_needle(methods, tokenizer, settings, progress) if settings.tasks else []
-        fidelity, bins = (
-            fidelity_tables(run_fidelity(methods, tokenizer, settings, progress), settings.fidelity_prefix)
-            if settings.fidelity_tokens else ([], [])
-        )
+        try:
+            needle = run_needle(methods, tokenizer, settings, progress) if settings.tasks else []
+            res = run_fidelity(methods, tokenizer, settings, progress) if settings.fidelity_tokens else {}
+        except Interrupted as stop:  # from the needle grid (rows) or the fidelity task (arrays)
+            stopped = True
+            if isinstance(stop.partial, list):
+                needle = stop.partial
+            else:
+                res = stop.partial
+    fidelity, bins = fidelity_tables(res, settings.fidelity_prefix) if res else ([], [])
     seconds = {**methods.seconds, "total": time.perf_counter() - start}
-    return EvalReport(settings, name, needle, needle_cells(needle), fidelity, bins, methods.telemetry_rows(), seconds)
+    report = EvalReport(settings, name, needle, needle_cells(needle), fidelity, bins, methods.telemetry_rows(), seconds)
+    if stopped:
+        raise Interrupted(report)
+    return report
 
 
 def write_results(report: EvalReport, folder: str | Path) -> list[Path]:
@@ -196,8 +218,8 @@ def format_eval_table(report: EvalReport) -> str:
     if report.needle_cells:
         header = ["method", "all", *(f"{t}" for t in s.tasks), *(f"{n} tok" for n in s.lengths)]
 
-        def acc(cells: list[dict[str, Any]]) -> str:
-            return f"{sum(c['accuracy'] for c in cells) / len(cells):.2f}"
+        def acc(cells: list[dict[str, Any]]) -> str:  # "-": no cell finished (an interrupted run)
+            return f"{sum(c['accuracy'] for c in cells) / len(cells):.2f}" if cells else "-"
 
         rows = []
         for m in s.methods:

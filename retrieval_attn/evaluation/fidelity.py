@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .methods import FULL, Methods
-from .report import pyplot
+from .report import Interrupted, pyplot
 from .texts import book_text, token_ids
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def run_fidelity(
 
     Full attention's logits come from exact chunked forwards over the text (a DynamicCache, sdpa),
     computed chunk by chunk in lockstep with the methods' decode steps; ``full`` itself gets its nll.
+    Ctrl-C raises ``report.Interrupted`` holding the arrays of the positions compared so far.
     """
     from ..hf import Decoder, dynamic_cache
 
@@ -56,27 +57,31 @@ def run_fidelity(
     targets = ids[0, p + 1 :]  # the token each step predicts, (n,)
     names = [FULL, *decoders] if FULL in methods.configs else list(decoders)
     res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n)} for m in names}
-    bar = tqdm(total=n, desc="fidelity", unit="tok", disable=not progress)
-    for t0 in range(0, n, chunk):
-        t1 = min(n, t0 + chunk)
-        start = time.perf_counter()
-        ref = reference.prefill(ids[:, p + t0 : p + t1], all_logits=True)[0].float().cpu()  # one forward: c <= chunk
-        ref_logp = torch.log_softmax(ref, dim=-1)  # [c, vocab]: full attention, predicting targets[t0:t1]
-        tgt = targets[t0:t1]
-        if FULL in res:
-            methods.seconds[FULL] += time.perf_counter() - start
-            res[FULL]["kl"][t0:t1] = 0.0
-            res[FULL]["agree"][t0:t1] = 1.0
-            res[FULL]["nll"][t0:t1] = -ref_logp.gather(1, tgt[:, None])[:, 0]
-        for m, decoder in decoders.items():
-            logp = torch.log_softmax(
-                torch.stack([methods.step(m, decoder, int(ids[0, p + t])) for t in range(t0, t1)]), dim=-1
-            )  # [c, vocab]
-            res[m]["kl"][t0:t1] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0.0)
-            res[m]["agree"][t0:t1] = (logp.argmax(-1) == ref_logp.argmax(-1)).float()
-            res[m]["nll"][t0:t1] = -logp.gather(1, tgt[:, None])[:, 0]
-        bar.update(t1 - t0)
-    bar.close()
+    done = 0  # positions compared
+    try:
+        with tqdm(total=n, desc="fidelity", unit="tok", disable=not progress) as bar:
+            for t0 in range(0, n, chunk):
+                t1 = min(n, t0 + chunk)
+                start = time.perf_counter()
+                ref = reference.prefill(ids[:, p + t0 : p + t1], all_logits=True)[0].float().cpu()  # one forward
+                ref_logp = torch.log_softmax(ref, dim=-1)  # [c, vocab]: full attention, predicting targets[t0:t1]
+                tgt = targets[t0:t1]
+                if FULL in res:
+                    methods.seconds[FULL] += time.perf_counter() - start
+                    res[FULL]["kl"][t0:t1] = 0.0
+                    res[FULL]["agree"][t0:t1] = 1.0
+                    res[FULL]["nll"][t0:t1] = -ref_logp.gather(1, tgt[:, None])[:, 0]
+                for m, decoder in decoders.items():
+                    logp = torch.log_softmax(
+                        torch.stack([methods.step(m, decoder, int(ids[0, p + t])) for t in range(t0, t1)]), dim=-1
+                    )  # [c, vocab]
+                    res[m]["kl"][t0:t1] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0.0)
+                    res[m]["agree"][t0:t1] = (logp.argmax(-1) == ref_logp.argmax(-1)).float()
+                    res[m]["nll"][t0:t1] = -logp.gather(1, tgt[:, None])[:, 0]
+                done = t1
+                bar.update(t1 - t0)
+    except KeyboardInterrupt:
+        raise Interrupted({m: {k: v[:done] for k, v in r.items()} for m, r in res.items()} if done else {}) from None
     methods.finish(decoders)
     return res
 

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .methods import Methods
-from .report import pyplot
+from .report import Interrupted, pyplot
 from .texts import book_text, token_ids
 
 if TYPE_CHECKING:
@@ -149,23 +149,31 @@ def make_needle(tokenizer: Any, task: str, length: int, depth: float, seed: int)
 
 
 def run_needle(methods: Methods, tokenizer: Any, settings: EvalSettings, progress: bool) -> list[dict[str, Any]]:
-    """One row per (task, length, depth, sample, method): the greedy output and whether it holds the answer."""
-    rows = []
+    """One row per (task, length, depth, sample, method): the greedy output and whether it holds the answer.
+
+    Ctrl-C raises ``report.Interrupted`` holding the rows of the samples every method finished.
+    """
+    rows: list[dict[str, Any]] = []
     cells = [(t, n, d, s) for t in settings.tasks for n in settings.lengths for d in settings.depths
              for s in range(settings.samples)]
-    for task, length, depth, s in tqdm(cells, desc="needle", unit="cell", disable=not progress):
-        sample = make_needle(tokenizer, task, length, depth, settings.seed + s)
-        answer_tokens = len(token_ids(tokenizer, " " + sample.answer)) + 2
-        decoders = methods.start(torch.tensor([sample.context_ids]))
-        for m, decoder in decoders.items():
-            for token in sample.question_ids:  # the question through the cache, one decode step per token
-                logits = methods.step(m, decoder, token)
-            generated = methods.greedy(m, decoder, logits, answer_tokens, stop=(tokenizer.eos_token_id,))
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            rows.append({"task": task, "length": len(sample.context_ids), "target_length": length, "depth": depth,
-                         "sample": s, "method": m, "answer": sample.answer, "output": text.strip(),
-                         "correct": int(sample.answer in text)})
-        methods.finish(decoders)
+    try:
+        for task, length, depth, s in tqdm(cells, desc="needle", unit="cell", disable=not progress):
+            sample = make_needle(tokenizer, task, length, depth, settings.seed + s)
+            answer_tokens = len(token_ids(tokenizer, " " + sample.answer)) + 2
+            decoders = methods.start(torch.tensor([sample.context_ids]))
+            done = []
+            for m, decoder in decoders.items():
+                for token in sample.question_ids:  # the question through the cache, one decode step per token
+                    logits = methods.step(m, decoder, token)
+                generated = methods.greedy(m, decoder, logits, answer_tokens, stop=(tokenizer.eos_token_id,))
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                done.append({"task": task, "length": len(sample.context_ids), "target_length": length,
+                             "depth": depth, "sample": s, "method": m, "answer": sample.answer,
+                             "output": text.strip(), "correct": int(sample.answer in text)})
+            methods.finish(decoders)
+            rows += done
+    except KeyboardInterrupt:
+        raise Interrupted(rows) from None
     return rows
 
 
@@ -183,29 +191,32 @@ def _file_name(method: str) -> str:
 
 
 def plot_needle(cells: list[dict[str, Any]], settings: EvalSettings, folder: Path) -> list[Path]:
-    """needle_<method>.png in ``folder``: accuracy heatmaps (depth x length), one panel per task."""
+    """needle_<method>.png in ``folder``: accuracy heatmaps (depth x length), one panel per task, each
+    cell labelled with its accuracy, one colour scale; sized so the labels and title never clip."""
     plt = pyplot()
     out = []
     s = settings
-    size = (1.2 + 1.1 * len(s.lengths) * len(s.tasks), 0.9 + 0.5 * len(s.depths))
+    panel = (max(2.8, 0.9 * len(s.lengths) + 1.3), max(2.6, 0.5 * len(s.depths) + 1.6))  # inches per task
     for m in s.methods:
-        fig, axes = plt.subplots(1, len(s.tasks), figsize=size, squeeze=False)
+        fig, axes = plt.subplots(1, len(s.tasks), figsize=(panel[0] * len(s.tasks) + 1.0, panel[1]), squeeze=False,
+                                 layout="constrained")
+        image = None
         for ax, task in zip(axes[0], s.tasks):
             acc = {(c["length"], c["depth"]): c["accuracy"] for c in cells if c["method"] == m and c["task"] == task}
-            grid = [[acc[(n, d)] for n in s.lengths] for d in s.depths]  # rows: depth, columns: length
-            ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            grid = [[acc.get((n, d), float("nan")) for n in s.lengths] for d in s.depths]  # rows: depth; cols: length
+            image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=8)
+                    ax.text(j, i, "-" if v != v else f"{v:.0%}", ha="center", va="center", fontsize=10)
             ax.set_xticks(range(len(s.lengths)), [str(n) for n in s.lengths])
             ax.set_yticks(range(len(s.depths)), [f"{d:.0%}" for d in s.depths])
             ax.set_xlabel("context tokens")
             ax.set_title(task)
         axes[0][0].set_ylabel("needle depth")
+        fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", fraction=0.05)
         fig.suptitle(f"needle accuracy: {m}")
-        fig.tight_layout()
         path = folder / f"needle_{_file_name(m)}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
         plt.close(fig)
         out.append(path)
     return out

@@ -1,5 +1,8 @@
 """Report writers of the tools: aligned text tables, CSV and JSON files, and the telemetry table and plot.
 
+``Interrupted`` is how a tool stopped by Ctrl-C hands back what it finished: a ``KeyboardInterrupt``
+carrying the partial report, so a caller that does not look at it sees Ctrl-C as usual.
+
 One table writer (``format_columns``) serves every terminal report of the CLI and the benchmarks; one
 CSV writer and one JSON writer every results folder (``settings_dict`` puts a tool's settings, with
 the ``RetrievalConfig`` they embed, into its JSON). Plots use matplotlib's Agg backend, imported
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = [
+    "Interrupted",
     "format_columns",
     "write_csv",
     "write_json",
@@ -23,6 +27,14 @@ __all__ = [
     "plot_telemetry",
     "pyplot",
 ]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a tool's run; ``partial`` holds the report (or rows) of what had finished."""
+
+    def __init__(self, partial: Any):
+        super().__init__("interrupted")
+        self.partial = partial
 
 
 def format_columns(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:

@@ -50,12 +50,12 @@ import torch
 from tqdm import tqdm
 
 from ..config import RetrievalConfig
-from ..index import available_indexes, cpu_threads, make_index
+from ..index import available_indexes, cpu_threads, index_class, make_index
 from ..offload import KVStore
 from ..metrics import attention_mass, recall_at_k
 from .backends import DEFAULT_BACKENDS, BackendSpec, plan_backend, warm_up
 from .capture import CapturedQK, default_layers, load_or_capture, model_and_tokens
-from .report import format_columns, pyplot, settings_dict, write_csv, write_json
+from .report import Interrupted, format_columns, pyplot, settings_dict, write_csv, write_json
 from .texts import builtin_token_ids
 
 __all__ = [
@@ -85,7 +85,8 @@ class SweepSettings:
     ks : top-k values; the first is the primary one (table, plots, operating points, mass).
     target_recall : recall@k that every sampled (layer, KV head) must reach at the operating point.
     train_positions : ``"prefix"`` (all positions before the test block) or ``"middle"`` (middle only).
-    backends : what to sweep; names that are not registered are skipped with a note.
+    backends : what to sweep; a name that is not a registered backend, or a parameter it does not
+        declare, is refused.
     rows_dtype : the dtype the indexes read the middle keys in: ``"float32"`` (each index keeps its own
         fp32 copy) or ``"bfloat16"``/``"float16"`` (the keys are rounded to it and held once in a
         ``KVStore`` that every index reads in place, as in the engine; exact scores use the rounded keys).
@@ -114,6 +115,14 @@ class SweepSettings:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
         if self.train_positions not in ("prefix", "middle"):
             raise ValueError(f"train_positions must be 'prefix' or 'middle', got {self.train_positions!r}")
+        names = available_indexes()
+        for spec in self.backends:
+            if spec.name not in names:
+                raise ValueError(f"backends: unknown backend {spec.name!r}; available: {', '.join(names)}")
+            unknown = sorted(set(spec.params) - set(index_class(spec.name).params))
+            if unknown:
+                raise ValueError(f"backend {spec.name!r}: unknown parameter(s) {unknown}; allowed: "
+                                 f"{sorted(index_class(spec.name).params) or 'none'}")
         need = self.retrieval.sink_tokens + self.retrieval.window_tokens + self.n_test + max(self.ks)
         if min(self.lengths) < need:
             raise ValueError(
@@ -207,8 +216,8 @@ def evaluate_layer(
     """Rows of measurements for one layer at one length: one per (backend, value, k, KV head).
 
     q : (Hq, n, D) and k : (Hkv, n, D) post-RoPE, the first n tokens of a sequence; ``layer`` only
-    labels the rows. Backends not registered are skipped, and graph ``ef`` values below k, with a
-    note added to ``notes``; ``bar`` advances by one per backend.
+    labels the rows. Graph ``ef`` values below k are skipped with a note added to ``notes``; ``bar``
+    advances by one per backend.
     """
     notes = set() if notes is None else notes
     prob = _layer_problem(q, k, settings, scale)
@@ -217,14 +226,11 @@ def evaluate_layer(
     for kk in settings.ks:
         exact_ids = torch.topk(torch.from_numpy(prob.mid_scores), kk, dim=-1).indices.numpy()  # [G, M, kk]
         exact_mass[kk] = attention_mass(exact_ids, prob.mid_scores, scale, prob.lse_static).mean(-1)
-    registered = set(available_indexes())
     rows: list[dict[str, Any]] = []
     for spec in settings.backends:
         if bar is not None:
             bar.set_postfix_str(f"n={prob.n} layer={layer} {spec.name}")
-        if spec.name not in registered:
-            notes.add(f"{spec.name}: not registered (available: {', '.join(sorted(registered))}); skipped")
-        elif (plan := plan_backend(spec, n_mid, notes)).grid:
+        if (plan := plan_backend(spec, n_mid, notes)).grid:
             first = {} if plan.grid_param is None else {plan.grid_param: plan.grid[0]}  # checked against build params
             index = make_index(plan.name, **plan.build, **first)
             index.build(prob.keys_mid, prob.train if index.uses_train_queries else None)
@@ -371,6 +377,9 @@ def run_sweep(
 ) -> SweepReport:
     """Capture (or take) q/k and evaluate every backend at every length and sampled layer.
 
+    Ctrl-C while evaluating raises ``report.Interrupted`` holding the report of the (length, layer)
+    pairs finished.
+
     Give one source of q/k:
     - ``qk``: a ``CapturedQK`` or ``{layer: (q, k)}`` (see ``CapturedQK.from_pairs``); no model needed;
     - ``model`` (a transformers causal LM) with ``token_ids`` (1, N) or a ``tokenizer`` (then the
@@ -418,29 +427,34 @@ def run_sweep(
         raise ValueError(f"q/k hold {captured.n} tokens, fewer than the longest length {need}")
 
     notes: set[str] = set()
-    registered = set(available_indexes())
     dim = next(iter(captured.k.values())).shape[2]
     rows: list[dict[str, Any]] = []
     total = len(settings.lengths) * len(layers) * len(settings.backends)
     bar = tqdm(total=total, desc="sweep", unit="index", disable=not progress)
+    def report() -> SweepReport:
+        summary = _summarise(rows)
+        return SweepReport(
+            settings=settings,
+            model=name,
+            layers=layers,
+            capture=capture,
+            rows=rows,
+            summary=summary,
+            operating_points=_operating_points(summary, settings.target_recall),
+            notes=sorted(notes),
+            seconds=time.perf_counter() - start,
+        )
+
     with cpu_threads(settings.retrieval.cpu_threads), bar:
-        warm_up([plan_backend(b, 512, set()) for b in settings.backends if b.name in registered], dim)
-        for n in sorted(settings.lengths):
-            for layer in layers:
-                q, k = captured.q[layer][:, :n], captured.k[layer][:, :n]
-                rows += evaluate_layer(q, k, settings, captured.scale, layer=layer, notes=notes, bar=bar)
-    summary = _summarise(rows)
-    return SweepReport(
-        settings=settings,
-        model=name,
-        layers=layers,
-        capture=capture,
-        rows=rows,
-        summary=summary,
-        operating_points=_operating_points(summary, settings.target_recall),
-        notes=sorted(notes),
-        seconds=time.perf_counter() - start,
-    )
+        warm_up([plan_backend(b, 512, set()) for b in settings.backends], dim)
+        try:
+            for n in sorted(settings.lengths):
+                for layer in layers:
+                    q, k = captured.q[layer][:, :n], captured.k[layer][:, :n]
+                    rows += evaluate_layer(q, k, settings, captured.scale, layer=layer, notes=notes, bar=bar)
+        except KeyboardInterrupt:
+            raise Interrupted(report()) from None
+    return report()
 
 
 def write_results(report: SweepReport, folder: str | Path) -> list[Path]:
@@ -452,35 +466,50 @@ def write_results(report: SweepReport, folder: str | Path) -> list[Path]:
 
 
 def _plot(report: SweepReport, folder: Path) -> list[Path]:
-    """recall_vs_scanned.png and recall_vs_latency.png: one panel per length, one curve per backend."""
+    """recall_vs_scanned.png and recall_vs_latency.png: one panel per length, one curve per backend, one
+    legend below the panels; log x axes labelled with plain numbers at 1-2-5 steps (never minor-tick
+    labels, which overlap when a panel spans less than a decade)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     plt = pyplot()
     k = report.settings.ks[0]
     lengths = sorted({s["length"] for s in report.summary})
     backends = list(dict.fromkeys(s["backend"] for s in report.summary))
     colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+    model = Path(report.model).name if Path(report.model).exists() else report.model
     out = []
-    for xkey, xlabel, fname in (
-        ("scanned_median", "fraction of keys scored (median over heads)", "recall_vs_scanned.png"),
-        ("us_per_query", "microseconds per query (all heads of a layer per call)", "recall_vs_latency.png"),
+    for xkey, xlabel, fmt, fname in (
+        ("scanned_median", "keys scored (median over heads)", "{:.3g}%", "recall_vs_scanned.png"),
+        ("us_per_query", "microseconds per query (all heads of a layer per call)", "{:g}", "recall_vs_latency.png"),
     ):
-        fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(5.2 * max(len(lengths), 1), 4.2), squeeze=False)
+        scale = 100.0 if xkey == "scanned_median" else 1.0
+        panels = max(len(lengths), 1)
+        fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.6), squeeze=False)
         for ax, n in zip(axes[0], lengths):
+            n_keys = "?"
             for b in backends:
                 pts = [s for s in report.summary if s["length"] == n and s["backend"] == b and s["k"] == k]  # grid order
                 if not pts:
                     continue
-                xs = [max(p[xkey], 1e-9) for p in pts]
+                n_keys = pts[0]["n_keys"]
+                xs = [max(p[xkey] * scale, 1e-9) for p in pts]
                 ax.plot(xs, [p["recall_median"] for p in pts], "o-", color=colors[b], label=b)
                 ax.plot(xs, [p["recall_min"] for p in pts], "v--", color=colors[b], alpha=0.5)
             ax.axhline(report.settings.target_recall, color="grey", lw=0.8, ls=":")
             ax.set_xscale("log")
-            ax.set_title(f"{n} tokens ({pts[0]['n_keys'] if pts else '?'} keys indexed)")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _, fmt=fmt: fmt.format(x)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelrotation=30)
+            ax.set_title(f"{n} tokens ({n_keys} keys indexed)")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"recall@{k} over heads: median (-), min (--)")
+            ax.set_ylabel(f"recall@{k} over heads")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="lower right")
-        fig.suptitle(f"{Path(report.model).name}, layers {list(report.layers)}")
-        fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6) or 1, frameon=False)
+        fig.suptitle(f"{model}, layers {list(report.layers)}: recall@{k} against cost (solid: median over heads, "
+                     f"dashed: min, dotted: target {report.settings.target_recall})")
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         fig.savefig(folder / fname, dpi=110)
         plt.close(fig)
         out.append(folder / fname)

@@ -2,19 +2,33 @@
 
 The only package that imports transformers. ``cache``: ``RetrievalCache`` and the ``"retrieval_attn"``
 attention function (and ``capture_qk``); ``models``: ``load_model`` (GGUF, folder, the embedded
-SmolLM2) and ``random_model``; ``generate``: ``Decoder``, the chunked prefill and decode loop every
-tool runs through.
+SmolLM2, cached de-quantised) and ``random_model``; ``generate``: ``Decoder``, the chunked prefill and
+decode loop every tool runs through, the cache argument's name in the installed transformers, token
+choosers (greedy, sampling) and prompt encoding (chat template).
 """
 
 from .cache import ATTN_IMPLEMENTATION, RetrievalCache, capture_qk, left_padding
-from .generate import Decoder, dynamic_cache, greedy, prefill_spans
-from .models import MODEL_SHAPES, embedded_model_path, load_model, random_model
+from .generate import (
+    Decoder,
+    cache_argument,
+    cache_kwargs,
+    dynamic_cache,
+    greedy,
+    prefill_spans,
+    prompt_ids,
+    sampler,
+    stop_tokens,
+)
+from .models import MODEL_SHAPES, cached_copy, embedded_model_path, load_model, quiet_transformers, random_model
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "MODEL_SHAPES",
     "Decoder",
     "RetrievalCache",
+    "cache_argument",
+    "cache_kwargs",
+    "cached_copy",
     "capture_qk",
     "dynamic_cache",
     "embedded_model_path",
@@ -22,5 +36,9 @@ __all__ = [
     "left_padding",
     "load_model",
     "prefill_spans",
+    "prompt_ids",
+    "quiet_transformers",
     "random_model",
+    "sampler",
+    "stop_tokens",
 ]

@@ -2,7 +2,8 @@
 
 ``RetrievalCache(model, config)`` holds one ``RetrievalAttention`` engine per decoder layer and
 switches the model's attention implementation to ``"retrieval_attn"``, so
-``model.generate(ids, past_key_values=RetrievalCache(model, config))`` works unchanged. How the two
+``model.generate(ids, cache=RetrievalCache(model, config))`` works unchanged (``past_key_values=``
+before transformers 5.24). How the two
 meet: transformers calls ``cache.update(k, v, layer_idx)`` right before the layer's attention
 function, in the same thread; ``update`` only marks its layer as pending and hands the new k/v back,
 and the attention function then runs that layer's engine (prefill or decode) on the post-RoPE q/k/v.
@@ -45,11 +46,11 @@ from ..config import RetrievalConfig
 from ..engine import RetrievalAttention
 from ..planner import GIB, MemoryPlan, ModelShape, plan_memory
 from ..engine.telemetry import LayerTelemetry, summarise
+from ..model_files import SUPPORTED_MODEL_TYPES
 
 __all__ = ["RetrievalCache", "capture_qk", "left_padding", "ATTN_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES"]
 
 ATTN_IMPLEMENTATION = "retrieval_attn"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 _pending = threading.local()  # .layer: the RetrievalLayer whose update() ran last in this thread
 _capture = threading.local()  # .store: dict layer_idx -> (q, k) while capture_qk runs
@@ -89,12 +90,18 @@ class RetrievalLayer(CacheLayerMixin):
         return self._sequences if self._sequences is not None else [self.engine]
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the engine(s) on this pending step: q (B, Hq, n, D), k/v (B, Hkv, n, D) -> (B, Hq, n, D).
 
         ``mask`` is the 4D mask transformers built for the step (None: causal, no padding); its left
-        padding decides which tokens of each sequence are real.
+        padding decides which tokens of each sequence are real. ``positions`` (B, n), the step's
+        position ids, are checked (layer 0) to continue what an unpadded cache holds.
         """
         if key is not self._pending_key:
             raise RuntimeError(
@@ -104,10 +111,12 @@ class RetrievalLayer(CacheLayerMixin):
         b, n = query.shape[0], query.shape[2]
         past = self.cumulative_length - n
         if self._sequences is None and self.engine.seen != past:
-            raise ValueError(
-                f"layer {self.layer_idx} holds {self.engine.seen} tokens but the cache counts {past} "
-                "(an interrupted forward pass?): call cache.reset() before generating again"
-            )
+            raise ValueError(_out_of_step(self.layer_idx, self.engine.seen, past))
+        if self.layer_idx == 0 and past and self._sequences is None and positions is not None:
+            first = positions.reshape(-1, positions.shape[-1])[:, 0].tolist()  # [B]
+            if any(p != past for p in first):
+                self.cumulative_length -= n  # the step is refused: the cache stays as it was
+                raise ValueError(_not_a_continuation(past, f"starts at position {min(first)}"))
         pads = left_padding(mask, b, past, n)  # [B] leading padding tokens of each sequence
         padded = bool(pads.any())
         if past == 0 and self._sequences is None and padded:
@@ -153,6 +162,10 @@ class RetrievalLayer(CacheLayerMixin):
         return self.cumulative_length
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """transformers < 5.24's name of ``get_max_length``: -1, the cache has no maximum length."""
         return -1
 
     def reset(self) -> None:
@@ -254,7 +267,29 @@ class RetrievalCache(Cache):
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0, *args: Any, **kwargs: Any):
+        """(kv_length, kv_offset) of a forward pass; transformers asks before running the layers, so this
+        is where a forward pass that cannot continue the cache is refused, before any work."""
+        q_len = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        self._check_in_step(q_len)
         return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def _check_in_step(self, new_tokens: int) -> None:
+        """ValueError naming ``reset()`` when the layers disagree on what they hold (a forward pass was
+        interrupted) or a forward pass brings no token to a cache that holds some (a prompt that does
+        not extend what the cache holds)."""
+        held = self.layers[0].cumulative_length
+        for i, layer in enumerate(self.layers):
+            seen = layer.engine.seen if layer._sequences is None else layer.cumulative_length
+            if layer.cumulative_length != held or seen != held:
+                raise ValueError(_out_of_step(i, seen, held))
+        if new_tokens == 0 and held:
+            raise ValueError(_not_a_continuation(held, "brings no new token"))
+
+    def wait_for_index(self) -> None:
+        """Wait for every layer's background index build (``RetrievalAttention.wait_for_index``)."""
+        for layer in self.layers:
+            for engine in layer.engines:
+                engine.wait_for_index()
 
     @property
     def stats(self) -> list:
@@ -288,6 +323,17 @@ class RetrievalCache(Cache):
             raise ValueError("telemetry_summary needs RetrievalConfig(telemetry=True)")
         return [{"layer": i, **summarise(LayerTelemetry.side_by_side([e.telemetry for e in layer.engines]))}
                 for i, layer in enumerate(self.layers)]
+
+
+def _out_of_step(layer: int, seen: int, counted: int) -> str:
+    return (f"layer {layer} holds {seen} tokens but the cache counts {counted} (an interrupted forward pass?): "
+            "call cache.reset() before generating again")
+
+
+def _not_a_continuation(held: int, what: str) -> str:
+    return (f"the RetrievalCache holds {held} tokens of a sequence and this forward pass {what}: its input does "
+            "not continue what the cache holds (a new prompt?); call cache.reset() (or use a new RetrievalCache) "
+            "before generating from a new prompt")
 
 
 def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:
@@ -343,7 +389,7 @@ def _retrieval_attention_forward(
         store[module.layer_idx] = (query.detach().float().cpu(), key.detach().float().cpu())
     if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    out = layer.attend(query, key, value, attention_mask)  # [B, Hq, n, D]
+    out = layer.attend(query, key, value, attention_mask, kwargs.get("position_ids"))  # [B, Hq, n, D]
     return out.transpose(1, 2).contiguous(), None
 
 

