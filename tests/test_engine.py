@@ -34,6 +34,7 @@ def run_engine(engine, q, k, v, prompt, chunks=(None,)):
         (2, 6, 2, (None,), torch.float32),  # GQA, batch 2
         (2, 6, 2, (7, 13, 1, 100), torch.float32),  # chunked prefill, uneven chunks
         (1, 9, 3, (None,), torch.bfloat16),
+        (1, 9, 3, (None,), torch.float16),  # fp16 rows read in place by the search and the CPU attention
     ],
 )
 def test_decode_equals_full_attention_at_every_step(batch, hq, hkv, chunks, dtype):
