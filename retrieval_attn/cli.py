@@ -1,9 +1,11 @@
-"""The ``retrieval-attn`` command line: ``generate``, ``sweep``, ``bench`` and ``eval``.
+"""The ``retrieval-attn`` command line: ``generate``, ``chat``, ``sweep``, ``bench`` and ``eval``.
 
 The only module of the package that prints. ``generate`` loads a model (the embedded SmolLM2 by
 default), prefills the prompt in chunks with a progress bar, streams greedy decoding token by token,
 and ends with a table of where the tokens are and what each step cost (with ``--telemetry``, also
-recall@k and attention mass per layer, and a PNG). ``sweep`` measures recall versus cost of every
+recall@k and attention mass per layer, and a PNG). ``chat`` reads documents once (the memory plan
+shown), then answers turn after turn with the model's chat template, each turn prefilling only its
+new tokens (``hf.chat.Chat``); turns come from the terminal or, piped, from stdin. ``sweep`` measures recall versus cost of every
 index backend on the model's real queries and keys (``evaluation.sweep``) and prints its table;
 ``bench/recall_sweep.py`` is the same command. ``bench`` measures decode speed and memory against
 transformers' full and offloaded caches (``evaluation.decode_bench``); ``bench/decode.py`` is the
@@ -127,6 +129,139 @@ def _generate(args: argparse.Namespace) -> int:
         print(format_telemetry_table(rows))
         print(f"plot: {plot_telemetry({config.index: rows}, args.telemetry_png, 'generate')}")
     return 0
+
+
+BUILTIN_DOCUMENT = "two_facts.txt"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Read the documents once, then answer turn after turn (stdin when it is not a terminal)."""
+    import signal
+    import threading
+
+    from .evaluation.report import format_columns
+    from .hf import Chat, RetrievalCache, chat_opening, load_model
+    from .planner import MemoryBudgetError
+
+    try:
+        config = RetrievalConfig(
+            sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
+            cpu_threads=args.cpu_threads, gpu_memory_gib=args.gpu_memory_gib,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--prefill-chunk", args.prefill_chunk, 2),
+                             ("--max-context", args.max_context, 2)):
+        if value is not None and value < low:
+            raise SystemExit(f"{flag} must be >= {low}, got {value}")
+    paths = [Path(p) for p in args.document or ()]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--document: {', '.join(missing)} does not exist")
+    texts = [p.read_text().strip() for p in paths] or [
+        resources.files("retrieval_attn").joinpath("data", BUILTIN_DOCUMENT).read_text().strip()]
+    names = [p.name for p in paths] or [f"built-in {BUILTIN_DOCUMENT}"]
+    documents = texts[0] if len(texts) == 1 else "\n\n".join(f"Document {n}:\n{t}" for n, t in zip(names, texts))
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit("error: the model's tokenizer has no chat template")
+    opening = len(tokenizer(chat_opening(tokenizer, documents), add_special_tokens=False).input_ids)
+    max_context = args.max_context or opening + 4096
+    if opening >= max_context:
+        raise SystemExit(f"--max-context {max_context} leaves no room after the documents ({opening} tokens)")
+    try:
+        cache = RetrievalCache(model, config, max_context=max_context, prefill_chunk=args.prefill_chunk,
+                               prompt_tokens=opening)
+    except MemoryBudgetError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"memory plan for a conversation of up to {max_context} tokens (--max-context):", file=sys.stderr)
+    print(format_columns(None, cache.memory_plan.rows()), file=sys.stderr)
+    chat = Chat(model, tokenizer, cache, documents, max_context=max_context, prefill_chunk=args.prefill_chunk,
+                max_new_tokens=args.max_new_tokens)
+
+    def read_documents() -> None:
+        with tqdm(total=opening, desc=f"reading {', '.join(names)}", unit="tok", file=sys.stderr) as bar:
+            chat.start(progress=bar.update)
+
+    try:
+        read_documents()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted while reading the documents") from None
+    interactive = sys.stdin.isatty()
+    print(f"{opening} tokens read. Ask away; /stats, /reset, /save FILE; Ctrl-C stops an answer, "
+          "Ctrl-D quits.", file=sys.stderr)
+    lines = iter(sys.stdin)
+    while True:
+        try:
+            line = input("> ") if interactive else next(lines)
+        except (EOFError, StopIteration):
+            break
+        except KeyboardInterrupt:  # at the prompt: drop the line
+            print()
+            continue
+        text = line.strip()
+        command, _, arg = text.partition(" ")
+        if not text:
+            continue
+        if command == "/stats":
+            print(format_columns(None, _chat_stats(chat, max_context)))
+        elif command == "/reset":
+            chat.reset()
+            read_documents()
+            print("conversation reset: the documents were read again")
+        elif command == "/save":
+            if not arg.strip():
+                print("usage: /save FILE")
+                continue
+            path = Path(arg.strip())
+            turns = "".join(f"> {q}\n{a}\n\n" for q, a in chat.exchanges)
+            path.write_text(f"retrieval-attn chat about {', '.join(names)} ({opening} tokens)\n\n{turns}")
+            print(f"transcript saved to {path}")
+        elif text.startswith("/"):
+            print(f"unknown command {command}: /stats, /reset, /save FILE (Ctrl-D quits)")
+        else:
+            if not interactive:
+                print(f"> {text}")
+            stop = threading.Event()
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if in_main else None
+            try:  # Ctrl-C ends the answer before its next token; the session goes on
+                chat.ask(text, on_token=lambda s: print(s, end="", flush=True), interrupted=stop.is_set)
+            except ValueError as err:
+                print(f"error: {err}")
+                continue
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGINT, previous)
+            print(" [stopped]" if chat.turns[-1].interrupted else "")
+    return 0
+
+
+def _chat_stats(chat, max_context: int) -> list[tuple[str, str]]:
+    """/stats rows: where the conversation's tokens are, and what the last turn cost."""
+    stats = chat.cache.stats
+    rows = [
+        ("conversation tokens / --max-context", f"{len(chat.held)} / {max_context}"),
+        ("tokens on device / offloaded (per layer)", f"{stats[0].device_tokens} / {stats[0].offloaded_tokens}"),
+        ("index", stats[0].index or "(built at the first answer)"),
+    ]
+    if chat.turns:
+        turn = chat.turns[-1]
+        steps = turn.step_seconds[1:] or turn.step_seconds  # the first answer's first step builds the indexes
+        rows += [
+            ("last turn: tokens prefilled", str(turn.prompt_tokens)),
+            ("last turn: seconds to the first token", f"{turn.first_token_seconds:.2f}"),
+            ("last turn: answer tokens", str(turn.answer_tokens)),
+            ("last turn: seconds per token", f"{sum(steps) / len(steps):.4f}" if steps else "-"),
+            ("last turn: keys scanned per step (all layers, heads)",
+             f"{sum(turn.keys_scanned) / max(len(turn.keys_scanned), 1):.0f}"),
+            ("keys scanned per query head (mean fraction, last step)",
+             f"{sum(s.keys_scanned_fraction for s in stats) / len(stats):.3f}"),
+        ]
+    return rows
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -262,6 +397,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="measure recall@k and attention mass per layer on the side (slower); print them")
     gen.add_argument("--telemetry-png", default="results/telemetry.png", help="where --telemetry writes its plot")
     gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="a conversation about long documents, read once (turns from stdin if piped)")
+    chat.add_argument("--document", nargs="+", default=None, metavar="FILE",
+                      help=f"text files the conversation is about (default: the built-in {BUILTIN_DOCUMENT})")
+    chat.add_argument("--model", default=None, help="GGUF file or transformers folder (default: embedded SmolLM2)")
+    chat.add_argument("--max-context", type=int, default=None,
+                      help="tokens the conversation may reach (documents, turns, answers): memory is planned and "
+                           "the CPU store sized for it; a turn beyond it is refused (default: documents + 4096)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="answer tokens at most per turn")
+    chat.add_argument("--top-k", type=int, default=defaults.top_k, help="keys retrieved per query head per step")
+    chat.add_argument("--sink", type=int, default=defaults.sink_tokens, help="first tokens kept on the device")
+    chat.add_argument("--window", type=int, default=defaults.window_tokens, help="recent tokens kept on the device")
+    chat.add_argument("--index", default=defaults.index, choices=[AUTO, *available_indexes()], help="index backend")
+    chat.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU search and attention")
+    chat.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda:0")
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward pass")
+    chat.add_argument("--gpu-memory-gib", type=float, default=None,
+                      help="device memory budget in GiB: a conversation that would not fit is refused before reading")
+    chat.set_defaults(func=_chat)
 
     sweep = sub.add_parser("sweep", help="recall versus cost of every index backend on the model's real queries/keys")
     _add_sweep_arguments(sweep)

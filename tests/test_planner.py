@@ -25,6 +25,21 @@ def test_plan_counts_offloaded_kv_and_device_window_exactly():
     plan.check()  # nothing available is known: nothing to refuse
 
 
+def test_conversation_plan_holds_every_turn_on_the_host_and_one_turn_tile_on_the_device():
+    """A 100K-token document growing to 128K by turns: the host side is planned for 128K, the one-copy
+    prefill attention for the document, and each turn's attention for one tile of prefill_block^2 scores."""
+    cfg = RetrievalConfig(sink_tokens=128, window_tokens=512, index="flat")
+    one = plan_memory(LLAMA3_8B, 131072, cfg, device="cuda", check_available=False)
+    chat = plan_memory(LLAMA3_8B, 131072, cfg, device="cuda", check_available=False, prompt_tokens=100_000)
+    assert chat.cpu == one.cpu  # every turn and answer offloaded and indexed
+    assert chat.device["prefill attention keys/values (the whole prompt) (transient)"] == 2 * 8 * 100_000 * 128 * 2
+    assert "prefill attention of a turn (one tile) (transient)" not in one.device
+    tile = chat.device["prefill attention of a turn (one tile) (transient)"]
+    assert 2 * 32 * 1024 * 1024 * 4 < tile < 0.5 * GIB  # scores and probabilities of 1024 x 1024, and the rest
+    with pytest.raises(ValueError, match=r"prompt_tokens \(9\) must be <= context_tokens \(8\)"):
+        plan_memory(LLAMA3_8B, 8, cfg, check_available=False, prompt_tokens=9)
+
+
 @pytest.mark.parametrize("name", ["flat", "roar", "keygraph", "hnsw", "ivf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_index_estimate_bounds_what_the_index_holds(name, dtype):

@@ -12,6 +12,11 @@ attention function is transformers' own sdpa, with the same masks.
 Each engine keeps its device part on the device its layer's tensors arrive on, so models split across
 devices with accelerate's ``device_map`` work.
 
+Conversations: ``model.generate(ids_so_far_plus_next_turn, cache=cache)`` (or ``past_key_values=``)
+continues as with a ``DynamicCache``: generate feeds only the tokens the cache has not seen, and a
+forward of several tokens after decoding is the engines' next turn (``RetrievalAttention.prefill``,
+exact over everything seen); a forward of one token is a decode step, whatever its origin.
+
 Batches: a batch without padding runs on one batched engine per layer. A left-padded batch (the
 attention mask transformers builds from a 2D ``attention_mask``) runs one batch-1 engine per sequence
 on that sequence's real tokens only, so padding is never offloaded, indexed or retrieved, and every
@@ -196,6 +201,9 @@ class RetrievalCache(Cache):
         raising ``planner.MemoryBudgetError`` with the numbers if not, and each layer's CPU store is
         sized for it up front.
     batch, prefill_chunk : the request's batch size and prefill chunk length, for the planner.
+    prompt_tokens : for a conversation, the first prompt's tokens (e.g. a document) when later turns
+        are prefilled after decoding up to ``max_context`` (``generate`` with the ids so far plus the
+        next turn), for the planner; None: ``max_context`` is one prompt and its answer.
     """
 
     def __init__(
@@ -205,6 +213,7 @@ class RetrievalCache(Cache):
         max_context: int | None = None,
         batch: int = 1,
         prefill_chunk: int = 4096,
+        prompt_tokens: int | None = None,
     ):
         config = config if config is not None else RetrievalConfig()
         if not isinstance(config, RetrievalConfig):
@@ -217,6 +226,7 @@ class RetrievalCache(Cache):
             self.memory_plan = plan_memory(
                 ModelShape.from_model(model), max_context, config, batch=batch, prefill_chunk=prefill_chunk,
                 dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
+                prompt_tokens=prompt_tokens,
             )
             self.memory_plan.check()
         _enforce_gpu_budget(model, config)
