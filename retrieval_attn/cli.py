@@ -136,9 +136,6 @@ BUILTIN_DOCUMENT = "two_facts.txt"
 
 def _chat(args: argparse.Namespace) -> int:
     """Read the documents once, then answer turn after turn (stdin when it is not a terminal)."""
-    import signal
-    import threading
-
     from .evaluation.report import format_columns
     from .hf import Chat, RetrievalCache, chat_opening, load_model
     from .planner import MemoryBudgetError
@@ -188,17 +185,28 @@ def _chat(args: argparse.Namespace) -> int:
 
     try:
         read_documents()
-    except KeyboardInterrupt:
+        print(f"{opening} tokens read. Ask away; /stats, /reset, /save FILE; Ctrl-C stops an answer, "
+              "Ctrl-D quits.", file=sys.stderr)
+        _chat_turns(chat, read_documents, f"{', '.join(names)} ({opening} tokens)", max_context)
+    except KeyboardInterrupt:  # only while the documents are read: an answer's Ctrl-C just ends it
         raise SystemExit("interrupted while reading the documents") from None
+    return 0
+
+
+def _chat_turns(chat, read_documents, about: str, max_context: int) -> None:
+    """The chat loop: a turn per line (from the terminal, or stdin when piped) until end of input."""
+    import signal
+    import threading
+
+    from .evaluation.report import format_columns
+
     interactive = sys.stdin.isatty()
-    print(f"{opening} tokens read. Ask away; /stats, /reset, /save FILE; Ctrl-C stops an answer, "
-          "Ctrl-D quits.", file=sys.stderr)
     lines = iter(sys.stdin)
     while True:
         try:
             line = input("> ") if interactive else next(lines)
         except (EOFError, StopIteration):
-            break
+            return
         except KeyboardInterrupt:  # at the prompt: drop the line
             print()
             continue
@@ -213,13 +221,12 @@ def _chat(args: argparse.Namespace) -> int:
             read_documents()
             print("conversation reset: the documents were read again")
         elif command == "/save":
-            if not arg.strip():
-                print("usage: /save FILE")
-                continue
-            path = Path(arg.strip())
             turns = "".join(f"> {q}\n{a}\n\n" for q, a in chat.exchanges)
-            path.write_text(f"retrieval-attn chat about {', '.join(names)} ({opening} tokens)\n\n{turns}")
-            print(f"transcript saved to {path}")
+            try:
+                Path(arg.strip()).write_text(f"retrieval-attn chat about {about}\n\n{turns}")
+                print(f"transcript saved to {arg.strip()}")
+            except OSError as err:
+                print(f"error: /save FILE: {err}" if arg.strip() else "usage: /save FILE")
         elif text.startswith("/"):
             print(f"unknown command {command}: /stats, /reset, /save FILE (Ctrl-D quits)")
         else:
@@ -237,7 +244,6 @@ def _chat(args: argparse.Namespace) -> int:
                 if in_main:
                     signal.signal(signal.SIGINT, previous)
             print(" [stopped]" if chat.turns[-1].interrupted else "")
-    return 0
 
 
 def _chat_stats(chat, max_context: int) -> list[tuple[str, str]]:

@@ -124,10 +124,14 @@ def test_engine_equals_full_attention_when_top_k_covers_everything(c):
     q, k, v = make_inputs(c, total)
     cuts = np.linspace(0, c["prompt"], c["chunks"] + 1).astype(int)
     outs = [engine.prefill(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(c["prompt"], decoded)]
+
+    def step(t: int) -> torch.Tensor:
+        return engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+
+    outs += [step(t) for t in range(c["prompt"], decoded)]
     if c["turn"]:
         outs.append(engine.prefill(q[:, :, decoded:turned], k[:, :, decoded:turned], v[:, :, decoded:turned]))
-    outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(turned, total)]
+    outs += [step(t) for t in range(turned, total)]
     out = torch.cat(outs, dim=2)
     assert out.dtype == c["dtype"] and out.shape == q.shape and bool(torch.isfinite(out).all())
     ref = reference_attention(q.float(), k.float(), v.float(), c["d"] ** -0.5)

@@ -88,7 +88,7 @@ class RetrievalAttention:
         self.retrieval: HostRetrieval | None = None
         self.indexing = IndexLifecycle(self.config)
         self.timer = StepTimer()
-        self._prompt_done = False  # a decode step ran (or a prefill after start_index_build): prefills are new turns
+        self._decoding = False  # the prompt is over (a decode step ran, or start_index_build): prefills are turns
         self._dirty = False  # True while a call updates the state: an interruption there leaves it set
         self.telemetry = LayerTelemetry() if self.config.telemetry else None
 
@@ -168,17 +168,17 @@ class RetrievalAttention:
             store.reserve(self._reserved)
             self._hold(DeviceWindow(self.config.sink_tokens, self.config.window_tokens, b, self.num_kv_heads,
                                     self.head_dim, k.dtype, k.device), store)
-        if not self._prompt_done and self.indexing.build_future is not None:
+        if not self._decoding and self.indexing.build_future is not None:
             self.indexing.ready(self.store, self.window.k.device, first=True)  # the rows to come go into it
-            self._prompt_done = True
+            self._decoding = True
         block = self.config.prefill_block
-        if self._prompt_done:
+        if self._decoding:
             out = turn_attention(q, k, v, self.window, self.store, block, self.scale).to(q.dtype)
         else:
             out = prompt_attention(q, k, v, self.window, self.store, block, self.scale)
         self._dirty = True
         self.indexing.sample(q, self.seen, self.num_kv_heads)
-        if self._prompt_done and self.config.rebuild_growth is not None:
+        if self._decoding and self.config.rebuild_growth is not None:
             self.indexing.remember_chunk(q, self.num_kv_heads)
         spilled = self.window.append(k, v)
         if spilled is not None:
@@ -196,7 +196,7 @@ class RetrievalAttention:
         """
         if self.seen == 0:
             raise ValueError("start_index_build called before prefill")
-        if self.indexing.build_future is None and not self._prompt_done and self.config.retrieve:
+        if self.indexing.build_future is None and not self._decoding and self.config.retrieve:
             self.indexing.start_build(self.store, self.window.k.device)
 
     @torch.no_grad()
@@ -214,8 +214,8 @@ class RetrievalAttention:
         """
         self._check(q, k, v, decode=True)
         if self.config.retrieve:  # the sink + window baseline has no index
-            self.indexing.ready(self.store, self.window.k.device, first=not self._prompt_done)
-        self._prompt_done = True
+            self.indexing.ready(self.store, self.window.k.device, first=not self._decoding)
+        self._decoding = True
         self.window.write(k, v)
         n_off = self.store.n
         self.retrieval.clear()
@@ -269,7 +269,7 @@ class RetrievalAttention:
         """
         if not isinstance(config, RetrievalConfig):
             raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
-        if self._prompt_done or self.indexing.build_future is not None or self.indexing.rebuild_future is not None:
+        if self._decoding or self.indexing.build_future is not None or self.indexing.rebuild_future is not None:
             raise ValueError("fork is only possible before the first decode and before start_index_build()")
         layout = ("sink_tokens", "window_tokens")
         if any(getattr(config, f) != getattr(self.config, f) for f in layout):

@@ -149,11 +149,12 @@ class Chat:
         """
         if not self.held:
             self.start()
-        first = not self.messages
-        self.messages.append({"role": "user", "content": _first_message(self.documents, question) if first else question})
+        content = question if self.messages else _first_message(self.documents, question)
+        self.messages.append({"role": "user", "content": content})
         start = time.perf_counter()
         try:
-            n = self._feed(self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True))
+            rendered = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+            n = self._feed(rendered)
         except ValueError:
             self.messages.pop()
             raise
@@ -180,8 +181,8 @@ class Chat:
             turn.keys_scanned.append(sum(s.keys_scanned_last_step for s in stats))
 
         room = self.max_new_tokens if self.max_context is None else self.max_context - len(self.held)
-        self.decoder.decode(self._logits, min(self.max_new_tokens, room), choose=choose, stop=(*self.stop, _INTERRUPTED),
-                            on_token=token, on_step=step)
+        self.decoder.decode(self._logits, min(self.max_new_tokens, room), choose=choose,
+                            stop=(*self.stop, _INTERRUPTED), on_token=token, on_step=step)
         raw = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         self.held += tokens
         self._text += raw  # what the cache holds; the template renders the message verbatim after it
