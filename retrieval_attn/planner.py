@@ -13,16 +13,19 @@
 - host: each layer's offloaded K and V in the model's dtype (exactly: the store is reserved for the
   context), each layer's index structures (``KeyIndex.estimate_nbytes``: what the backend holds
   besides the store's rows, which graphs and flat read in place; faiss and hnswlib count their own
-  fp32 copies), buffers its searches share (``estimate_shared_nbytes``), the prefill queries each
-  layer keeps until its build (one per position, in the model's dtype), and the transient peak of
-  one build in flight (``estimate_build_nbytes``; builds run one at a time).
+  fp32 copies; for a conversation, as grown by ``add`` from the first prompt's keys to the whole
+  context, which takes a graph longer runs than a build over all of it), buffers its searches share
+  (``estimate_shared_nbytes``), the prefill queries each layer keeps until its build (one per
+  position, in the model's dtype), and the transient peak of one build in flight
+  (``estimate_build_nbytes``; builds run one at a time); with ``rebuild_growth``, each layer's ring of
+  recent queries that trains rebuilds, and, while rebuilds are in flight, a second index per layer
+  (a finished one waits for its layer's next decode step to be swapped in) with its copy of the ring.
 
 On a CPU-only run the device *is* host memory: ``host_total`` adds both sides, weights included.
 Items whose name ends in "(transient)" are freed when their step ends; ``steady_host`` leaves them
 out (what the process holds while decoding, less the Python runtime itself).
 
-Not counted: the second index a background rebuild (``RetrievalConfig.rebuild_growth``) holds until
-it is swapped in, and the CUDA context (a few hundred MiB outside torch's allocator).
+Not counted: the CUDA context (a few hundred MiB outside torch's allocator).
 
 ``MemoryPlan.check`` raises ``MemoryBudgetError`` with needed and available bytes when either side
 does not fit. Available device memory is ``RetrievalConfig.gpu_memory_gib`` when set, else what the
@@ -250,7 +253,9 @@ def plan_memory(
         tile = 2 * b * hq * block * block * 4 + 2 * b * hkv * block * d * (es + 4) + 4 * b * hq * block * d * 4
         # the chunk's merged out + lse (fp32) and the result in the model's dtype
         dev["prefill attention of a turn (one tile)"] = tile + b * hq * c * ((d + 1) * 4 + d * es)
-    name, params = backend_for(config.index, config.index_params, n_off)
+    built = max(0, prompt_tokens - on_device)  # keys of the first build; add() inserts the later turns' keys
+    # auto decides at the first build over keys: the prompt's, or (a prompt that spilled none) a later turn's
+    name, params = backend_for(config.index, config.index_params, built or n_off)
     backend, groups, group = index_class(name), b * hkv, hq // hkv
     kept = 0  # prefill positions each layer keeps to train its index, one query each per group
     if backend.uses_train_queries and n_off:
@@ -264,13 +269,20 @@ def plan_memory(
     cpu = {
         f"offloaded KV ({str(dtype).removeprefix('torch.')})":
             shape.num_layers * 2 * groups * max(n_off, _STORE_INITIAL_ROWS) * d * es,
-        f"index ({name})": shape.num_layers * backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k)
-        if n_off else 0,
+        f"index ({name})": shape.num_layers * backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k,
+                                                                      n_off - built) if n_off else 0,
         f"{name} search buffers": backend.estimate_shared_nbytes(groups, n_off, d, params, group) if n_off else 0,
         "training queries, until each layer's build (transient)": shape.num_layers * groups * kept * d * es,
         "index build, one layer (transient)": backend.estimate_build_nbytes(groups, n_off, d, params, kept)
         if n_off else 0,
     }
+    if config.rebuild_growth is not None and n_off:
+        ring = shape.num_layers * groups * config.rebuild_queries * group * d * 4  # [G, steps, group, D] fp32
+        cpu["rebuild training ring (fp32)"] = ring
+        if config.retrieve and name != "flat":  # flat is exact: never rebuilt
+            rebuilt = backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k)  # built over all keys
+            cpu["rebuilds: a second index and its training queries per layer (transient)"] = (
+                shape.num_layers * rebuilt + ring)
     return MemoryPlan(
         context_tokens=t,
         batch=b,
