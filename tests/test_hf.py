@@ -82,6 +82,25 @@ def test_conversation_on_one_cache_equals_dynamic_cache(cls, config_cls):
     assert torch.equal(converse(model, turns, 12, past_key_values=RetrievalCache(model, cfg)), plain)
 
 
+def test_a_prompt_that_does_not_extend_the_cache_is_refused_and_the_conversation_goes_on():
+    """generate() with fewer tokens than the cache holds (or exactly as many), which transformers would feed
+    at earlier positions (or not at all), raises a ValueError naming what the cache holds before any engine
+    runs; the cache is left as it was, and the next proper turn equals a DynamicCache's."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    gen = torch.Generator().manual_seed(7)
+    document, turn = (torch.randint(0, 128, (1, n), generator=gen) for n in (300, 9))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=4096, index="flat"))
+    out = model.generate(document, cache=cache, **kw)
+    held = cache.get_seq_length()
+    for stale in (out[:, :50], out[:, :200], out[:, :-1]):  # nothing fed; 95 tokens at 105..; all 305 at 0..
+        with pytest.raises(ValueError, match=rf"the prompt does not extend what the cache holds \({held} tokens\)"):
+            model.generate(stale, cache=cache, **kw)
+    assert cache.get_seq_length() == held and all(s.seen_tokens == held for s in cache.stats)
+    plain = converse(model, [document, turn], 6, past_key_values=DynamicCache())
+    assert torch.equal(model.generate(torch.cat([out, turn], dim=1), cache=cache, **kw), plain)
+
+
 @pytest.mark.slow
 def test_smollm_conversation_on_one_cache_equals_dynamic_cache(smollm, passkey_ids):
     model, tokenizer = smollm

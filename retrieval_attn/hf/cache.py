@@ -15,7 +15,11 @@ devices with accelerate's ``device_map`` work.
 Conversations: ``model.generate(ids_so_far_plus_next_turn, cache=cache)`` (or ``past_key_values=``)
 continues as with a ``DynamicCache``: generate feeds only the tokens the cache has not seen, and a
 forward of several tokens after decoding is the engines' next turn (``RetrievalAttention.prefill``,
-exact over everything seen); a forward of one token is a decode step, whatever its origin.
+exact over everything seen); a forward of one token is a decode step, whatever its origin. A prompt
+that does not extend what the cache holds (shorter, or as long: transformers would feed nothing, or
+re-feed its tokens at earlier positions) is refused with a ValueError before any engine runs. The
+cache sees positions, not token ids: a prompt of the right length whose earlier tokens differ from
+the conversation's cannot be told apart (``hf.Chat`` checks the text).
 
 Batches: a batch without padding runs on one batched engine per layer. A left-padded batch (the
 attention mask transformers builds from a 2D ``attention_mask``) runs one batch-1 engine per sequence
@@ -94,12 +98,15 @@ class RetrievalLayer(CacheLayerMixin):
         return self._sequences if self._sequences is not None else [self.engine]
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the engine(s) on this pending step: q (B, Hq, n, D), k/v (B, Hkv, n, D) -> (B, Hq, n, D).
 
         ``mask`` is the 4D mask transformers built for the step (None: causal, no padding); its left
-        padding decides which tokens of each sequence are real.
+        padding decides which tokens of each sequence are real. ``position_ids`` (B or 1, n), when the
+        model passes them: each sequence's first real new token must sit right after what its engine
+        holds, else the prompt does not extend the conversation and the step is refused.
         """
         if key is not self._pending_key:
             raise RuntimeError(
@@ -120,6 +127,7 @@ class RetrievalLayer(CacheLayerMixin):
             self._sequences = [
                 RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)
             ]
+        self._check_positions(position_ids, pads, n)
         if self._sequences is None:
             if padded:
                 raise ValueError(
@@ -148,6 +156,25 @@ class RetrievalLayer(CacheLayerMixin):
             if prefill and self.build_after_prefill:
                 engine.start_index_build()
         return out
+
+    def _check_positions(self, position_ids: torch.Tensor | None, pads: torch.Tensor, n: int) -> None:
+        """Refuse, before any engine runs, new tokens whose positions do not continue what the engines hold
+        (``generate`` given a prompt that is not the conversation so far plus a new turn re-feeds part of
+        it at earlier positions). The step is undone: the cache stays as it was."""
+        if position_ids is None or position_ids.dim() != 2:
+            return
+        past = self.cumulative_length - n
+        starts = (pads - past).clamp(min=0)  # [B]: first real new token of each sequence in this step
+        engines = self._sequences if self._sequences is not None else [self.engine] * len(pads)
+        rows = position_ids.expand(len(pads), -1).cpu()  # [B, n]
+        for i, (engine, start) in enumerate(zip(engines, starts.tolist())):
+            if start < n and int(rows[i, start]) != engine.seen:
+                self.cumulative_length = past
+                raise ValueError(
+                    f"the prompt does not extend what the cache holds ({engine.seen} tokens): its new tokens start "
+                    f"at position {int(rows[i, start])}; pass every token so far plus the new turn (generate feeds "
+                    "only the ones the cache has not seen), or call cache.reset() to start another conversation"
+                )
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any, **kwargs: Any) -> tuple[int, int]:
         """(kv_length, kv_offset); accepts the query length as an int or as a cache_position tensor."""
@@ -264,6 +291,16 @@ class RetrievalCache(Cache):
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0, *args: Any, **kwargs: Any):
+        """(kv_length, kv_offset) of layer ``layer_idx``; refuses a forward pass with no new token (transformers
+        asks before any layer runs): ``generate`` was given a prompt that does not extend what the cache holds."""
+        q_len = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        held = self.get_seq_length(layer_idx)
+        if q_len == 0 and held:
+            raise ValueError(
+                f"the prompt does not extend what the cache holds ({held} tokens): pass every token so far plus "
+                "the new turn (generate feeds only the ones the cache has not seen), or call cache.reset() to "
+                "start another conversation"
+            )
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
     @property
@@ -353,7 +390,7 @@ def _retrieval_attention_forward(
         store[module.layer_idx] = (query.detach().float().cpu(), key.detach().float().cpu())
     if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    out = layer.attend(query, key, value, attention_mask)  # [B, Hq, n, D]
+    out = layer.attend(query, key, value, attention_mask, kwargs.get("position_ids"))  # [B, Hq, n, D]
     return out.transpose(1, 2).contiguous(), None
 
 
