@@ -4,6 +4,8 @@ two facts of its built-in document in two piped turns."""
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from retrieval_attn import RetrievalConfig
+from retrieval_attn.cli import main
 from retrieval_attn.hf import RetrievalCache
 from retrieval_attn.hf.chat import Chat, chat_opening
 
@@ -115,3 +118,44 @@ def test_chat_command_answers_two_facts_in_two_piped_turns(tmp_path):
     assert "memory plan for a conversation" in result.stderr and "reading built-in two_facts.txt" in result.stderr
     saved = Path(transcript).read_text()
     assert "> What is the pass key number?" in saved and "Silver Gull" in saved
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--document", "missing.txt"], "--document: missing.txt does not exist"),
+    (["--max-context", "1"], "--max-context must be >= 2, got 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--top-k", "0"], "top_k"),
+])
+def test_chat_command_refuses_bad_arguments_in_one_line_before_loading_the_model(argv, message, monkeypatch):
+    import retrieval_attn.hf
+
+    monkeypatch.setattr(retrieval_attn.hf, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as err:
+        main(["chat", *argv])
+    assert message in str(err.value.code) and "\n" not in str(err.value.code)
+
+
+def test_chat_command_on_a_tiny_model_plans_refuses_and_runs_piped_turns(chat_model, tmp_path, monkeypatch, capsys):
+    """The plan for --max-context is shown; a plan over budget and a --max-context the documents fill are one
+    line each; piped turns answer, /stats, unknown commands and /save without a file answer in one line."""
+    import retrieval_attn.hf
+
+    monkeypatch.setattr(retrieval_attn.hf, "load_model", lambda *a, **k: chat_model)
+    document = tmp_path / "doc.txt"
+    document.write_text(DOCUMENT)
+    with pytest.raises(SystemExit) as err:
+        main(["chat", "--document", str(document), "--gpu-memory-gib", "0.000001"])
+    assert str(err.value.code).startswith("error: a context of ") and "\n" not in str(err.value.code)
+    with pytest.raises(SystemExit) as err:
+        main(["chat", "--document", str(document), "--max-context", "100"])
+    assert "--max-context 100 leaves no room after the documents" in str(err.value.code)
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTIONS[0]}\n/stats\n/nope\n/save\n{QUESTIONS[1]}\n"))
+    assert main(["chat", "--document", str(document), "--max-context", "2000", "--max-new-tokens", "4",
+                 "--sink", "16", "--window", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert "memory plan for a conversation of up to 2000 tokens (--max-context)" in err
+    assert f"> {QUESTIONS[0]}" in out and f"> {QUESTIONS[1]}" in out
+    assert re.search(r"tokens on device / offloaded \(per layer\) +48 / \d+", out)
+    assert "last turn: tokens prefilled" in out
+    assert "unknown command /nope" in out and "usage: /save FILE" in out

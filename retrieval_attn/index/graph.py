@@ -225,9 +225,9 @@ class GraphIndex(KeyIndex):
         for first in range(n_old, n_old + t, _INSERT_CHUNK):
             chunk = min(_INSERT_CHUNK, n_old + t - first)
             self._reserve_arena(first, chunk * width * (1 + cap))  # each new run, and each neighbour's move
+            cands = cooc[:, first - n_old : first - n_old + chunk]  # [G, chunk, E]
             insert_nodes(self.rows(), first, chunk, self._graph, self._entries, ef, self.config["M"], width, cap,
-                         self.link_metric, cooc[:, first - n_old : first - n_old + chunk], self.conn_degree(self.config),
-                         *self._scratch.get(ef, first + chunk))
+                         self.link_metric, cands, self.conn_degree(self.config), *self._scratch.get(ef, first + chunk))
         if self._graph.garbage.max() * 4 > self._graph.fill.max():
             self._reserve_arena(n_old + t, 0, compact=True)
 
