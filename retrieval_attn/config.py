@@ -42,7 +42,8 @@ class RetrievalConfig:
         Graph backends search with a queue ``ef`` that must hold ``top_k``: left unset, ``ef`` follows
         ``top_k`` (the backend's default, or ``top_k`` where that is larger); set, it must be >= ``top_k``.
     cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
-    prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
+    prefill_block : queries per block in prefill attention, and of a turn after decoding queries and
+        offloaded rows per tile, bounding their memory (>= 1).
     overlap : run a decode step's CPU search and attention on a worker thread while the device attends
         over sink + window (True), or one after the other (False); the results are identical.
     retrieved_attention : where the retrieved keys are attended: ``"cpu"`` (only out and lse of each
@@ -51,12 +52,13 @@ class RetrievalConfig:
     gpu_memory_gib : device memory budget in GiB (> 0), or None for what the device has. A request that
         would need more is refused before prefill (``retrieval_attn.planner``); on CUDA the budget is
         also enforced as the process's memory fraction.
-    rebuild_growth : once decoding has grown the index by this fraction of the keys it was built over
-        (> 0), a new index over all offloaded keys is built on a background thread, trained on the
-        recent decode queries, and replaces the old one when ready (searches never wait for it); None
-        (default) never rebuilds. Opt-in: in the 10,000-step benchmark it did not stop recall falling
-        as the index grew 6x (bench/README.md).
-    rebuild_queries : decode steps whose queries train a rebuild (the most recent ones, >= 1).
+    rebuild_growth : once decoding (or a turn's prefill after decoding) has grown the index by this
+        fraction of the keys it was built over (> 0), a new index over all offloaded keys is built on a
+        background thread, trained on the recent decode (and turn) queries, and replaces the old one
+        when ready (searches never wait for it); None (default) never rebuilds. Opt-in: in the
+        10,000-step benchmark it did not stop recall falling as the index grew 6x (bench/README.md).
+    rebuild_queries : decode steps (or turn positions) whose queries train a rebuild (the most recent
+        ones, >= 1).
     serve_while_building : True (default): a layer whose index is still being built in the background
         when decoding starts (``RetrievalCache.last_prefill_chunk``, ``start_index_build``) is served
         by exact search over its offloaded keys (``flat``) until the build lands, so the first token

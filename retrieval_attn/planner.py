@@ -4,22 +4,28 @@
 
 - device: the weights; each layer's sink + window (+1 scratch slot) of K and V; the activations of
   the largest prefill chunk (hidden states, q/k/v, the MLP, the last position's logits, and one copy
-  of the keys and values of the whole context, which prefill attention reads back); on a CPU device
+  of the keys and values of the whole prompt, which prefill attention reads back); on a CPU device
   also the fp32 attention scores of a prefill block (sdpa's math path; CUDA kernels tile them away);
+  for a conversation (``prompt_tokens`` below ``context_tokens``: turns prefilled after decoding),
+  one tile of the turns' attention (``engine.prefill.turn_attention``: a block of offloaded rows on
+  the device, fp32 scores of ``prefill_block`` queries by as many keys, the chunk's merged output);
   and, when roar trains on the device, its block of keys and scores;
 - host: each layer's offloaded K and V in the model's dtype (exactly: the store is reserved for the
   context), each layer's index structures (``KeyIndex.estimate_nbytes``: what the backend holds
   besides the store's rows, which graphs and flat read in place; faiss and hnswlib count their own
-  fp32 copies), buffers its searches share (``estimate_shared_nbytes``), the prefill queries each
-  layer keeps until its build (one per position, in the model's dtype), and the transient peak of
-  one build in flight (``estimate_build_nbytes``; builds run one at a time).
+  fp32 copies; for a conversation, as grown by ``add`` from the first prompt's keys to the whole
+  context, which takes a graph longer runs than a build over all of it), buffers its searches share
+  (``estimate_shared_nbytes``), the prefill queries each layer keeps until its build (one per
+  position, in the model's dtype), and the transient peak of one build in flight
+  (``estimate_build_nbytes``; builds run one at a time); with ``rebuild_growth``, each layer's ring of
+  recent queries that trains rebuilds, and, while rebuilds are in flight, a second index per layer
+  (a finished one waits for its layer's next decode step to be swapped in) with its copy of the ring.
 
 On a CPU-only run the device *is* host memory: ``host_total`` adds both sides, weights included.
 Items whose name ends in "(transient)" are freed when their step ends; ``steady_host`` leaves them
 out (what the process holds while decoding, less the Python runtime itself).
 
-Not counted: the second index a background rebuild (``RetrievalConfig.rebuild_growth``) holds until
-it is swapped in, and the CUDA context (a few hundred MiB outside torch's allocator).
+Not counted: the CUDA context (a few hundred MiB outside torch's allocator).
 
 ``MemoryPlan.check`` raises ``MemoryBudgetError`` with needed and available bytes when either side
 does not fit. Available device memory is ``RetrievalConfig.gpu_memory_gib`` when set, else what the
@@ -200,42 +206,56 @@ def plan_memory(
     prefill_chunk: int = 4096,
     device: str | torch.device = "cpu",
     check_available: bool = True,
+    prompt_tokens: int | None = None,
 ) -> MemoryPlan:
     """Bytes a request of ``context_tokens`` tokens per sequence needs on the device and on the CPU.
 
     Parameters
     ----------
     shape : the model (``ModelShape.from_model`` or ``from_config``).
-    context_tokens : prompt plus generated tokens (>= 1).
+    context_tokens : prompt plus generated tokens (>= 1); for a conversation, every turn's tokens and
+        answers: the host side is planned for all of them.
     config : sink, window, index and the device budget ``gpu_memory_gib``.
     batch : sequences (>= 1).
     dtype : activation and KV dtype on the device.
     prefill_chunk : tokens per prefill forward pass (>= 1).
     device : where the model runs.
     check_available : fill in the available bytes (False: leave them None, nothing is checked).
+    prompt_tokens : the first prefill's tokens, when later turns are prefilled after decoding up to
+        ``context_tokens`` (a conversation); None: the whole context is one prompt.
     """
-    for name, value in (("context_tokens", context_tokens), ("batch", batch), ("prefill_chunk", prefill_chunk)):
+    prompt_tokens = context_tokens if prompt_tokens is None else prompt_tokens
+    for name, value in (("context_tokens", context_tokens), ("batch", batch), ("prefill_chunk", prefill_chunk),
+                        ("prompt_tokens", prompt_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if prompt_tokens > context_tokens:
+        raise ValueError(f"prompt_tokens ({prompt_tokens}) must be <= context_tokens ({context_tokens})")
     device = torch.device(device)
     t, b, c = context_tokens, batch, min(prefill_chunk, context_tokens)
     hq, hkv, d, h = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
     es = dtype.itemsize
     on_device = min(t, config.sink_tokens + config.window_tokens)
     n_off = t - on_device
-    kv_context = 2 * b * hkv * t * d * es  # K and V of the whole context, one layer
+    kv_prompt = 2 * b * hkv * prompt_tokens * d * es  # K and V of the whole prompt, one layer
     # the last position's fp32 logits only: generate() and our CLI/bench prefill with logits_to_keep=1
     activations = b * c * (4 * h + (hq + 2 * hkv) * d + 3 * shape.intermediate_size) * es + b * shape.vocab_size * 4
     dev = {
         "weights": shape.weight_bytes,
         "sink + window KV": shape.num_layers * 2 * b * hkv * (config.sink_tokens + config.window_tokens + 1) * d * es,
         "prefill activations (one chunk)": activations,
-        "prefill attention keys/values (the whole context)": kv_context,
+        "prefill attention keys/values (the whole prompt)": kv_prompt,
     }
+    block = min(config.prefill_block, c)
     if device.type == "cpu":
-        block = min(config.prefill_block, c)
-        dev["prefill attention scores (fp32, math path)"] = 2 * b * hq * block * t * 4
-    name, params = backend_for(config.index, config.index_params, n_off, config.top_k)
+        dev["prefill attention scores (fp32, math path)"] = 2 * b * hq * block * prompt_tokens * 4
+    if prompt_tokens < t:  # a tile's scores and probabilities, its rows moved and widened, merge temporaries
+        tile = 2 * b * hq * block * block * 4 + 2 * b * hkv * block * d * (es + 4) + 4 * b * hq * block * d * 4
+        # the chunk's merged out + lse (fp32) and the result in the model's dtype
+        dev["prefill attention of a turn (one tile)"] = tile + b * hq * c * ((d + 1) * 4 + d * es)
+    built = max(0, prompt_tokens - on_device)  # keys of the first build; add() inserts the later turns' keys
+    # auto decides at the first build over keys: the prompt's, or (a prompt that spilled none) a later turn's
+    name, params = backend_for(config.index, config.index_params, built or n_off, config.top_k)
     backend, groups, group = index_class(name), b * hkv, hq // hkv
     kept = 0  # prefill positions each layer keeps to train its index, one query each per group
     if backend.uses_train_queries and n_off:
@@ -249,13 +269,20 @@ def plan_memory(
     cpu = {
         f"offloaded KV ({str(dtype).removeprefix('torch.')})":
             shape.num_layers * 2 * groups * max(n_off, _STORE_INITIAL_ROWS) * d * es,
-        f"index ({name})": shape.num_layers * backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k)
-        if n_off else 0,
+        f"index ({name})": shape.num_layers * backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k,
+                                                                      n_off - built) if n_off else 0,
         f"{name} search buffers": backend.estimate_shared_nbytes(groups, n_off, d, params, group) if n_off else 0,
         "training queries, until each layer's build (transient)": shape.num_layers * groups * kept * d * es,
         "index build, one layer (transient)": backend.estimate_build_nbytes(groups, n_off, d, params, kept)
         if n_off else 0,
     }
+    if config.rebuild_growth is not None and n_off:
+        ring = shape.num_layers * groups * config.rebuild_queries * group * d * 4  # [G, steps, group, D] fp32
+        cpu["rebuild training ring (fp32)"] = ring
+        if config.retrieve and name != "flat":  # flat is exact: never rebuilt
+            rebuilt = backend.estimate_nbytes(groups, n_off, d, params, group, config.top_k)  # built over all keys
+            cpu["rebuilds: a second index and its training queries per layer (transient)"] = (
+                shape.num_layers * rebuilt + ring)
     return MemoryPlan(
         context_tokens=t,
         batch=b,

@@ -143,8 +143,8 @@ def test_bad_call_order_and_types():
         engine.decode(one[0], bad, one[2])
     assert engine.stats.seen_tokens == 3  # the bad step left no trace
     engine.decode(*one)
-    with pytest.raises(ValueError, match="prefill called after decode started"):
-        engine.prefill(*one)
+    with pytest.raises(ValueError, match=r"must have the same shape"):  # a new turn is checked as any prefill
+        engine.prefill(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 1, 8))
 
 
 @pytest.mark.parametrize(
@@ -218,8 +218,6 @@ def test_background_index_build_equals_build_at_first_decode(index):
     outs = [engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])]
     engine.start_index_build()
     engine.start_index_build()  # a second call is a no-op
-    with pytest.raises(ValueError, match="after start_index_build"):
-        engine.prefill(q[:, :, 500:501], k[:, :, 500:501], v[:, :, 500:501])
     for t in range(500, 600):
         outs.append(engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]))
     assert torch.equal(torch.cat(outs, dim=2), inline)
@@ -355,3 +353,122 @@ def test_background_rebuild_swaps_in_an_index_over_every_key():
                                              rebuild_growth=None), 4, 2, 16)
     run_engine(off, q, k, v, 200)
     assert off.stats.index_rebuilds == 0
+
+
+def reference_in_slices(q, k, v, scale, rows=256):
+    """reference_attention of every position, ``rows`` query positions at a time (bounded memory)."""
+    n = q.shape[2]
+    return torch.cat([reference_attention(q[:, :, a : a + rows], k[:, :, : a + rows], v[:, :, : a + rows], scale)
+                      for a in range(0, n, rows)], dim=2)
+
+
+def run_turns(engine, q, k, v, plan):
+    """Feed the positions in order by ``plan``: ("p", n) one prefill of n tokens, ("d", n) n decode steps;
+    returns every output, (B, Hq, positions, D)."""
+    outs, t = [], 0
+    for kind, n in plan:
+        if kind == "p":
+            outs.append(engine.prefill(q[:, :, t : t + n], k[:, :, t : t + n], v[:, :, t : t + n]))
+        else:
+            outs += [engine.decode(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(t, t + n)]
+        t += n
+    return torch.cat(outs, dim=2)
+
+
+# a 2,100-token document, answers, a 300-token turn (more than sink + window: it spills), a 1-token
+# turn (a prefill, not a decode step), a turn longer than the window again
+CONVERSATION = (("p", 2100), ("d", 30), ("p", 300), ("d", 20), ("p", 1), ("d", 4), ("p", 129), ("d", 16))
+
+
+@pytest.mark.parametrize(
+    "batch, hq, hkv, dtype, block, index",
+    [
+        (1, 4, 2, torch.float32, 1024, "flat"),
+        (2, 6, 2, torch.float32, 100, "roar"),  # turns in tiles of 100 queries x 100 rows
+        (1, 9, 3, torch.bfloat16, 1024, "flat"),
+    ],
+)
+def test_turns_after_decoding_equal_full_attention_at_every_step(batch, hq, hkv, dtype, block, index):
+    """prefill, decode, prefill, decode, ... on the engine API: every position equals full attention
+    (sink 64, window 128, top_k covering everything), and every offloaded key is indexed."""
+    total, d = sum(n for _, n in CONVERSATION), 16
+    q, k, v = random_qkv(batch, hq, hkv, total, d, seed=17, dtype=dtype)
+    cfg = RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=total, index=index, prefill_block=block,
+                          index_params={"ef": total} if index == "roar" else {})
+    engine = RetrievalAttention(cfg, hq, hkv, d)
+    out = run_turns(engine, q, k, v, CONVERSATION)
+    ref = reference_in_slices(q.float(), k.float(), v.float(), d**-0.5)
+    assert out.dtype == dtype
+    err = (out.double() - ref).abs().amax(dim=(0, 1, 3))  # per position
+    assert err.max() <= (FP32_TOL if dtype == torch.float32 else BF16_TOL), f"worst position {int(err.argmax())}"
+    s = engine.stats
+    assert (s.seen_tokens, s.device_tokens, s.offloaded_tokens) == (total, 192, total - 192)
+    assert len(engine.indexing.index) == total - 192 and s.index == index
+
+
+def test_prefill_after_start_index_build_waits_for_it_and_is_the_next_turn():
+    q, k, v = random_qkv(1, 4, 2, 700, 16, seed=19)
+    engine = RetrievalAttention(RetrievalConfig(sink_tokens=8, window_tokens=32, top_k=700, index="roar",
+                                                index_params={"ef": 700}), 4, 2, 16)
+    outs = [engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])]
+    engine.start_index_build()
+    outs.append(engine.prefill(q[:, :, 500:600], k[:, :, 500:600], v[:, :, 500:600]))  # an answer of no token
+    assert engine.indexing.build_future.done() and len(engine.indexing.index) == 600 - 40  # the turn's spills too
+    outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(600, 700)]
+    ref = reference_attention(q, k, v, 16**-0.5)
+    assert (torch.cat(outs, dim=2).double() - ref).abs().max() <= FP32_TOL
+
+
+def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
+    """With rebuild_growth, a turn that grows the index past it keeps its queries in the rebuild ring: the
+    rebuild started at the next decode step trains on them, and is swapped in holding every key."""
+    from retrieval_attn.engine.indexing import IndexLifecycle
+
+    q, k, v = random_qkv(1, 4, 2, 760, 16, seed=23)
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=760, index="roar", index_params={"ef": 760},
+                          rebuild_growth=0.5, rebuild_queries=64)
+    engine = RetrievalAttention(cfg, 4, 2, 16)
+    trained = []
+    rebuilt = IndexLifecycle._rebuilt
+    monkeypatch.setattr(IndexLifecycle, "_rebuilt", lambda self, store, n, train, device: (
+        trained.append(train), rebuilt(self, store, n, train, device))[1])
+    outs = [run_turns(engine, q, k, v, (("p", 300), ("d", 2), ("p", 400)))]  # the index: 276 keys, then 676
+    assert engine.indexing.rebuild_future is None  # due, not started: decode starts rebuilds
+    outs.append(engine.decode(q[:, :, 702:703], k[:, :, 702:703], v[:, :, 702:703]))
+    engine.indexing.rebuild_future.result()
+    outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(703, 760)]
+    # the ring when that decode step started the rebuild: the turn's last 64 positions; [G, steps * group, D]
+    steps = q[:, :, 638:702].reshape(2, 2, 64, 16).transpose(1, 2)
+    assert torch.equal(trained[0].sort(dim=1).values, steps.reshape(2, -1, 16).sort(dim=1).values)
+    assert engine.stats.index_rebuilds == 1 and len(engine.indexing.index) == engine.stats.offloaded_tokens
+    ref = reference_attention(q, k, v, 16**-0.5)
+    assert (torch.cat(outs, dim=2).double() - ref).abs().max() <= FP32_TOL
+
+
+def test_interrupted_turn_changes_nothing_or_refuses_until_reset(monkeypatch):
+    """Ctrl-C during a turn's attention leaves the engine as it was; during the insertion of its spills
+    the engine refuses every call until reset."""
+    import retrieval_attn.engine.prefill as prefill_module
+
+    q, k, v = random_qkv(1, 4, 2, 200, 8, seed=29)
+    cfg = RetrievalConfig(sink_tokens=3, window_tokens=5, top_k=200, index="flat")
+    plan = (("p", 100), ("d", 10), ("p", 50), ("d", 40))
+    expected = run_turns(RetrievalAttention(cfg, 4, 2, 8), q, k, v, plan)
+    engine = RetrievalAttention(cfg, 4, 2, 8)
+    outs = [run_turns(engine, q, k, v, plan[:2])]
+    before = engine.stats
+    _interrupt_once(prefill_module, "partial_attention")
+    with pytest.raises(KeyboardInterrupt):
+        engine.prefill(q[:, :, 110:160], k[:, :, 110:160], v[:, :, 110:160])
+    assert engine.stats == before
+    outs.append(engine.prefill(q[:, :, 110:160], k[:, :, 110:160], v[:, :, 110:160]))
+    outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(160, 200)]
+    assert torch.equal(torch.cat(outs, dim=2), expected)
+
+    _interrupt_once(engine.indexing.index, "add")
+    with pytest.raises(KeyboardInterrupt):
+        engine.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30])
+    with pytest.raises(ValueError, match=r"interrupted .* call reset\(\) first"):
+        engine.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30])
+    engine.reset()
+    assert torch.equal(run_turns(engine, q, k, v, plan), expected)

@@ -88,12 +88,13 @@ def engine_case(draw):
     prompt = draw(st.sampled_from(sorted({1, max(1, sink - 1), max(1, sink), sink + window - 1 or 1,
                                           sink + window, sink + window + 1, 40})))
     steps = draw(st.integers(0, 6))
+    turn = draw(st.sampled_from([0, 1, 2, sink + window + 1, 13])) if steps else 0  # a prefill after decoding
     return dict(
         batch=draw(st.integers(1, 2)), hkv=draw(st.integers(1, 2)), group=draw(st.integers(1, 3)),
         d=draw(st.sampled_from([1, 4, 16])), sink=sink, window=window, prompt=prompt, steps=steps,
         index=draw(st.sampled_from(sorted(EXACT_PARAMS))), dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
         chunks=draw(st.integers(1, 3)), block=draw(st.sampled_from([1, 7, 1024])),
-        strided=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        strided=draw(st.booleans()), seed=draw(st.integers(0, 2**16)), turn=turn, steps2=draw(st.integers(0, 3)),
     )
 
 
@@ -113,14 +114,24 @@ def make_inputs(c, total):
 @fuzz(120)
 @given(c=engine_case())
 def test_engine_equals_full_attention_when_top_k_covers_everything(c):
-    total = c["prompt"] + c["steps"]
+    """Prefill in chunks, decode, then (``turn``) prefill again and decode: exact at every position."""
+    decoded = c["prompt"] + c["steps"]
+    turned = decoded + c["turn"]
+    total = turned + (c["steps2"] if c["turn"] else 0)
     config = RetrievalConfig(sink_tokens=c["sink"], window_tokens=c["window"], top_k=64, index=c["index"],
                              index_params=EXACT_PARAMS[c["index"]], prefill_block=c["block"])
     engine = RetrievalAttention(config, c["hkv"] * c["group"], c["hkv"], c["d"])
     q, k, v = make_inputs(c, total)
     cuts = np.linspace(0, c["prompt"], c["chunks"] + 1).astype(int)
     outs = [engine.prefill(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(c["prompt"], total)]
+
+    def step(t: int) -> torch.Tensor:
+        return engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+
+    outs += [step(t) for t in range(c["prompt"], decoded)]
+    if c["turn"]:
+        outs.append(engine.prefill(q[:, :, decoded:turned], k[:, :, decoded:turned], v[:, :, decoded:turned]))
+    outs += [step(t) for t in range(turned, total)]
     out = torch.cat(outs, dim=2)
     assert out.dtype == c["dtype"] and out.shape == q.shape and bool(torch.isfinite(out).all())
     ref = reference_attention(q.float(), k.float(), v.float(), c["d"] ** -0.5)
@@ -132,23 +143,26 @@ def test_engine_equals_full_attention_when_top_k_covers_everything(c):
 BAD_CALLS = [
     "nan_q", "inf_k", "nan_v", "float64", "int", "mixed_dtype", "batch_mismatch", "heads", "kv_heads", "head_dim",
     "rank", "seq_mismatch", "empty", "decode_two_tokens", "decode_first", "not_tensor", "meta", "dtype_change",
-    "batch_change", "prefill_after_decode",
+    "batch_change",
 ]
 
 
 @fuzz(200)
-@given(bad=st.sampled_from(BAD_CALLS), n=st.integers(1, 12), decoding=st.booleans(), seed=st.integers(0, 2**16))
-def test_engine_bad_call_is_a_clear_error_and_leaves_no_trace(bad, n, decoding, seed):
-    """A bad prefill (or decode, when ``decoding``) call raises ValueError naming the problem and changes nothing."""
+@given(bad=st.sampled_from(BAD_CALLS), n=st.integers(1, 12), decoding=st.booleans(), turn=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_engine_bad_call_is_a_clear_error_and_leaves_no_trace(bad, n, decoding, turn, seed):
+    """A bad prefill (or decode, when ``decoding``; or a prefill after decoding, a new turn, when both
+    ``decoding`` and ``turn``) call raises ValueError naming the problem and changes nothing."""
     engine = RetrievalAttention(RetrievalConfig(sink_tokens=2, window_tokens=3, top_k=4, index="flat"), 4, 2, 8)
     g = torch.Generator().manual_seed(seed)
-    decoding = decoding or bad in ("dtype_change", "batch_change", "prefill_after_decode", "decode_two_tokens")
+    decoding = decoding or bad in ("dtype_change", "batch_change", "decode_two_tokens")
+    turn = turn and bad not in ("decode_two_tokens", "decode_first")
     if bad == "decode_first":
         decoding = True
     elif decoding:
         engine.prefill(torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
         engine.decode(torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
-    m = 1 if decoding else n
+    m = 1 if decoding and not turn else n
     q, k, v = torch.randn(1, 4, m, 8, generator=g), torch.randn(1, 2, m, 8, generator=g), torch.randn(1, 2, m, 8, generator=g)
     names = {"q", "k", "v"}
     if bad == "nan_q":
@@ -193,9 +207,7 @@ def test_engine_bad_call_is_a_clear_error_and_leaves_no_trace(bad, n, decoding, 
     elif bad == "batch_change":
         q, k, v = (t.expand(3, -1, -1, -1) for t in (q, k, v))
         names = {"batch size changed"}
-    elif bad == "prefill_after_decode":
-        names = {"prefill called after decode"}
-    call = engine.prefill if not decoding or bad == "prefill_after_decode" else engine.decode
+    call = engine.prefill if not decoding or turn else engine.decode
     before = engine.stats
     with pytest.raises(ValueError) as info:
         call(q, k, v)

@@ -57,6 +57,63 @@ def test_tiny_random_model_generate_matches(cls, config_cls):
     assert cache.stats[1].offloaded_tokens == 300 + 39 - 48
 
 
+def converse(model, turns, new_tokens, **cache_kw) -> torch.Tensor:
+    """generate() over a conversation: each turn's ids (1, n) appended to everything so far (the cache,
+    passed in ``cache_kw``, holds the rest), then ``new_tokens`` answer tokens; returns all the ids."""
+    ids = torch.empty(1, 0, dtype=torch.long)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    for turn in turns:
+        ids = model.generate(torch.cat([ids, turn], dim=1), **kw, **cache_kw)
+    return ids
+
+
+@pytest.mark.parametrize("cls, config_cls", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
+def test_conversation_on_one_cache_equals_dynamic_cache(cls, config_cls):
+    """A 2,100-token document, then turns of 40, 1, 300 and 7 tokens, each answered: token for token what
+    a DynamicCache gives (sink 64, window 128, top_k covering everything), with cache= and past_key_values=."""
+    model = _tiny(cls, config_cls)
+    gen = torch.Generator().manual_seed(5)
+    turns = [torch.randint(0, 128, (1, n), generator=gen) for n in (2100, 40, 1, 300, 7)]
+    plain = converse(model, turns, 12, past_key_values=DynamicCache())
+    cfg = RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=4096, index="flat")
+    cache = RetrievalCache(model, cfg)
+    assert torch.equal(converse(model, turns, 12, cache=cache), plain)
+    assert all(s.offloaded_tokens == plain.shape[1] - 1 - 192 for s in cache.stats)  # the last token is not fed
+    assert torch.equal(converse(model, turns, 12, past_key_values=RetrievalCache(model, cfg)), plain)
+
+
+def test_a_prompt_that_does_not_extend_the_cache_is_refused_and_the_conversation_goes_on():
+    """generate() with fewer tokens than the cache holds (or exactly as many), which transformers would feed
+    at earlier positions (or not at all), raises a ValueError naming what the cache holds before any engine
+    runs; the cache is left as it was, and the next proper turn equals a DynamicCache's."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    gen = torch.Generator().manual_seed(7)
+    document, turn = (torch.randint(0, 128, (1, n), generator=gen) for n in (300, 9))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=4096, index="flat"))
+    out = model.generate(document, cache=cache, **kw)
+    held = cache.get_seq_length()
+    for stale in (out[:, :50], out[:, :200], out[:, :-1]):  # nothing fed; 95 tokens at 105..; all 305 at 0..
+        with pytest.raises(ValueError, match=rf"holds {held} tokens .* the prompt does not extend what the cache holds"):
+            model.generate(stale, cache=cache, **kw)
+    assert cache.get_seq_length() == held and all(s.seen_tokens == held for s in cache.stats)
+    plain = converse(model, [document, turn], 6, past_key_values=DynamicCache())
+    assert torch.equal(model.generate(torch.cat([out, turn], dim=1), cache=cache, **kw), plain)
+
+
+@pytest.mark.slow
+def test_smollm_conversation_on_one_cache_equals_dynamic_cache(smollm, passkey_ids):
+    model, tokenizer = smollm
+    follow_ups = ["\nWhat is the pass key? Say it again.", "\nAnd what colour is the grass?", "\nThanks."]
+    turns = [passkey_ids, *(tokenizer(t, return_tensors="pt").input_ids for t in follow_ups)]
+    plain = converse(model, turns, 10, cache=DynamicCache())
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=4096, index="flat"))
+    out = converse(model, turns, 10, cache=cache)
+    assert torch.equal(out, plain), (tokenizer.decode(out[0, passkey_ids.shape[1]:]),
+                                     tokenizer.decode(plain[0, passkey_ids.shape[1]:]))
+    assert cache.stats[0].offloaded_tokens == out.shape[1] - 1 - 192
+
+
 def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask (batch, longest) of the prompts, padded on the left with token 0."""
     longest = max(len(p) for p in prompts)
@@ -89,6 +146,25 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(cls, config_cls):
     out = model.generate(same, **cache_kwargs(model, cache), **kw)
     assert torch.equal(out, model.generate(same, **kw))
     assert all(len(layer) == 1 for layer in cache.sequence_stats)
+
+
+def test_left_padded_batch_continues_each_conversation_as_alone():
+    """A padded batch's next turn (every sequence's ids so far, then its new tokens) runs on each sequence's
+    own engine: each answer is the one its conversation gets alone."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in (120, 75)]
+    ids, mask = left_padded(prompts)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=16, top_k=1000, index="flat"))
+    out = model.generate(ids, attention_mask=mask, cache=cache, **kw)
+    turn = torch.randint(1, 128, (2, 30), generator=gen)
+    more = torch.cat([out, turn], dim=1)
+    out2 = model.generate(more, attention_mask=torch.cat([mask, torch.ones_like(more[:, ids.shape[1]:])], dim=1),
+                          cache=cache, **kw)
+    for i, p in enumerate(prompts):
+        alone = torch.cat([p, more[i, ids.shape[1]:]])[None]
+        assert torch.equal(out2[i, more.shape[1]:], model.generate(alone, **kw)[0, alone.shape[1]:]), f"sequence {i}"
 
 
 @pytest.mark.slow
@@ -281,7 +357,7 @@ def test_a_used_cache_refuses_a_new_prompt_naming_reset(new_length):
     assert held == 44
     other = torch.randint(0, 128, (1, new_length), generator=gen)
     if cache_argument(model) == "cache":
-        with pytest.raises(ValueError, match=r"holds 44 tokens .* does not continue what the cache holds .* "
+        with pytest.raises(ValueError, match=r"holds 44 tokens .* does not extend what the cache holds; .* "
                                              r"call cache\.reset\(\)"):
             model.generate(other, **cache_kwargs(model, cache), **kw)
     else:  # before transformers 5.24, generate() fails on its own (IndexError) before calling the model

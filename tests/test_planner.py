@@ -25,6 +25,87 @@ def test_plan_counts_offloaded_kv_and_device_window_exactly():
     plan.check()  # nothing available is known: nothing to refuse
 
 
+def test_conversation_plan_holds_every_turn_on_the_host_and_one_turn_tile_on_the_device():
+    """A 100K-token document growing to 128K by turns: the host side is planned for 128K, the one-copy
+    prefill attention for the document, and each turn's attention for one tile of prefill_block^2 scores."""
+    cfg = RetrievalConfig(sink_tokens=128, window_tokens=512, index="flat")
+    one = plan_memory(LLAMA3_8B, 131072, cfg, device="cuda", check_available=False)
+    chat = plan_memory(LLAMA3_8B, 131072, cfg, device="cuda", check_available=False, prompt_tokens=100_000)
+    assert chat.cpu == one.cpu  # every turn and answer offloaded and indexed
+    assert chat.device["prefill attention keys/values (the whole prompt) (transient)"] == 2 * 8 * 100_000 * 128 * 2
+    assert "prefill attention of a turn (one tile) (transient)" not in one.device
+    tile = chat.device["prefill attention of a turn (one tile) (transient)"]
+    assert 2 * 32 * 1024 * 1024 * 4 < tile < 0.5 * GIB  # scores and probabilities of 1024 x 1024, and the rest
+    with pytest.raises(ValueError, match=r"prompt_tokens \(9\) must be <= context_tokens \(8\)"):
+        plan_memory(LLAMA3_8B, 8, cfg, check_available=False, prompt_tokens=9)
+
+
+def test_conversation_plan_counts_the_index_grown_by_turns_and_the_rebuilds():
+    """A graph grown by add from the document's keys holds more than one built over them all: the plan of a
+    conversation counts it; with rebuild_growth, the query ring and a second index per layer in flight."""
+    cfg = RetrievalConfig(sink_tokens=128, window_tokens=512, index="roar")
+    one = plan_memory(LLAMA3_8B, 131072, cfg, device="cuda", check_available=False)
+    chat = plan_memory(LLAMA3_8B, 131072, cfg, device="cuda", check_available=False, prompt_tokens=32_768)
+    roar, n_off = make_index("roar"), 131072 - 640
+    assert chat.cpu["index (roar)"] == 32 * type(roar).estimate_nbytes(8, n_off, 128, {}, 4, 100, 131072 - 32_768)
+    assert 1.3 * one.cpu["index (roar)"] < chat.cpu["index (roar)"] < 3 * one.cpu["index (roar)"]
+    assert not any("rebuild" in item for item in chat.cpu)
+    rebuilding = plan_memory(LLAMA3_8B, 131072, RetrievalConfig(sink_tokens=128, window_tokens=512, index="roar",
+                                                                rebuild_growth=0.5, rebuild_queries=256),
+                             device="cuda", check_available=False, prompt_tokens=32_768)
+    ring = 32 * 8 * 256 * 4 * 128 * 4  # layers x groups x steps x group x D, fp32
+    assert rebuilding.cpu["rebuild training ring (fp32)"] == ring
+    assert rebuilding.cpu["rebuilds: a second index and its training queries per layer (transient)"] == (
+        one.cpu["index (roar)"] + ring)  # each layer's rebuild is a build over all its keys
+
+
+def test_conversation_plan_names_the_backend_auto_chose_at_the_first_build():
+    """auto resolves at the first build over keys: a conversation's engine keeps flat for a document under
+    AUTO_FLAT_BELOW keys however long the turns grow it, and its plan says so (a one-prompt plan of the same
+    length says roar); the rebuild ring the plan counts is the one the engine holds."""
+    from retrieval_attn.index import AUTO_FLAT_BELOW
+
+    cfg = RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=4, rebuild_growth=1.0, rebuild_queries=16)
+    g = torch.Generator().manual_seed(0)
+    prompt, total = 1000, AUTO_FLAT_BELOW + 1100
+    q, k, v = (torch.randn(1, h, total, 8, generator=g) for h in (2, 1, 1))
+    engine = RetrievalAttention(cfg, 2, 1, 8)
+    engine.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    engine.decode(q[:, :, prompt : prompt + 1], k[:, :, prompt : prompt + 1], v[:, :, prompt : prompt + 1])
+    engine.prefill(q[:, :, prompt + 1 : -1], k[:, :, prompt + 1 : -1], v[:, :, prompt + 1 : -1])  # a long turn
+    engine.decode(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:])
+    assert engine.store.n > AUTO_FLAT_BELOW and engine.stats.index == "flat"
+    shape = ModelShape(1, 16, 2, 1, 8, 32, 10, 0)
+    plan = plan_memory(shape, total, cfg, dtype=torch.float32, check_available=False, prompt_tokens=prompt)
+    assert "index (flat)" in plan.cpu and plan.cpu["rebuild training ring (fp32)"] == engine.indexing._recent_q.nbytes
+    assert not any(item.startswith("rebuilds") for item in plan.cpu)  # flat is never rebuilt
+    assert "index (roar)" in plan_memory(shape, total, cfg, dtype=torch.float32, check_available=False).cpu
+
+
+@pytest.mark.parametrize("name", ["flat", "roar", "keygraph", "hnsw", "ivf"])
+def test_index_estimate_bounds_an_index_grown_by_turns(name):
+    """Built over a quarter of the keys, the rest added in two turns: estimate_nbytes(added=...) bounds what
+    the index holds, within 1.4x (graph lists that fill up move to runs twice as long, and the arena keeps
+    an insert's reserve: without ``added`` the graphs' estimate is under half of it)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 4096, 32
+    keys = torch.randn(2, n, d, generator=g).bfloat16()
+    store = KVStore(2, d, dtype=keys.dtype)
+    store.append(keys[:, : n // 4], keys[:, : n // 4])
+    params = {"nlist": 16, "nprobe": 4} if name == "ivf" else {}
+    index = make_index(name, **params)
+    index.build(store.key_source, torch.randn(2, n // 4, d, generator=g).numpy() if index.uses_train_queries else None)
+    for a, b in ((n // 4, n // 2), (n // 2, n)):  # two turns
+        store.append(keys[:, a:b], keys[:, a:b])
+        index.add()
+        index.search(torch.randn(2, 3, d, generator=g).numpy(), 10)
+    cls = type(index)
+    est = cls.estimate_nbytes(2, n, d, params, queries=3, k=10, added=3 * n // 4)
+    assert index.nbytes <= est <= 1.4 * index.nbytes + 4096
+    if name in ("roar", "keygraph"):
+        assert cls.estimate_nbytes(2, n, d, params, queries=3, k=10) < 0.5 * index.nbytes
+
+
 @pytest.mark.parametrize("name", ["flat", "roar", "keygraph", "hnsw", "ivf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_index_estimate_bounds_what_the_index_holds(name, dtype):

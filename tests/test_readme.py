@@ -29,8 +29,13 @@ def test_transformers_example_runs(smollm, monkeypatch, capsys):
 
     monkeypatch.setattr(retrieval_attn.hf, "load_model", lambda path=None: smollm)  # load once per session
     block = next(b for b in python_blocks() if "RetrievalCache(" in b)
-    exec(compile(block, "README.md", "exec"), {})
+    names = {}
+    exec(compile(block, "README.md", "exec"), names)
     assert PASSKEY in capsys.readouterr().out
+    seen = names["cache"].get_seq_length()
+    turn = next(b for b in python_blocks() if "torch.cat([out, turn]" in b)  # the multi-turn example continues it
+    exec(compile(turn, "README.md", "exec"), names)
+    assert names["cache"].stats[0].seen_tokens == names["more"].shape[1] - 1 > seen
 
 
 @pytest.mark.slow

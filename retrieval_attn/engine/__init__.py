@@ -6,7 +6,9 @@ the rest go to a CPU ``KVStore``. The first ``decode`` builds the key index over
 each ``decode(q, k, v)`` then attends on the device over sink + window + the new token, retrieves the
 top-k offloaded keys of every query head from the index on the CPU, attends over them there, and
 merges both parts exactly by log-sum-exp. The new token joins the window; once the window is full,
-its oldest token spills to the CPU store and into the index.
+its oldest token spills to the CPU store and into the index. ``prefill`` after decode steps takes
+the next turn of a conversation: its tokens attend exactly over everything seen, then enter the
+window, and what spills goes to the store and into the index, as for decode.
 
 The engine is a facade: it validates calls, runs prefill, orders the work of a decode step, and owns
 the ``KVStore``, the one copy of the offloaded rows, which it hands to its parts. Each part has one
@@ -16,8 +18,10 @@ concern:
   rows that spill.
 - ``indexing.IndexLifecycle``: the index from build (foreground, or on a background thread from
   ``start_index_build`` so it overlaps the prefill of later layers) to the insertion of spilled keys
-  and background rebuilds (``config.rebuild_growth``), trained on recent decode queries and swapped in
-  when ready.
+  and background rebuilds (``config.rebuild_growth``), trained on recent decode (and turn) queries and
+  swapped in when ready.
+- ``prefill``: the exact attention of a prefill chunk, over one copy of the context while the prompt
+  is read, over the window and the store's rows in bounded blocks merged by lse after decoding.
 - ``retrieval.HostRetrieval``: preallocated (pinned, on CUDA) host buffers, the copy of q to the host,
   the CPU worker running search and attention over the retrieved rows (two numba calls that release the
   GIL; with ``config.overlap`` on a worker thread while the device attends over sink + window), and the
@@ -38,7 +42,6 @@ import copy
 from types import MappingProxyType
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import merge_state
 from ..config import RetrievalConfig
@@ -47,32 +50,12 @@ from ..offload import KVStore
 from .telemetry import LayerTelemetry, step_recall_and_mass
 from .checks import check_construction, check_finite, check_qkv
 from .indexing import IndexLifecycle
+from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
 from .stats import STEP_PARTS, EngineStats, StepTimer
 from .window import DeviceWindow
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
-
-
-def _chunk_attention(
-    q: torch.Tensor, keys_all: torch.Tensor, vals_all: torch.Tensor, p: int, block: int, scale: float
-) -> torch.Tensor:
-    """Exact attention of a prefill chunk q (B, Hq, n, D) over k, v (B, Hkv, p + n, D), the ``p`` tokens
-    before it then the chunk: query i sees the past and chunk tokens j <= i. Queries go in blocks of
-    ``block``. Returns out (B, Hq, n, D), q's dtype."""
-    n = q.shape[2]
-    out = torch.empty_like(q)
-    for i0 in range(0, n, block):
-        i1 = min(n, i0 + block)
-        keys, vals = keys_all[:, :, : p + i1], vals_all[:, :, : p + i1]  # [B, Hkv, p + i1, D]
-        mask = None
-        if p or i0:  # query i0 + r sees the past and chunk tokens j <= i0 + r
-            cols = torch.arange(p + i1, device=q.device)
-            mask = cols[None, :] <= torch.arange(i0, i1, device=q.device)[:, None] + p
-        out[:, :, i0:i1] = F.scaled_dot_product_attention(
-            q[:, :, i0:i1], keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-        )
-    return out
 
 
 class RetrievalAttention:
@@ -105,7 +88,7 @@ class RetrievalAttention:
         self.retrieval: HostRetrieval | None = None
         self.indexing = IndexLifecycle(self.config)
         self.timer = StepTimer()
-        self._decoding = False
+        self._decoding = False  # the prompt is over (a decode step ran, or start_index_build): prefills are turns
         self._dirty = False  # True while a call updates the state: an interruption there leaves it set
         self.telemetry = LayerTelemetry() if self.config.telemetry else None
 
@@ -152,10 +135,6 @@ class RetrievalAttention:
         if decode and self.seen == 0:
             raise ValueError("decode called before prefill")
         check_finite(q, k, v)
-        if not decode and self._decoding:
-            raise ValueError("prefill called after decode started; call reset() to start a new sequence")
-        if not decode and self.indexing.build_future is not None:
-            raise ValueError("prefill called after start_index_build(); call reset() to start a new sequence")
 
     def _offload(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Move spilled k, v (B, Hkv, t, D) to the CPU store, and into the index once it holds keys."""
@@ -177,7 +156,10 @@ class RetrievalAttention:
         out : (batch, num_heads, n, head_dim), q's dtype and device.
 
         May be called several times before the first ``decode`` (chunked prefill); the result equals
-        one call on the concatenated chunks.
+        one call on the concatenated chunks. After ``decode`` steps (or ``start_index_build``) a
+        prefill is the next turn of the conversation: exact over every token seen, with the offloaded
+        rows brought to q's device ``prefill_block`` rows at a time, then its tokens enter the window
+        and what spills is indexed (``add``; with ``rebuild_growth``, its queries train rebuilds).
         """
         self._check(q, k, v, decode=False)
         if self.window is None:
@@ -186,23 +168,18 @@ class RetrievalAttention:
             store.reserve(self._reserved)
             self._hold(DeviceWindow(self.config.sink_tokens, self.config.window_tokens, b, self.num_kv_heads,
                                     self.head_dim, k.dtype, k.device), store)
-        b, n = q.shape[0], q.shape[2]
-        f, off = self.window.filled, self.store.n
-        p = f + off  # tokens before this chunk, visible to all of its queries
-        if p:
-            # one copy of the context on the device: [B, Hkv, p + n, D] = device part, offloaded part, chunk
-            shape = (b, self.num_kv_heads, p + n, self.head_dim)
-            keys_all, vals_all = q.new_empty(shape), q.new_empty(shape)
-            for dst, dev, stored, new in ((keys_all, self.window.k, self.store.keys, k),
-                                          (vals_all, self.window.v, self.store.values, v)):
-                dst[:, :, :f] = dev[:, :, :f]
-                dst[:, :, f:p].copy_(stored.reshape(b, self.num_kv_heads, off, self.head_dim), non_blocking=True)
-                dst[:, :, p:] = new
+        if not self._decoding and self.indexing.build_future is not None:
+            self.indexing.ready(self.store, self.window.k.device, first=True)  # the rows to come go into it
+            self._decoding = True
+        block = self.config.prefill_block
+        if self._decoding:
+            out = turn_attention(q, k, v, self.window, self.store, block, self.scale).to(q.dtype)
         else:
-            keys_all, vals_all = k, v
-        out = _chunk_attention(q, keys_all, vals_all, p, self.config.prefill_block, self.scale)
+            out = prompt_attention(q, k, v, self.window, self.store, block, self.scale)
         self._dirty = True
         self.indexing.sample(q, self.seen, self.num_kv_heads)
+        if self._decoding and self.config.rebuild_growth is not None:
+            self.indexing.remember_chunk(q, self.num_kv_heads)
         spilled = self.window.append(k, v)
         if spilled is not None:
             self._offload(*spilled)
@@ -216,7 +193,7 @@ class RetrievalAttention:
         layer), so the build of this layer overlaps the prefill of the next ones. Decode serves with
         exact search until the build lands (``RetrievalConfig.serve_while_building``; False: the first
         decode waits for it). Without it, the first ``decode`` builds the index itself. A second call is
-        a no-op; prefill afterwards is an error.
+        a no-op; a prefill afterwards waits for the build and is the next turn (see ``prefill``).
         """
         if self.seen == 0:
             raise ValueError("start_index_build called before prefill")

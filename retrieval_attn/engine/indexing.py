@@ -1,6 +1,7 @@
 """The key index of one layer through its life: the sample of prefill queries it trains on, the build
 (in the foreground or on the background builder thread), the insertion of spilled keys, and background
-rebuilds, trained on a ring of recent decode queries and swapped in when ready.
+rebuilds, trained on a ring of recent decode queries (and those of prefills after decoding: the turns
+of a conversation) and swapped in when ready.
 
 Owns the index and the builder thread (``_INDEX_BUILDER``). The keys live in the engine's ``KVStore``,
 handed to each call: this module reads them and never writes them. It knows nothing about the device
@@ -157,11 +158,25 @@ class IndexLifecycle:
 
     def remember(self, q: torch.Tensor) -> None:
         """Keep a decode step's queries q (G, group, D), CPU fp32, in the ring that trains rebuilds."""
+        self._remember_steps(q[:, None])
+
+    def remember_chunk(self, q: torch.Tensor, num_kv_heads: int) -> None:
+        """Keep the queries of a prefill chunk after decoding, q (B, Hq, n, D), as n steps of the ring that
+        trains rebuilds (its last ``rebuild_queries`` positions): a long turn's keys are what a rebuild
+        then links by the turn's own queries."""
+        b, hq, n, d = q.shape
+        m = min(n, self.config.rebuild_queries)
+        steps = q[:, :, n - m :].reshape(b * num_kv_heads, hq // num_kv_heads, m, d)  # [G, group, m, D]
+        self._remember_steps(steps.transpose(1, 2).float().cpu())
+
+    def _remember_steps(self, q: torch.Tensor) -> None:
+        """Write steps q (G, m, group, D), CPU fp32, into the ring after the last one (m <= its length)."""
+        g, m, group, d = q.shape
         if self._recent_q is None:
-            g, m, d = q.shape
-            self._recent_q = torch.empty((g, self.config.rebuild_queries, m, d), dtype=torch.float32)
-        self._recent_q[:, self._recent_steps % self._recent_q.shape[1]] = q
-        self._recent_steps += 1
+            self._recent_q = torch.empty((g, self.config.rebuild_queries, group, d), dtype=torch.float32)
+        slots = (self._recent_steps + torch.arange(m)) % self._recent_q.shape[1]
+        self._recent_q[:, slots] = q
+        self._recent_steps += m
 
     def _maybe_rebuild(self, store: KVStore, device: torch.device) -> None:
         """Swap in a finished rebuild (after adding the keys spilled meanwhile), or start one when due."""

@@ -27,7 +27,7 @@ that module. Recall@k and attention mass come from ``retrieval_attn.metrics``.
 from .backends import DEFAULT_BACKENDS, BackendSpec, parse_backend_spec
 from .capture import CapturedQK, capture_layers, default_layers, load_or_capture, model_and_tokens
 from .decode_bench import METHODS, BenchSettings, MethodResult, format_bench_table, run_decode_bench
-from .drift import insertion_drift
+from .drift import insertion_drift, turn_drift
 from .evaluate import EvalReport, EvalSettings, format_eval_table, run_eval
 from .methods import DEFAULT_METHODS, FULL, SINK_WINDOW
 from .needle import TASKS, NeedleSample, make_needle
@@ -68,6 +68,7 @@ __all__ = [
     "run_decode_bench",
     "run_eval",
     "run_sweep",
+    "turn_drift",
     "write_csv",
     "write_json",
 ]

@@ -4,10 +4,12 @@ The only package that imports transformers. ``cache``: ``RetrievalCache`` and th
 attention function (and ``capture_qk``); ``models``: ``load_model`` (GGUF, folder, the embedded
 SmolLM2, cached de-quantised) and ``random_model``; ``generate``: ``Decoder``, the chunked prefill and
 decode loop every tool runs through, the cache argument's name in the installed transformers, token
-choosers (greedy, sampling) and prompt encoding (chat template).
+choosers (greedy, sampling) and prompt encoding (chat template); ``chat``: ``Chat``, a conversation
+about documents read once, turn after turn on one cache.
 """
 
 from .cache import ATTN_IMPLEMENTATION, RetrievalCache, capture_qk, left_padding
+from .chat import Chat, TurnStats, chat_opening
 from .generate import (
     Decoder,
     cache_argument,
@@ -24,12 +26,15 @@ from .models import MODEL_SHAPES, cached_copy, embedded_model_path, load_model, 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "MODEL_SHAPES",
+    "Chat",
     "Decoder",
     "RetrievalCache",
     "cache_argument",
     "cache_kwargs",
     "cached_copy",
+    "TurnStats",
     "capture_qk",
+    "chat_opening",
     "dynamic_cache",
     "embedded_model_path",
     "greedy",

@@ -13,6 +13,15 @@ attention function is transformers' own sdpa, with the same masks.
 Each engine keeps its device part on the device its layer's tensors arrive on, so models split across
 devices with accelerate's ``device_map`` work.
 
+Conversations: ``model.generate(ids_so_far_plus_next_turn, cache=cache)`` (or ``past_key_values=``)
+continues as with a ``DynamicCache``: generate feeds only the tokens the cache has not seen, and a
+forward of several tokens after decoding is the engines' next turn (``RetrievalAttention.prefill``,
+exact over everything seen); a forward of one token is a decode step, whatever its origin. A prompt
+that does not extend what the cache holds (shorter, or as long: transformers would feed nothing, or
+re-feed its tokens at earlier positions) is refused with a ValueError before any engine runs. The
+cache sees positions, not token ids: a prompt of the right length whose earlier tokens differ from
+the conversation's cannot be told apart (``hf.Chat`` checks the text).
+
 Batches: a batch without padding runs on one batched engine per layer. A left-padded batch (the
 attention mask transformers builds from a 2D ``attention_mask``) runs one batch-1 engine per sequence
 on that sequence's real tokens only, so padding is never offloaded, indexed or retrieved, and every
@@ -90,18 +99,17 @@ class RetrievalLayer(CacheLayerMixin):
         return self._sequences if self._sequences is not None else [self.engine]
 
     def attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the engine(s) on this pending step: q (B, Hq, n, D), k/v (B, Hkv, n, D) -> (B, Hq, n, D).
 
         ``mask`` is the 4D mask transformers built for the step (None: causal, no padding); its left
-        padding decides which tokens of each sequence are real. ``positions`` (B, n), the step's
-        position ids, are checked (layer 0) to continue what an unpadded cache holds.
+        padding decides which tokens of each sequence are real. ``position_ids`` (B or 1, n), when the
+        model passes them: at layer 0 of a step of several tokens (a prompt or a turn), each sequence's
+        first real new token must sit right after what its engine holds, else the prompt does not extend
+        the conversation and the step is refused. A one-token step's positions come from the cache
+        itself and are not read back (that would wait for the device at every decode step).
         """
         if key is not self._pending_key:
             raise RuntimeError(
@@ -112,11 +120,6 @@ class RetrievalLayer(CacheLayerMixin):
         past = self.cumulative_length - n
         if self._sequences is None and self.engine.seen != past:
             raise ValueError(_out_of_step(self.layer_idx, self.engine.seen, past))
-        if self.layer_idx == 0 and past and self._sequences is None and positions is not None:
-            first = positions.reshape(-1, positions.shape[-1])[:, 0].tolist()  # [B]
-            if any(p != past for p in first):
-                self.cumulative_length -= n  # the step is refused: the cache stays as it was
-                raise ValueError(_not_a_continuation(past, f"starts at position {min(first)}"))
         pads = left_padding(mask, b, past, n)  # [B] leading padding tokens of each sequence
         padded = bool(pads.any())
         if past == 0 and self._sequences is None and padded:
@@ -124,6 +127,8 @@ class RetrievalLayer(CacheLayerMixin):
             self._sequences = [
                 RetrievalAttention(e.config, e.num_heads, e.num_kv_heads, e.head_dim, e.scale) for _ in range(b)
             ]
+        if self.layer_idx == 0 and n > 1:  # the later layers' updates have not run yet: nothing to undo there
+            self._check_positions(position_ids, pads, n)
         if self._sequences is None:
             if padded:
                 raise ValueError(
@@ -152,6 +157,21 @@ class RetrievalLayer(CacheLayerMixin):
             if prefill and self.build_after_prefill:
                 engine.start_index_build()
         return out
+
+    def _check_positions(self, position_ids: torch.Tensor | None, pads: torch.Tensor, n: int) -> None:
+        """Refuse, before any engine runs, new tokens whose positions do not continue what the engines hold
+        (``generate`` given a prompt that is not the conversation so far plus a new turn re-feeds part of
+        it at earlier positions). The step is undone: the cache stays as it was."""
+        if position_ids is None or position_ids.dim() != 2:
+            return
+        past = self.cumulative_length - n
+        starts = (pads - past).clamp(min=0)  # [B]: first real new token of each sequence in this step
+        engines = self._sequences if self._sequences is not None else [self.engine] * len(pads)
+        rows = position_ids.expand(len(pads), -1).cpu()  # [B, n]
+        for i, (engine, start) in enumerate(zip(engines, starts.tolist())):
+            if start < n and int(rows[i, start]) != engine.seen:
+                self.cumulative_length = past
+                raise ValueError(_not_a_continuation(engine.seen, f"starts at position {int(rows[i, start])}"))
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any, **kwargs: Any) -> tuple[int, int]:
         """(kv_length, kv_offset); accepts the query length as an int or as a cache_position tensor."""
@@ -209,6 +229,9 @@ class RetrievalCache(Cache):
         raising ``planner.MemoryBudgetError`` with the numbers if not, and each layer's CPU store is
         sized for it up front.
     batch, prefill_chunk : the request's batch size and prefill chunk length, for the planner.
+    prompt_tokens : for a conversation, the first prompt's tokens (e.g. a document) when later turns
+        are prefilled after decoding up to ``max_context`` (``generate`` with the ids so far plus the
+        next turn), for the planner; None: ``max_context`` is one prompt and its answer.
     """
 
     def __init__(
@@ -218,6 +241,7 @@ class RetrievalCache(Cache):
         max_context: int | None = None,
         batch: int = 1,
         prefill_chunk: int = 4096,
+        prompt_tokens: int | None = None,
     ):
         config = config if config is not None else RetrievalConfig()
         if not isinstance(config, RetrievalConfig):
@@ -230,6 +254,7 @@ class RetrievalCache(Cache):
             self.memory_plan = plan_memory(
                 ModelShape.from_model(model), max_context, config, batch=batch, prefill_chunk=prefill_chunk,
                 dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
+                prompt_tokens=prompt_tokens,
             )
             self.memory_plan.check()
         _enforce_gpu_budget(model, config)
@@ -331,9 +356,10 @@ def _out_of_step(layer: int, seen: int, counted: int) -> str:
 
 
 def _not_a_continuation(held: int, what: str) -> str:
-    return (f"the RetrievalCache holds {held} tokens of a sequence and this forward pass {what}: its input does "
-            "not continue what the cache holds (a new prompt?); call cache.reset() (or use a new RetrievalCache) "
-            "before generating from a new prompt")
+    return (f"the RetrievalCache holds {held} tokens of a sequence and this forward pass {what}: the prompt does "
+            "not extend what the cache holds; pass every token so far plus the new turn (generate feeds only the "
+            "ones the cache has not seen), or call cache.reset() (or use a new RetrievalCache) to start from a new "
+            "prompt")
 
 
 def _enforce_gpu_budget(model: torch.nn.Module, config: RetrievalConfig) -> None:

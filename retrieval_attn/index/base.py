@@ -242,10 +242,12 @@ class KeyIndex(ABC):
 
     @classmethod
     def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], queries: int = 1,
-                        k: int = 100) -> int:
+                        k: int = 100, added: int = 0) -> int:
         """Bytes an index over ``n`` keys per group of a key source holds besides the source's rows: its
         structures and search scratch, for searches of ``queries`` queries per group and ``k`` results
-        (the memory planner's figure, per layer; a backend that copies its keys counts the copy)."""
+        (the memory planner's figure, per layer; a backend that copies its keys counts the copy).
+        ``added`` of the ``n`` keys are inserted by ``add`` after the build (a conversation's turns);
+        backends whose structures grow differently from a build over all ``n`` count it."""
         return 0
 
     @classmethod

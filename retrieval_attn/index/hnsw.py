@@ -92,9 +92,9 @@ class HnswIndex(KeyIndex):
 
     @classmethod
     def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], queries: int = 1,
-                        k: int = 100) -> int:
+                        k: int = 100, added: int = 0) -> int:
         """hnswlib's element data (fp32 vector, 2M level-0 links, count, label) for the rows it allocates,
-        and the replay's level-0 lists."""
+        and the replay's level-0 lists (the same whether keys were built or ``added``)."""
         m = cls.resolved_params(params)["M"]
         return groups * grown_capacity(n) * (dim * 4 + 2 * m * 4 + 4 + 8) + groups * n * (2 * m * 4 + 8)
 

@@ -68,8 +68,9 @@ class IvfIndex(KeyIndex):
 
     @classmethod
     def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], queries: int = 1,
-                        k: int = 100) -> int:
-        """Centroids plus each key's vector and int64 id in its inverted list (``nbytes``' formula)."""
+                        k: int = 100, added: int = 0) -> int:
+        """Centroids plus each key's vector and int64 id in its inverted list (``nbytes``' formula; the
+        same whether keys were built or ``added``)."""
         nlist = cls.resolved_params(params)["nlist"]
         return groups * (nlist * dim * 4 + n * (dim * 4 + 8))
 

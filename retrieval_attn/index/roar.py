@@ -165,8 +165,9 @@ class RoarIndex(GraphIndex):
         "recent": Param(32, 1, 4096, doc="search calls whose queries and results link keys added later"),
     }
 
-    def _conn_degree(self) -> int:
-        return self.config["conn"]
+    @classmethod
+    def conn_degree(cls, config: dict) -> int:
+        return config["conn"]
 
     @classmethod
     def expected_degree(cls, config: dict) -> float:
@@ -176,10 +177,11 @@ class RoarIndex(GraphIndex):
         return min(float(config["max_degree"]), config["M"] + 2.0 * config["conn"] - 1)
 
     @classmethod
-    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict, queries: int = 1, k: int = 100) -> int:
+    def estimate_nbytes(cls, groups: int, n: int, dim: int, params: dict, queries: int = 1, k: int = 100,
+                        added: int = 0) -> int:
         """The graph's, plus the ring of the last ``recent`` searches (queries, scores, ids)."""
         recent = cls.resolved_params(params)["recent"]
-        return super().estimate_nbytes(groups, n, dim, params, queries, k) + groups * recent * queries * (
+        return super().estimate_nbytes(groups, n, dim, params, queries, k, added) + groups * recent * queries * (
             dim * 4 + k * 12)
 
     @classmethod
