@@ -40,10 +40,16 @@ class RetrievalConfig:
         backend (see ``retrieval_attn.index.available_indexes()``).
     index_params : parameters of that backend (roar's for ``"auto"``), checked against its ranges;
         for graph backends ``top_k`` must not exceed the search queue ``ef``.
-    cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
+    cpu_threads : threads of retrieval-attn's own CPU work: each decode step's search and attention over the
+        retrieved rows, and the index builds (numba's, OpenMP's and torch's counts in the thread doing
+        that work; the model's own torch threads are left alone). None (default): each layer's search
+        runs with 1 thread or with ``index.thread_budget`` (every usable core, less one on a GPU) and
+        keeps whichever it measures faster (``index.ThreadChooser``); builds use all cores.
     prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
     overlap : run a decode step's CPU search and attention on a worker thread while the device attends
-        over sink + window (True), or one after the other (False); the results are identical.
+        over sink + window (True), or one after the other (False); the results are identical. None
+        (default): True on a GPU, False when the layer runs on the CPU, where both would compete for
+        the same cores.
     retrieved_attention : where the retrieved keys are attended: ``"cpu"`` (only out and lse of each
         query head cross to the device) or ``"device"`` (their scores and values are shipped and
         attended there).
@@ -73,7 +79,7 @@ class RetrievalConfig:
     index_params: Mapping[str, Any] = field(default_factory=dict)
     cpu_threads: int | None = None
     prefill_block: int = 1024
-    overlap: bool = True
+    overlap: bool | None = None
     retrieved_attention: str = "cpu"
     gpu_memory_gib: float | None = None
     retrieve: bool = True
@@ -86,9 +92,11 @@ class RetrievalConfig:
         _check_int("window_tokens", self.window_tokens, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("prefill_block", self.prefill_block, 1)
-        for name in ("retrieve", "telemetry", "overlap"):
+        for name in ("retrieve", "telemetry"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ValueError(f"RetrievalConfig.overlap must be True, False or None (auto), got {self.overlap!r}")
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1)
         if self.retrieved_attention not in RETRIEVED_ATTENTION:

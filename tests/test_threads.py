@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -133,3 +134,33 @@ def test_one_model_two_caches_in_two_threads_equal_each_alone():
     together = run_in_threads([lambda p=p: job(p) for p in prompts])
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_thread_chooser_follows_the_faster_count():
+    """Both counts run first; the faster one is kept, the other is tried again after waits that double
+    while it loses, and takes over once it wins (the machine got busy)."""
+    from retrieval_attn.index import ThreadChooser
+
+    chooser = ThreadChooser(4, explore=2, max_explore=8)
+    cost = {4: 1.0, 1: 3.0}  # a quiet machine: 4 threads are faster
+    picks = []
+    for _ in range(40):
+        n = chooser.pick()
+        picks.append(n)
+        chooser.record(n, cost[n])
+    assert picks[:2] == [4, 1] and chooser.current == 4
+    tries = [i for i, n in enumerate(picks) if n == 1]
+    assert tries[:4] == [1, 5, 13, 21] and all(b - a <= 8 for a, b in zip(tries, tries[1:]))  # waits 4, 8, 8
+    cost[4] = 10.0  # busy: a stalled team of 4 threads
+    for _ in range(30):
+        n = chooser.pick()
+        chooser.record(n, cost[n])
+    assert chooser.current == 1
+    assert ThreadChooser(1).candidates == (1,) and ThreadChooser(1).pick() == 1
+
+
+def test_thread_budget_leaves_the_decoding_thread_a_core_on_a_gpu():
+    from retrieval_attn.index import thread_budget
+
+    cores = min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+    assert thread_budget("cpu") == cores and thread_budget("cuda") == max(1, cores - 1)

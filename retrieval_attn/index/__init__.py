@@ -17,7 +17,7 @@ from .registry import (
     register_index,
     resolve_index,
 )
-from .threads import cpu_threads
+from .threads import ThreadChooser, cpu_threads, thread_budget
 
 __all__ = [
     "AUTO",
@@ -25,6 +25,7 @@ __all__ = [
     "KeyIndex",
     "Param",
     "SearchResult",
+    "ThreadChooser",
     "available_indexes",
     "backend_for",
     "cpu_threads",
@@ -34,4 +35,5 @@ __all__ = [
     "params_class",
     "register_index",
     "resolve_index",
+    "thread_budget",
 ]
