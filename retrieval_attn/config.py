@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .index.registry import AUTO, available_indexes, params_class
+from .index.registry import AUTO, available_indexes, missing_library, params_class
 
 __all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
 
@@ -114,7 +114,9 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.gpu_memory_gib must be a finite number > 0 (GiB) or None, got {gib!r}")
         names = [AUTO, *available_indexes()]
         if not isinstance(self.index, str) or self.index not in names:
-            raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}")
+            lacking = missing_library(self.index) if isinstance(self.index, str) else None
+            why = f" (it needs the {lacking} package, which is not installed here)" if lacking else ""
+            raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}{why}")
         if not isinstance(self.index_params, Mapping):
             raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
         cls = params_class(self.index)

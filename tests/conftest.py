@@ -2,8 +2,9 @@
 random Llama, and the embedded model (and its tokenizer) loaded once per session.
 
 ``device`` is "cpu" and, when torch sees a GPU, "cuda"; without one the "cuda" case is collected and
-skipped with the reason "no CUDA device". Both carry the ``device`` marker, so ``pytest -m device``
-runs every device-taking test (``bench/gpu_check.sh`` does, on a machine with CUDA).
+skipped with the reason "no CUDA device". Both carry the ``device`` marker and the "cuda" case the
+``cuda`` marker too, so ``pytest -m "device and cuda"`` runs every device-taking test on CUDA
+(``bench/gpu_check.sh`` does) and ``-m "device and not cuda"`` on the CPU.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ PASSKEY = "52718"  # the fact hidden in retrieval_attn/data/passkey.txt
 CUDA = torch.cuda.is_available()
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.device),
-    pytest.param("cuda", marks=[pytest.mark.device, pytest.mark.skipif(not CUDA, reason="no CUDA device")]),
+    pytest.param("cuda", marks=[pytest.mark.device, pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA device")]),
 ]
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "device: takes a device; runs on cpu and, when present, cuda (-m device)")
+    config.addinivalue_line("markers", "cuda: the cuda case of a device-taking test (-m 'device and cuda')")
 
 
 @pytest.fixture(params=DEVICES)
