@@ -32,6 +32,8 @@ from retrieval_attn import RetrievalConfig
 from retrieval_attn.evaluation.report import format_columns, write_json
 from retrieval_attn.hf import MODEL_SHAPES, Decoder, RetrievalCache, dynamic_cache, random_model
 
+SINK, WINDOW = 64, 128  # the device part of each layer's cache; the rest is offloaded and retrieved
+
 
 def split_map(layers: int, device: str) -> dict[str, str]:
     """device_map: embeddings, rotary embedding and the first half of the layers on ``device``, the rest on the CPU."""
@@ -58,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference accepted")
     parser.add_argument("--out", default="results/device_map")
     args = parser.parse_args(argv)
+    if args.context <= SINK + WINDOW:
+        parser.error(f"--context must exceed sink + window = {SINK + WINDOW} tokens (else nothing is offloaded), "
+                     f"got {args.context}")
+    if args.new_tokens < 1:
+        parser.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
 
     model = random_model(args.shape, device="cpu", dtype=torch.float32)
     layers = model.config.num_hidden_layers
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = Decoder(model, dynamic_cache(), prefill_chunk=1024)
     tokens = plain.decode(plain.prefill(ids), args.new_tokens)
     reference = teacher_forced_logits(model, dynamic_cache(), ids, tokens)
-    config = RetrievalConfig(sink_tokens=64, window_tokens=128, top_k=args.context + args.new_tokens, index="flat")
+    config = RetrievalConfig(sink_tokens=SINK, window_tokens=WINDOW, top_k=args.context + args.new_tokens, index="flat")
     cache = RetrievalCache(model, config)
     logits = teacher_forced_logits(model, cache, ids, tokens)
     diff = float((logits - reference).abs().max())

@@ -135,7 +135,8 @@ def count_buffers(monkeypatch):
         m.setattr(SearchResult, "empty", classmethod(counted("SearchResult.empty", SearchResult.empty.__func__)))
         if torch.cuda.is_available():
             m.setattr(torch.cuda, "Event", counted("torch.cuda.Event", torch.cuda.Event))
-            m.setattr(torch.cuda, "Stream", counted("torch.cuda.Stream", torch.cuda.Stream))
+            m.setattr(torch.cuda, "Stream", counted("torch.cuda.Stream", torch.cuda.Stream,  # a new stream, not
+                                                    lambda r, *a, **kw: "stream_id" not in kw))  # current_stream()'s handle
         yield made
 
 

@@ -159,6 +159,25 @@ def test_thread_chooser_follows_the_faster_count():
     assert ThreadChooser(1).candidates == (1,) and ThreadChooser(1).pick() == 1
 
 
+def test_thread_chooser_needs_two_wins_in_a_row_to_switch():
+    """On a busy machine a call's time is bimodal: one lucky call of the other count does not switch; a
+    win is confirmed by a try at the very next call."""
+    from retrieval_attn.index import ThreadChooser
+
+    chooser = ThreadChooser(2, explore=4)
+    for n, seconds in ((2, 3.0), (1, 1.0), (1, 1.0), (1, 1.0)):  # 1 wins twice in a row: it takes over
+        assert chooser.pick() == n
+        chooser.record(n, seconds)
+    picks = []
+    tries = iter([0.1, 5.0, 5.0])  # 2's first try since is lucky, its confirmation is not, nor the next try
+    for _ in range(12):
+        n = chooser.pick()
+        picks.append(n)
+        chooser.record(n, next(tries) if n == 2 else 1.0)
+    # 2 is tried after 3 calls (won), at once again (lost), then after a wait of 8 (lost)
+    assert picks == [1, 1, 2, 2] + [1] * 7 + [2] and chooser.current == 1
+
+
 def test_thread_budget_leaves_the_decoding_thread_a_core_on_a_gpu():
     from retrieval_attn.index import thread_budget
 

@@ -34,6 +34,7 @@ Plain tensors in, tensors out: this package knows nothing about transformers or 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from types import MappingProxyType
 
@@ -265,7 +266,8 @@ class RetrievalAttention:
             else:
                 self.retrieval.search(self.indexing.index, self.store, top_k)
                 o, lse_device = self._device_attention(q)
-            o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
+            with self._small_ops(q):
+                o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
         else:
             o, lse_device = self._device_attention(q)
         if self.telemetry is not None and n_off:
@@ -279,9 +281,16 @@ class RetrievalAttention:
         self._dirty = False
         return o.to(q.dtype)
 
+    @staticmethod
+    def _small_ops(q: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Where the step's own small torch ops (window attention, merge) run with one thread: on the CPU. A
+        torch team of several threads next to numba's (the search) waits on the cores the other's
+        workers spin on: 24 ms per layer instead of 0.15 (bench/README.md, "The thread budget")."""
+        return contextlib.nullcontext() if q.is_cuda else cpu_threads(1)
+
     def _device_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Timed attention of q (B, Hq, 1, D) over the window -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
-        with self.timer.span("device_attention", torch.cuda.current_stream(q.device) if q.is_cuda else None):
+        with self._small_ops(q), self.timer.span("device_attention", torch.cuda.current_stream(q.device) if q.is_cuda else None):
             return self.window.attend(q, self.scale)
 
     def _record_telemetry(self, q: torch.Tensor, lse_device: torch.Tensor, k: int) -> None:

@@ -65,6 +65,7 @@ class HostRetrieval:
             self.scores = torch.empty((groups, group, top_k), dtype=torch.float32, pin_memory=pin_memory)
             self.values = torch.empty((groups, group, top_k, head_dim), dtype=dtype, pin_memory=pin_memory)
         self.stream: torch.cuda.Stream | None = None  # host -> device copies, made at the first fetch on CUDA
+        self._order: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (readers done, copies landed)
         self._landing: tuple[torch.Tensor, ...] | None = None  # device copies of the shipped host buffers
         self._result: SearchResult | None = None  # the search's output arrays, reused while top_k stays
         self._done = 0.0  # perf_counter when the worker finished its last search
@@ -179,14 +180,18 @@ class HostRetrieval:
         shipped = self._shipped(top_k)
         if q.is_cuda:
             main = torch.cuda.current_stream(q.device)
-            if self.stream is None:
+            if self.stream is None:  # made once: the copy stream and the events that order it with ``main``
                 self.stream = torch.cuda.Stream(q.device)
+                self._order = (torch.cuda.Event(), torch.cuda.Event())
+            readers_done, landed = self._order
             moved = self._landing_buffers(q.device, top_k)
-            self.stream.wait_stream(main)
+            readers_done.record(main)
+            self.stream.wait_event(readers_done)
             with torch.cuda.stream(self.stream), self.timer.span("host_to_device", self.stream):
                 for dst, src in zip(moved, shipped):
                     dst.copy_(src, non_blocking=True)
-            main.wait_stream(self.stream)
+            landed.record(self.stream)
+            main.wait_event(landed)
         else:
             with self.timer.span("host_to_device"):
                 moved = tuple(x.to(q.device) for x in shipped)  # the host buffers themselves on a CPU device

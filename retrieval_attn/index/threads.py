@@ -85,12 +85,14 @@ def thread_budget(device: str | torch.device) -> int:
 class ThreadChooser:
     """The thread count of one recurring piece of CPU work (a layer's search and attention), chosen by timing it.
 
-    Candidates are 1 and ``budget``. Each runs first once; then the one whose last ``samples`` calls
-    have the lower median runs, and the other is timed again after ``explore`` calls: it takes over
-    when that call beats the median by ``margin``, else the wait until the next try doubles (at most
-    ``max_explore`` calls). So a machine that gets busy (a parallel region then stalls until every
-    thread of its team gets a core) or quiet again is followed, at the cost of one slower call now and
-    then. Results never depend on the choice, only the speed. One chooser serves one thread at a time.
+    Candidates are 1 and ``budget``. Each runs first once; then the current one runs, and the other is
+    timed again after ``explore`` calls. It takes over when two tries in a row (the second right after
+    the first) each beat the median of the current one's last ``samples`` calls by ``margin``: on a
+    busy machine a call's time is bimodal (a parallel region stalls until every thread of its team
+    gets a core, or it does not), so one lucky call is no evidence. After a loss the wait until the
+    next try doubles (at most ``max_explore`` calls). So a machine that gets busy or quiet again is
+    followed, at the cost of one or two slower calls now and then. Results never depend on the
+    choice, only the speed. One chooser serves one thread at a time.
     """
 
     def __init__(self, budget: int, samples: int = 5, explore: int = 8, max_explore: int = 64, margin: float = 0.85):
@@ -99,6 +101,7 @@ class ThreadChooser:
         self._current = self.candidates[0]
         self._explore, self._max_explore, self._margin = explore, max_explore, margin
         self._wait = self._countdown = explore
+        self._won = False  # the other candidate's last try beat the current one: confirm at the next call
 
     @property
     def current(self) -> int:
@@ -122,7 +125,12 @@ class ThreadChooser:
         if threads == self._current or any(not self._seconds[c] for c in self.candidates):
             return
         if seconds < self._margin * statistics.median(self._seconds[self._current]):
-            self._current, self._wait = threads, self._explore
-        else:
-            self._wait = min(self._max_explore, 2 * self._wait)
+            if self._won:  # the second win in a row: switch
+                self._current, self._wait, self._won = threads, self._explore, False
+                self._countdown = self._wait
+            else:  # one win may be luck: try again at the next call
+                self._won, self._countdown = True, 1
+            return
+        self._won = False
+        self._wait = min(self._max_explore, 2 * self._wait)
         self._countdown = self._wait
