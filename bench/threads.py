@@ -6,7 +6,8 @@ What it measures: a random Llama (``--shape``, fp32 on the CPU by default) prefi
 prefill with ``--index``: ``default`` is ``cpu_threads=None`` (each layer's search timed with 1
 thread and with the thread budget, the faster kept: ``index.ThreadChooser``), a number is that
 ``cpu_threads``. The settings and full attention take turns, ``--steps`` steps each per round for
-``--rounds`` rounds, so a change in the machine's load hits them alike. Reported per context and
+``--rounds`` rounds (after ``--warmup`` untimed steps each), so a change in the machine's load hits
+them alike. Reported per context and
 setting: seconds per step (median over rounds of each round's median), the ratio to the best
 explicit thread count, the speed-up over full attention, and the step's parts summed over layers
 (``engine.STEP_PARTS``, median over steps). Why: the default must stay within 1.15x of the best
@@ -48,7 +49,7 @@ def thread_setting(text: str) -> int | None:
 def measure(model: torch.nn.Module, context: int, args: argparse.Namespace) -> list[dict]:
     """One prefill per cache kind at ``context`` tokens, then rounds of decode steps of every setting."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
-    total = context + 2 + args.rounds * args.steps
+    total = context + 2 + args.warmup + args.rounds * args.steps
     # the source prefill builds no index (retrieve=False) but keeps the training queries of --index
     source = RetrievalCache(model, RetrievalConfig(index=args.index, retrieve=False), max_context=total,
                             prefill_chunk=args.prefill_chunk)
@@ -62,7 +63,8 @@ def measure(model: torch.nn.Module, context: int, args: argparse.Namespace) -> l
     runs[FULL] = (full, None)
     token = int(logits[0, -1].argmax())
     for decoder, _ in runs.values():
-        decoder.step(token)  # warm-up: the forks build their indexes here
+        for _ in range(1 + args.warmup):  # not timed: the forks build their indexes at the first step
+            decoder.step(token)
     medians = {name: [] for name in runs}
     parts = {name: [] for name in runs}
     for _ in range(args.rounds):
@@ -100,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="settings to compare: 'default' or a cpu_threads count (default: default 1 2)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="decode steps per setting and round")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps of each setting after the first")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--out", default="results/threads")
     args = parser.parse_args(argv)
-    for name in ("rounds", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("rounds", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
     try:
         defaults = RetrievalConfig(index=args.index)
     except ValueError as err:

@@ -44,7 +44,8 @@ class RetrievalConfig:
         retrieved rows, and the index builds (numba's, OpenMP's and torch's counts in the thread doing
         that work; the model's own torch threads are left alone). None (default): each layer's search
         runs with 1 thread or with ``index.thread_budget`` (every usable core, less one on a GPU) and
-        keeps whichever it measures faster (``index.ThreadChooser``); builds use all cores.
+        keeps whichever it measures faster (``index.ThreadChooser``); builds use all cores. On a CPU
+        device the step's attention over sink + window and the merge run with one torch thread.
     prefill_block : queries per block in prefill attention, bounding its memory (>= 1).
     overlap : run a decode step's CPU search and attention on a worker thread while the device attends
         over sink + window (True), or one after the other (False); the results are identical. None

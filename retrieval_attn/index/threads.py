@@ -25,6 +25,7 @@ one wins depends on the machine's load at the moment, so the default measures it
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -85,21 +86,27 @@ def thread_budget(device: str | torch.device) -> int:
 class ThreadChooser:
     """The thread count of one recurring piece of CPU work (a layer's search and attention), chosen by timing it.
 
-    Candidates are 1 and ``budget``. Each runs first once; then the current one runs, and the other is
-    timed again after ``explore`` calls. It takes over when two tries in a row (the second right after
-    the first) each beat the median of the current one's last ``samples`` calls by ``margin``: on a
-    busy machine a call's time is bimodal (a parallel region stalls until every thread of its team
-    gets a core, or it does not), so one lucky call is no evidence. After a loss the wait until the
-    next try doubles (at most ``max_explore`` calls). So a machine that gets busy or quiet again is
-    followed, at the cost of one or two slower calls now and then. Results never depend on the
+    Candidates are 1 and ``budget``. They take turns until each has run ``first`` times, and the one
+    with the lower median becomes the current one. Then the current one runs, and the other is timed
+    again after ``explore`` calls. It takes over when two tries in a row (the second right after the
+    first) each beat the median of the current one's last ``samples`` calls by ``margin``: on a busy
+    machine a call's time is bimodal (a parallel region stalls until every thread of its team gets a
+    core, or it does not), so one lucky call is no evidence. After a loss the wait until the
+    next try at least doubles, and is long enough that tries cost at most ``overhead`` of the time
+    spent (a try ``r`` times slower than the median waits ``(r - 1) / overhead`` calls; a stalled
+    team is 5-20x slower), at most ``max_explore`` calls. So a machine that gets busy or quiet again
+    is followed, at the cost of one or two slower calls now and then. Results never depend on the
     choice, only the speed. One chooser serves one thread at a time.
     """
 
-    def __init__(self, budget: int, samples: int = 5, explore: int = 8, max_explore: int = 64, margin: float = 0.85):
+    def __init__(self, budget: int, samples: int = 5, explore: int = 8, max_explore: int = 512, margin: float = 0.85,
+                 overhead: float = 0.05, first: int = 3):
         self.candidates = (budget, 1) if budget > 1 else (1,)
-        self._seconds = {c: deque(maxlen=samples) for c in self.candidates}
+        self._seconds = {c: deque(maxlen=max(samples, first)) for c in self.candidates}
+        self._first = first
+        self._settled = len(self.candidates) == 1  # every candidate has run ``first`` times
         self._current = self.candidates[0]
-        self._explore, self._max_explore, self._margin = explore, max_explore, margin
+        self._explore, self._max_explore, self._margin, self._overhead = explore, max_explore, margin, overhead
         self._wait = self._countdown = explore
         self._won = False  # the other candidate's last try beat the current one: confirm at the next call
 
@@ -109,10 +116,10 @@ class ThreadChooser:
         return self._current
 
     def pick(self) -> int:
-        """The thread count of the next call: an untried candidate, the current one, or (when due) the other."""
-        untried = [c for c in self.candidates if not self._seconds[c]]
-        if untried:
-            return untried[0]
+        """The thread count of the next call: the candidates in turn at first, then the current one, or (when
+        due) the other."""
+        if not self._settled:
+            return min(self.candidates, key=lambda c: len(self._seconds[c]))
         if len(self.candidates) > 1:
             self._countdown -= 1
             if self._countdown <= 0:
@@ -122,9 +129,15 @@ class ThreadChooser:
     def record(self, threads: int, seconds: float) -> None:
         """The call with ``threads`` threads took ``seconds``."""
         self._seconds[threads].append(seconds)
-        if threads == self._current or any(not self._seconds[c] for c in self.candidates):
+        if not self._settled:
+            if all(len(self._seconds[c]) >= self._first for c in self.candidates):
+                self._current = min(self.candidates, key=lambda c: statistics.median(self._seconds[c]))
+                self._settled = True
             return
-        if seconds < self._margin * statistics.median(self._seconds[self._current]):
+        if threads == self._current:
+            return
+        typical = statistics.median(self._seconds[self._current])
+        if seconds < self._margin * typical:
             if self._won:  # the second win in a row: switch
                 self._current, self._wait, self._won = threads, self._explore, False
                 self._countdown = self._wait
@@ -132,5 +145,6 @@ class ThreadChooser:
                 self._won, self._countdown = True, 1
             return
         self._won = False
-        self._wait = min(self._max_explore, 2 * self._wait)
+        priced = math.ceil((seconds / typical - 1) / self._overhead) if typical > 0 else 0
+        self._wait = min(self._max_explore, max(2 * self._wait, priced))
         self._countdown = self._wait
