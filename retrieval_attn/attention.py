@@ -62,12 +62,12 @@ def merge_state(
         )
     lse_a, lse_b = lse_a.float(), lse_b.float()
     m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # both empty: keep exp() finite
+    m = torch.where(torch.isfinite(m), m, 0.0)  # both empty: keep exp() finite
     w_a = torch.exp(lse_a - m)
     w_b = torch.exp(lse_b - m)
     total = w_a + w_b
     lse = m + torch.log(total)  # -inf when both sides are empty
-    denom = torch.where(total > 0, total, torch.ones_like(total))
+    denom = torch.where(total > 0, total, 1.0)
     o = (w_a / denom).unsqueeze(-1) * o_a.float() + (w_b / denom).unsqueeze(-1) * o_b.float()
     if validate:
         _refuse_non_finite("merge_state", o, lse, torch.tensor(True), o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b)
@@ -79,11 +79,11 @@ def _softmax_with_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if logits.shape[-1] == 0:
         return logits, torch.full(logits.shape[:-1], float("-inf"), dtype=logits.dtype, device=logits.device)
     m = logits.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(torch.isfinite(m), m, 0.0)
     p = torch.exp(logits - m)
     s = p.sum(dim=-1, keepdim=True)
     lse = (m + torch.log(s)).squeeze(-1)
-    p = p / torch.where(s > 0, s, torch.ones_like(s))
+    p = p / torch.where(s > 0, s, 1.0)
     return p, lse
 
 

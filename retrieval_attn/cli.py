@@ -608,7 +608,7 @@ def _bench(args: argparse.Namespace) -> int:
             methods=tuple(args.methods), steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk,
             device=str(device), dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
             retrieval=RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k,
-                                      cpu_threads=args.cpu_threads, overlap=not args.no_overlap,
+                                      cpu_threads=args.cpu_threads, overlap=False if args.no_overlap else None,
                                       retrieved_attention=args.retrieved_attention,
                                       gpu_memory_gib=args.gpu_memory_gib),
         )
@@ -622,13 +622,14 @@ def _bench(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
     print(f"decode benchmark: shape {settings.shape}, {settings.dtype} on {device} ({machine})", file=sys.stderr)
     try:
-        results = run_decode_bench(settings, progress=lambda msg: print(msg, file=sys.stderr))
+        results = run_decode_bench(settings, progress=lambda msg: print(msg, file=sys.stderr),
+                                   on_result=lambda done: write_results(done, settings, out, machine))
     except Interrupted as stop:
         print(format_bench_table(stop.partial))
         return _interrupted()
     folder = write_results(results, settings, out, machine)
     print(format_bench_table(results))
-    print(f"results: {folder}/ (decode.json, decode.csv)")
+    print(f"results: {folder}/ (decode.json, decode.csv, layers.csv)")
     print(json.dumps({"ratios": ratio_rows(results)}))
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .index.registry import AUTO, available_indexes, index_params_for, params_class
+from .index.registry import AUTO, available_indexes, index_params_for, missing_library, params_class
 
 __all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
 
@@ -41,11 +41,18 @@ class RetrievalConfig:
     index_params : parameters of that backend (roar's for ``"auto"``), checked against its ranges.
         Graph backends search with a queue ``ef`` that must hold ``top_k``: left unset, ``ef`` follows
         ``top_k`` (the backend's default, or ``top_k`` where that is larger); set, it must be >= ``top_k``.
-    cpu_threads : threads for CPU-side search and attention; None leaves torch/numba defaults.
+    cpu_threads : threads of retrieval-attn's own CPU work: each decode step's search and attention over the
+        retrieved rows, and the index builds (numba's, OpenMP's and torch's counts in the thread doing
+        that work; the model's own torch threads are left alone). None (default): each layer's search
+        runs with 1 thread or with ``index.thread_budget`` (every usable core, less one on a GPU) and
+        keeps whichever it measures faster (``index.ThreadChooser``); builds use all cores. On a CPU
+        device the step's attention over sink + window and the merge run with one torch thread.
     prefill_block : queries per block in prefill attention, and of a turn after decoding queries and
         offloaded rows per tile, bounding their memory (>= 1).
     overlap : run a decode step's CPU search and attention on a worker thread while the device attends
-        over sink + window (True), or one after the other (False); the results are identical.
+        over sink + window (True), or one after the other (False); the results are identical. None
+        (default): True on a GPU, False when the layer runs on the CPU, where both would compete for
+        the same cores.
     retrieved_attention : where the retrieved keys are attended: ``"cpu"`` (only out and lse of each
         query head cross to the device) or ``"device"`` (their scores and values are shipped and
         attended there).
@@ -81,7 +88,7 @@ class RetrievalConfig:
     index_params: Mapping[str, Any] = field(default_factory=dict)
     cpu_threads: int | None = None
     prefill_block: int = 1024
-    overlap: bool = True
+    overlap: bool | None = None
     retrieved_attention: str = "cpu"
     gpu_memory_gib: float | None = None
     retrieve: bool = True
@@ -95,9 +102,11 @@ class RetrievalConfig:
         _check_int("window_tokens", self.window_tokens, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("prefill_block", self.prefill_block, 1)
-        for name in ("retrieve", "telemetry", "overlap", "serve_while_building"):
+        for name in ("retrieve", "telemetry", "serve_while_building"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ValueError(f"RetrievalConfig.overlap must be True, False or None (auto), got {self.overlap!r}")
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1)
         if self.retrieved_attention not in RETRIEVED_ATTENTION:
@@ -115,7 +124,9 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.gpu_memory_gib must be a finite number > 0 (GiB) or None, got {gib!r}")
         names = [AUTO, *available_indexes()]
         if not isinstance(self.index, str) or self.index not in names:
-            raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}")
+            lacking = missing_library(self.index) if isinstance(self.index, str) else None
+            why = f" (it needs the {lacking} package, which is not installed here)" if lacking else ""
+            raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}{why}")
         if not isinstance(self.index_params, Mapping):
             raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
         cls = params_class(self.index)

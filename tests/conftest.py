@@ -1,12 +1,39 @@
-"""Shared fixtures: small random attention inputs, a tiny random Llama, and the embedded model (and its
-tokenizer) loaded once per session."""
+"""Shared fixtures: the device every device-taking test runs on, small random attention inputs, a tiny
+random Llama, and the embedded model (and its tokenizer) loaded once per session.
+
+``device`` is "cpu" and, when torch sees a GPU, "cuda"; without one the "cuda" case is collected and
+skipped with the reason "no CUDA device". Both carry the ``device`` marker and the "cuda" case the
+``cuda`` marker too, so ``pytest -m "device and cuda"`` runs every device-taking test on CUDA
+(``bench/gpu_check.sh`` does) and ``-m "device and not cuda"`` on the CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
 PASSKEY = "52718"  # the fact hidden in retrieval_attn/data/passkey.txt
+CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.device),
+    pytest.param("cuda", marks=[pytest.mark.device, pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA device")]),
+]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: takes a device; runs on cpu and, when present, cuda (-m device)")
+    config.addinivalue_line("markers", "cuda: the cuda case of a device-taking test (-m 'device and cuda')")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device a test runs on: "cpu", and "cuda" when torch sees a GPU (else skipped: "no CUDA device")."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +107,81 @@ def gathered_reference(scores: torch.Tensor, ids: torch.Tensor, values: torch.Te
     logits = scores.double() * scale  # [G, m, k]
     out = torch.einsum("gmk,gmkd->gmd", torch.softmax(logits, dim=-1), values.double()[rows, ids])
     return out, torch.logsumexp(logits, dim=-1)
+
+
+# What makes a buffer: the factories of torch and NumPy, copies of a tensor to another device or into
+# pinned memory, the search's result arrays, CUDA events and streams. Kernels' own temporaries are not
+# buffers (the caching allocator serves them on a GPU).
+_TORCH_FACTORIES = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like",
+                    "empty_strided", "tensor")
+_NUMPY_FACTORIES = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like")
+_TENSOR_METHODS = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "pin_memory")
+
+
+@contextlib.contextmanager
+def count_buffers(monkeypatch):
+    """Within the block, every buffer made in any thread (see above) is appended to the yielded list as
+    (what, where it was made)."""
+    made: list[tuple[str, str]] = []
+
+    def counted(what, fn, keep=lambda result, *args, **kwargs: True):
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            if keep(result, *args, **kwargs):
+                made.append((what, "".join(traceback.format_stack(limit=4)[:-1])))
+            return result
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in _TORCH_FACTORIES:
+            m.setattr(torch, name, counted(f"torch.{name}", getattr(torch, name)))
+        for name in _NUMPY_FACTORIES:
+            m.setattr(np, name, counted(f"np.{name}", getattr(np, name)))
+        for name in _TENSOR_METHODS:
+            m.setattr(torch.Tensor, name, counted(f"Tensor.{name}", getattr(torch.Tensor, name)))
+        for name in ("to", "cpu", "cuda"):  # a copy to another device
+            m.setattr(torch.Tensor, name, counted(f"Tensor.{name}", getattr(torch.Tensor, name),
+                                                  lambda r, x, *a, **kw: r.device != x.device))
+        from retrieval_attn.index import SearchResult
+
+        m.setattr(SearchResult, "empty", classmethod(counted("SearchResult.empty", SearchResult.empty.__func__)))
+        if torch.cuda.is_available():
+            m.setattr(torch.cuda, "Event", counted("torch.cuda.Event", torch.cuda.Event))
+            m.setattr(torch.cuda, "Stream", counted("torch.cuda.Stream", torch.cuda.Stream,  # a new stream, not
+                                                    lambda r, *a, **kw: "stream_id" not in kw))  # current_stream()'s handle
+        yield made
+
+
+@contextlib.contextmanager
+def count_device_syncs(monkeypatch):
+    """Within the block, every host <-> device synchronisation is appended to the yielded list: explicit ones
+    (``torch.cuda.synchronize``, ``Stream.synchronize``, ``Event.synchronize``) and implicit ones (reading
+    a device value: ``.item()``, ``bool()``, blocking copies to the host), which CUDA's sync debug mode
+    reports as warnings. On a machine without CUDA nothing can sync a device: the list stays empty."""
+    syncs: list[str] = []
+    if not torch.cuda.is_available():
+        yield syncs
+        return
+
+    def explicit(name, fn):
+        def wrapper(*args, **kwargs):
+            syncs.append(name)
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)  # counted here, not again as a warning
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        return wrapper
+
+    with monkeypatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.setattr(torch.cuda, "synchronize", explicit("torch.cuda.synchronize", torch.cuda.synchronize))
+        m.setattr(torch.cuda.Stream, "synchronize", explicit("Stream.synchronize", torch.cuda.Stream.synchronize))
+        m.setattr(torch.cuda.Event, "synchronize", explicit("Event.synchronize", torch.cuda.Event.synchronize))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            syncs += [f"implicit: {w.message}" for w in caught if "synchroniz" in str(w.message)]

@@ -68,3 +68,25 @@ def test_ef_follows_top_k_unless_set(index, default_ef):
     backend, params = backend_for(index, config.index_params, 10**6, config.top_k)
     assert params["ef"] == 1000 and backend == ("roar" if index == "auto" else index)
     assert index_params_for("flat", {}, 1000) == {} and index_params_for("ivf", {}, 1000) == {}
+
+
+def test_a_backend_whose_library_is_missing_is_left_out_and_refused_by_name(monkeypatch):
+    """As on the GPU machine, which lacks faiss and hnswlib: the other backends stay usable, and naming
+    hnsw or ivf is refused before any work, with the package it needs."""
+    import sys
+
+    from retrieval_attn.evaluation.methods import method_config
+    from retrieval_attn.index import available_indexes, make_index, missing_library, registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k not in ("hnsw", "ivf")})
+    for module in ("faiss", "hnswlib"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails, find_spec finds nothing
+    assert (missing_library("hnsw"), missing_library("ivf"), missing_library("roar")) == ("hnswlib", "faiss-cpu", None)
+    assert available_indexes() == ["flat", "keygraph", "roar"]
+    with pytest.raises(ValueError, match=r"got 'hnsw' \(it needs the hnswlib package, which is not installed here\)"):
+        RetrievalConfig(index="hnsw")
+    with pytest.raises(ValueError, match=r"index 'ivf' needs the faiss-cpu package, which is not installed here"):
+        make_index("ivf")
+    with pytest.raises(ValueError, match=r"got 'ivf:nprobe=2' \(it needs the faiss-cpu package"):
+        method_config("ivf:nprobe=2", RetrievalConfig())
+    assert RetrievalConfig(index="roar").index == "roar"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from retrieval_attn.attention import reference_attention
@@ -10,11 +9,9 @@ from retrieval_attn.engine.window import DeviceWindow
 
 from .conftest import random_qkv
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FP32_TOL = 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_append_and_advance_spill_exactly_the_oldest_window_rows(device):
     sink, window, prompt, total = 3, 5, 19, 30
     _, k, v = (x.to(device) for x in random_qkv(2, 2, 2, total, 4, seed=1))
@@ -52,7 +49,6 @@ def test_nothing_spills_until_the_buffer_is_full():
     assert torch.equal(w.outgoing()[0], k[:, :, 2:3])  # the oldest window token, not a sink token
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_attend_covers_the_held_tokens_and_the_written_decode_token(device):
     sink, window, n, d = 2, 4, 20, 8
     q, k, v = (x.to(device) for x in random_qkv(1, 4, 2, n + 1, d, seed=2))

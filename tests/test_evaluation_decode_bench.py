@@ -9,6 +9,7 @@ import pytest
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.cli import main
+from retrieval_attn.engine import STEP_PARTS
 from retrieval_attn.evaluation import decode_bench
 from retrieval_attn.evaluation.decode_bench import BenchSettings, format_bench_table, run_decode_bench
 from retrieval_attn.evaluation.report import Interrupted
@@ -27,8 +28,11 @@ def test_bench_measures_every_method_on_cpu():
     for method in ("flat", "roar"):  # the timed steps come after every layer's index is ready
         assert results[method].index_ready_s >= results[method].ttft_s
         parts = results[method].breakdown_s
-        assert set(parts) == {"device_attention", "cpu_search", "cpu_attention", "transfer", "rest_of_model"}
+        assert set(parts) == {*STEP_PARTS, "rest_of_model"}
         assert parts["cpu_search"] > 0 and parts["device_attention"] > 0
+        layers = results[method].layers_s
+        assert len(layers) == 2 and all(set(layer) == set(STEP_PARTS) for layer in layers)
+        assert sum(layer["cpu_search"] for layer in layers) > 0
     assert results["flat"].keys_scanned_fraction == 1.0 and 0 < results["roar"].keys_scanned_fraction <= 1.0
 
 
@@ -50,6 +54,8 @@ def test_bench_cli_writes_table_json_and_csv(tmp_path, capsys):
     assert [r["method"] for r in payload["results"]] == ["full", "roar"]
     assert payload["ratios"][0]["speedup_vs_full"] > 0
     assert (out / "decode.csv").read_text().count("\n") == 3
+    assert "per layer" in printed and "layers bound by" in printed
+    assert (out / "layers.csv").read_text().count("\n") == 1 + 2  # header, roar's 2 layers
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -11,6 +11,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.hf import RetrievalCache, cache_argument, cache_kwargs, capture_qk, load_model
 
+from .conftest import count_device_syncs
+
 
 @pytest.mark.slow
 def test_smollm_generate_matches_sdpa_and_offloads(smollm, passkey_ids):
@@ -39,17 +41,17 @@ def test_smollm_generate_matches_sdpa_and_offloads(smollm, passkey_ids):
 
 def _tiny(cls, config_cls, **extra):
     torch.manual_seed(0)
-    cfg = config_cls(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, **extra,
-    )
+    cfg = config_cls(**{
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, **extra,
+    })
     return cls(cfg).eval()
 
 
 @pytest.mark.parametrize("cls, config_cls", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
-def test_tiny_random_model_generate_matches(cls, config_cls):
-    model = _tiny(cls, config_cls)
-    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1))  # batch 2, equal lengths
+def test_tiny_random_model_generate_matches(cls, config_cls, device):
+    model = _tiny(cls, config_cls).to(device)
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1)).to(device)  # batch 2
     plain = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=1000, index="flat"))
     out = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40, **cache_kwargs(model, cache))
@@ -125,11 +127,11 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("cls, config_cls", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
-def test_left_padded_batch_decodes_each_prompt_as_alone(cls, config_cls):
-    model = _tiny(cls, config_cls)
+def test_left_padded_batch_decodes_each_prompt_as_alone(cls, config_cls, device):
+    model = _tiny(cls, config_cls).to(device)
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in (120, 75, 90)]
-    ids, mask = left_padded(prompts)
+    prompts = [torch.randint(1, 128, (n,), generator=gen).to(device) for n in (120, 75, 90)]
+    ids, mask = (x.to(device) for x in left_padded([p.cpu() for p in prompts]))
     sink, window, new = 4, 16, 20
     config = RetrievalConfig(sink_tokens=sink, window_tokens=window, top_k=1000, index="flat")
     cache = RetrievalCache(model, config)
@@ -165,6 +167,78 @@ def test_left_padded_batch_continues_each_conversation_as_alone():
     for i, p in enumerate(prompts):
         alone = torch.cat([p, more[i, ids.shape[1]:]])[None]
         assert torch.equal(out2[i, more.shape[1]:], model.generate(alone, **kw)[0, alone.shape[1]:]), f"sequence {i}"
+
+
+def test_left_padding_is_read_once_per_forward_pass(device, monkeypatch):
+    """The mask transformers builds once per forward pass is read once, not once per layer."""
+    import retrieval_attn.hf.cache as cache_module
+
+    model = _tiny(LlamaForCausalLM, LlamaConfig, num_hidden_layers=3).to(device)
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (40, 25)]
+    ids, mask = (x.to(device) for x in left_padded(prompts))
+    reads = []
+    original = cache_module.left_padding
+    monkeypatch.setattr(cache_module, "left_padding", lambda *args: reads.append(args[1:]) or original(*args))
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=1000, index="flat"))
+    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, min_new_tokens=5,
+                   do_sample=False, pad_token_id=0)
+    assert [past for _, past, _ in reads] == [0, 40, 41, 42, 43]  # one per forward pass: prefill, 4 steps
+
+
+def test_device_map_split_generate_matches(device):
+    """accelerate's device_map with the layers split between ``device`` and the CPU: each layer's engine keeps
+    its window where its layer runs, and generate() equals plain generate() under the same split."""
+    from accelerate import dispatch_model
+
+    model = _tiny(LlamaForCausalLM, LlamaConfig, num_hidden_layers=4)
+    first = "cuda:0" if device == "cuda" else "cpu"
+    split = {"model.embed_tokens": first, "model.rotary_emb": first, "model.layers.0": first,
+             "model.layers.1": first, "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu",
+             "lm_head": "cpu"}
+    model = dispatch_model(model, device_map=split)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(7)).to(device)
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    plain = model.generate(ids, **kw)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=1000, index="flat"))
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+    where = [layer.engine.window.k.device.type for layer in cache.layers]
+    assert where == [torch.device(device).type] * 2 + ["cpu"] * 2
+    assert all(s.offloaded_tokens == 200 + 15 - 24 for s in cache.stats)
+
+
+def test_cache_syncs_the_device_at_most_once_per_layer_and_step(device, monkeypatch):
+    """Decode steps through a RetrievalCache sync the device at most once per layer more than the same steps
+    through transformers' DynamicCache (whose forward passes may sync on their own)."""
+    from transformers import DynamicCache
+
+    model = _tiny(LlamaForCausalLM, LlamaConfig, num_hidden_layers=3).to(device)
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(8)).to(device)
+    counts = {}
+    for name, cache in (("dynamic", DynamicCache()),
+                        ("retrieval", RetrievalCache(model, RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=20)))):
+        with torch.no_grad():
+            token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)  # [1, 1], stays on the device
+            for _ in range(3):  # warm-up: the first step builds the indexes
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            with count_device_syncs(monkeypatch) as syncs:
+                for _ in range(5):
+                    token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        counts[name] = syncs
+    assert len(counts["retrieval"]) <= len(counts["dynamic"]) + 3 * 5, counts
+
+
+def test_planner_refuses_before_any_work_on_the_device(device):
+    """A request over the device budget (or the host's memory) is refused at construction, before any
+    buffer is made or any token runs, on every device."""
+    from retrieval_attn.planner import MemoryBudgetError
+
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    with pytest.raises(MemoryBudgetError, match=r"device budget needs \d+ bytes .* but 1073741 bytes"):
+        RetrievalCache(model, RetrievalConfig(gpu_memory_gib=0.001), max_context=4096)
+    with pytest.raises(MemoryBudgetError, match=r"memory.* needs \d+ bytes .* but \d+ bytes"):
+        RetrievalCache(model, RetrievalConfig(index="flat"), max_context=1 << 30)  # host (and device) memory
+    cache = RetrievalCache(model, RetrievalConfig(), max_context=4096)
+    assert all(layer.engine.seen == 0 and layer.engine.store is None for layer in cache.layers)
 
 
 @pytest.mark.slow
@@ -261,10 +335,10 @@ def test_signature_drift_is_tolerated():
     assert cache.layers[0].get_mask_sizes(torch.arange(5, 8)) == (8, 0)
 
 
-def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_tokens():
+def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_tokens(device):
     """Chunked prefill whose last chunk starts every layer's index build gives the tokens of build-at-decode."""
-    model = _tiny(LlamaForCausalLM, LlamaConfig)
-    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(2))
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(2)).to(device)
     cfg = RetrievalConfig(sink_tokens=16, window_tokens=32, top_k=40, index="roar", serve_while_building=False)
     tokens = {}
     for background in (False, True):
@@ -278,7 +352,7 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
             out = []
             for _ in range(30):
                 out.append(int(logits[0, -1].argmax()))
-                logits = model(torch.tensor([[out[-1]]]), **cache_kwargs(model, cache)).logits
+                logits = model(torch.tensor([[out[-1]]], device=device), **cache_kwargs(model, cache)).logits
         tokens[background] = out
         assert all(s.index == "roar" and s.index_build_seconds > 0 for s in cache.stats)
     assert tokens[True] == tokens[False]

@@ -23,3 +23,22 @@ def test_bad_input():
     store = KVStore(groups=2, head_dim=3)
     with pytest.raises(ValueError, match=r"must both be \(2, t, 3\)"):
         store.append(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
+
+
+def test_staged_rows_join_at_commit_and_land_first(device):
+    """stage copies rows towards the store (from a GPU: asynchronously, into a pinned landing buffer);
+    they are not part of it until commit, which puts them after the rows already there."""
+    store = KVStore(groups=2, head_dim=4, dtype=torch.bfloat16)
+    first = torch.randn(2, 5, 4).to(torch.bfloat16)
+    store.append(first.to(device), -first.to(device))
+    rows = [torch.randn(2, 1, 4).to(torch.bfloat16) for _ in range(3)]
+    for i, row in enumerate(rows):
+        if device == "cuda":
+            torch.cuda._sleep(1_000_000)  # the copy lands late
+        assert store.stage(row.to(device), -row.to(device)) == 1
+        assert store.n == 5 + i  # not yet
+        store.commit(1)
+    expected = torch.cat([first, *rows], dim=1)
+    store.synchronize()
+    assert store.n == 8 and torch.equal(store.keys, expected) and torch.equal(store.values, -expected)
+    assert store.keys.is_pinned() == (device == "cuda")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -133,3 +134,54 @@ def test_one_model_two_caches_in_two_threads_equal_each_alone():
     together = run_in_threads([lambda p=p: job(p) for p in prompts])
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_thread_chooser_follows_the_faster_count():
+    """The counts take turns 3 times each; the faster one is kept, the other is tried again after waits that
+    double while it loses, and takes over once it wins (the machine got busy)."""
+    from retrieval_attn.index import ThreadChooser
+
+    chooser = ThreadChooser(4, explore=2, max_explore=8)
+    cost = {4: 1.0, 1: 1.1}  # a quiet machine: 4 threads are faster (10%: a cheap try, waits just double)
+    picks = []
+    for _ in range(40):
+        n = chooser.pick()
+        picks.append(n)
+        chooser.record(n, cost[n])
+    assert picks[:6] == [4, 1] * 3 and chooser.current == 4
+    tries = [i for i, n in enumerate(picks) if n == 1]
+    assert tries[3:7] == [7, 11, 19, 27] and all(b - a <= 8 for a, b in zip(tries, tries[1:]))  # waits 2, 4, 8, 8
+    cost[4] = 10.0  # busy: a stalled team of 4 threads
+    for _ in range(30):
+        n = chooser.pick()
+        chooser.record(n, cost[n])
+    assert chooser.current == 1
+    assert ThreadChooser(1).candidates == (1,) and ThreadChooser(1).pick() == 1
+
+
+def test_thread_chooser_needs_two_wins_in_a_row_to_switch():
+    """On a busy machine a call's time is bimodal: one lucky call of the other count does not switch; a
+    win is confirmed by a try at the very next call."""
+    from retrieval_attn.index import ThreadChooser
+
+    chooser = ThreadChooser(2, explore=4)
+    for n, seconds in [(2, 0.5), (1, 1.0), (2, 3.0), (1, 1.0), (2, 3.0), (1, 1.0)]:  # a lucky first call of 2
+        assert chooser.pick() == n
+        chooser.record(n, seconds)
+    assert chooser.current == 1  # by the medians of 3 calls each, not by the first call of each
+    picks = []
+    tries = iter([0.1, 5.0, 1.05])  # 2's first try since is lucky, its confirmation is not, the next one is close
+    for _ in range(100):
+        n = chooser.pick()
+        picks.append(n)
+        chooser.record(n, next(tries) if n == 2 else 1.0)
+    # 2 is tried as the 4th call (explore=4; won), at once again (lost, 5x slower: the next try waits (5 - 1) /
+    # 0.05 = 80 calls, so tries cost at most 5% of the time), then as the 80th call after (lost by 5%)
+    assert [i for i, n in enumerate(picks) if n == 2] == [3, 4, 84] and chooser.current == 1
+
+
+def test_thread_budget_leaves_the_decoding_thread_a_core_on_a_gpu():
+    from retrieval_attn.index import thread_budget
+
+    cores = min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+    assert thread_budget("cpu") == cores and thread_budget("cuda") == max(1, cores - 1)

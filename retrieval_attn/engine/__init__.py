@@ -38,6 +38,7 @@ Plain tensors in, tensors out: this package knows nothing about transformers or 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from types import MappingProxyType
 
@@ -45,10 +46,10 @@ import torch
 
 from ..attention import merge_state
 from ..config import RetrievalConfig
-from ..index import params_class
+from ..index import ThreadChooser, cpu_threads, params_class, thread_budget
 from ..offload import KVStore
 from .telemetry import LayerTelemetry, step_recall_and_mass
-from .checks import check_construction, check_finite, check_qkv
+from .checks import check_construction, check_finite, check_qkv, finite_flag
 from .indexing import IndexLifecycle
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
@@ -95,8 +96,10 @@ class RetrievalAttention:
     def _hold(self, window: DeviceWindow, store: KVStore) -> None:
         """Keep tokens in ``window`` and ``store``, with host buffers to retrieve from the store."""
         self.window, self.store = window, store
+        threads = self.config.cpu_threads or ThreadChooser(thread_budget(window.k.device))
         self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
-                                       pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype)
+                                       pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype,
+                                       threads=threads)
 
     @property
     def seen(self) -> int:
@@ -134,7 +137,8 @@ class RetrievalAttention:
             raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {q.shape[2]}")
         if decode and self.seen == 0:
             raise ValueError("decode called before prefill")
-        check_finite(q, k, v)
+        if not decode:  # decode checks finiteness with its one device sync (``decode``)
+            check_finite(q, k, v)
 
     def _offload(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Move spilled k, v (B, Hkv, t, D) to the CPU store, and into the index once it holds keys."""
@@ -218,43 +222,60 @@ class RetrievalAttention:
         Returns
         -------
         out : (batch, num_heads, 1, head_dim), q's dtype and device.
+
+        On a GPU the step syncs the device once: q, the finiteness check of q, k, v and the row that
+        leaves the window reach the host together.
         """
         self._check(q, k, v, decode=True)
+        self.timer.start_step()
+        self.retrieval.clear()
+        n_off = self.store.n
+        searching = bool(n_off) and self.config.retrieve
+        spilled = self.window.outgoing()  # the oldest window token, spilled at the end of the step
+        if spilled is not None:  # copied now so that it lands with q; it joins the store once the step is done
+            staged = self.store.stage(*(x.reshape(-1, 1, self.head_dim) for x in spilled))  # [B * Hkv, 1, D]
+        if not self.retrieval.to_host(q if searching else None, finite_flag(q, k, v)):
+            check_finite(q, k, v)  # names the culprit; nothing was stored
         if self.config.retrieve:  # the sink + window baseline has no index
             self.indexing.ready(self.store, self.window.k.device, first=not self._decoding)
         self._decoding = True
         self.window.write(k, v)
-        n_off = self.store.n
-        self.retrieval.clear()
-        self.timer.start_step()
-        if n_off and self.config.retrieve:
+        if searching:
             top_k = min(self.config.top_k, n_off)
-            self.retrieval.copy_query(q)
             if self.config.rebuild_growth is not None:
                 self.indexing.remember(self.retrieval.q)
-            if self.config.overlap:
+            if self.config.overlap or (self.config.overlap is None and q.is_cuda):
                 cpu_part = self.retrieval.start(self.indexing.index, self.store, top_k)
                 o, lse_device = self._device_attention(q)  # [B, Hq, 1, D], [B, Hq, 1]
-                cpu_part.result()
+                self.retrieval.wait(cpu_part, q.is_cuda)
             else:
                 self.retrieval.search(self.indexing.index, self.store, top_k)
                 o, lse_device = self._device_attention(q)
-            o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
+            with self._small_ops(q):
+                o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
         else:
             o, lse_device = self._device_attention(q)
         if self.telemetry is not None and n_off:
             self._record_telemetry(q, lse_device, min(self.config.top_k, n_off))
         self._dirty = True  # everything above only computed; from here on the state changes
-        spilled = self.window.outgoing()  # views of a slot that advance overwrites: offloaded first
         if spilled is not None:
-            self._offload(*spilled)
+            self.store.commit(staged)
+            with cpu_threads(self.retrieval.thread_count):  # inserting the key: the search's thread count
+                self.indexing.add(self.store, staged)
         self.window.advance()
         self._dirty = False
         return o.to(q.dtype)
 
+    @staticmethod
+    def _small_ops(q: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Where the step's own small torch ops (window attention, merge) run with one thread: on the CPU. A
+        torch team of several threads next to numba's (the search) waits on the cores the other's
+        workers spin on: 24 ms per layer instead of 0.15 (bench/README.md, "The thread budget")."""
+        return contextlib.nullcontext() if q.is_cuda else cpu_threads(1)
+
     def _device_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Timed attention of q (B, Hq, 1, D) over the window -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
-        with self.timer.device_attention(q.is_cuda):
+        with self._small_ops(q), self.timer.span("device_attention", torch.cuda.current_stream(q.device) if q.is_cuda else None):
             return self.window.attend(q, self.scale)
 
     def _record_telemetry(self, q: torch.Tensor, lse_device: torch.Tensor, k: int) -> None:

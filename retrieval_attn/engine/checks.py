@@ -14,7 +14,7 @@ import torch
 
 from ..config import RetrievalConfig
 
-__all__ = ["check_construction", "check_cpu_threads", "check_finite", "check_qkv"]
+__all__ = ["check_construction", "check_cpu_threads", "check_finite", "check_qkv", "finite_flag"]
 
 
 def check_construction(
@@ -75,8 +75,13 @@ def check_qkv(
         raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def finite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Whether q, k, v hold no NaN or Inf: a 0-d bool tensor on their device, read without a sync here."""
+    return torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+
+
 def check_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """No NaN or Inf in q, k, v: one reduction and one device sync; the culprit is named only on failure."""
-    if not bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):  # one device sync
+    if not bool(finite_flag(q, k, v)):  # one device sync
         bad = next(name for name, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all()))
         raise ValueError(f"{bad} contains NaN or Inf; nothing was stored")

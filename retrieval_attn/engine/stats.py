@@ -1,9 +1,10 @@
 """What one engine reports: ``EngineStats`` (where the tokens are, what the last decode step cost) and
 ``StepTimer``, the split of a decode step into ``STEP_PARTS``.
 
-Owns the step-seconds dict and the CUDA events that time the device attention. The other parts of the
-engine write their own seconds into ``StepTimer.seconds``; this module knows nothing about the window,
-the index, the store or the retrieval, nor about transformers.
+Owns the step-seconds dict and the CUDA events that time the device side of a step (made at the first
+decode, then re-recorded at every step). The other parts of the engine time their own work through
+``StepTimer.span``; this module knows nothing about the window, the index, the store or the
+retrieval, nor about transformers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import torch
 
 __all__ = ["EngineStats", "STEP_PARTS", "StepTimer"]
 
-# Parts of a decode step timed in ``EngineStats.step_seconds``.
-STEP_PARTS = ("device_attention", "cpu_search", "cpu_attention", "transfer")
+# Parts of one layer's decode step timed in ``EngineStats.step_seconds`` (see ``StepTimer``).
+STEP_PARTS = (
+    "q_wait", "device_to_host", "cpu_search", "cpu_attention", "host_to_device", "device_attention",
+    "device_idle", "cpu_idle",
+)
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,9 @@ class EngineStats:
     ``keys_scanned_last_step`` sums, over all query heads of the batch, the offloaded keys whose score
     the index computed in the last decode step; ``keys_scanned_fraction`` is its mean per query head
     divided by the keys indexed at that moment. ``index_build_seconds`` is the last build's (or
-    rebuild's) time; ``index_rebuilds`` counts the background rebuilds swapped in. ``step_seconds`` splits the last decode step into
-    ``STEP_PARTS``: device attention over sink + window (CUDA event time on a GPU), CPU search, CPU
-    attention over the retrieved rows, and host/device copies of q and of the retrieved part's result.
-    With ``overlap`` the device attention and the two CPU parts run at the same time.
+    rebuild's) time; ``index_rebuilds`` counts the background rebuilds swapped in. ``step_seconds``
+    splits the last decode step into ``STEP_PARTS`` (``StepTimer`` says what each part is). With
+    ``overlap`` the device attention and the two CPU parts run at the same time.
     """
 
     index: str
@@ -52,36 +55,64 @@ class EngineStats:
 
 
 class StepTimer:
-    """Seconds of each of ``STEP_PARTS`` in the last decode step."""
+    """Seconds of each of ``STEP_PARTS`` in the last decode step of one layer.
+
+    - ``q_wait``: the host blocked until q was on the host, beyond the copy itself: the device was
+      still computing what comes before this layer's attention (CUDA; 0 elsewhere).
+    - ``device_to_host``: the copy of q (and of the step's finiteness flag) to the host.
+    - ``cpu_search``, ``cpu_attention``: the index search and the attention over the retrieved rows,
+      on the CPU worker.
+    - ``host_to_device``: the copy of the retrieved part (out and lse, or scores and values) to the device.
+    - ``device_attention``: attention over sink + window on the device.
+    - ``device_idle``: the device side waiting for the CPU side: on CUDA from the end of the device
+      attention until the retrieved part's copy starts; elsewhere the decoding thread's wait for the worker.
+    - ``cpu_idle``: the CPU side waiting for the device side: on CUDA the host's wait for q (q_wait and
+      the copy); elsewhere the worker's time between finishing and the device attention finishing.
+
+    Device-side parts are timed between CUDA events on a GPU (read by ``measured``, so the step never
+    waits for them), by the wall clock elsewhere. The events are made at the first step that uses
+    them and re-recorded at every step after.
+    """
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STEP_PARTS, 0.0)  # written by the decoding thread and the CPU worker
-        # CUDA (start, end) events of the last device attention
-        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = {}  # part -> (start, end)
+        self._recorded: set[str] = set()  # parts whose events this step recorded
 
     def start_step(self) -> None:
         """Zero every part: a decode step begins."""
-        self.seconds = dict.fromkeys(STEP_PARTS, 0.0)
+        for part in STEP_PARTS:
+            self.seconds[part] = 0.0
+        self._recorded.clear()
 
     @contextmanager
-    def device_attention(self, cuda: bool) -> Iterator[None]:
-        """Time the block as the step's device attention: between CUDA events on a GPU (read by
-        ``measured``, so the step does not wait for them), by the wall clock elsewhere."""
-        if cuda:
-            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            events[0].record()
-        t0 = time.perf_counter()
+    def span(self, part: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        """Time the block as ``part``: the work it enqueues on the CUDA ``stream`` between events, or (no
+        stream) the host's wall-clock time, added to the part."""
+        if stream is None:
+            t0 = time.perf_counter()
+            yield
+            self.seconds[part] += time.perf_counter() - t0
+            return
+        events = self._events.get(part)
+        if events is None:  # once per part: the events are reused by every later step
+            events = self._events[part] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record(stream)
         yield
-        if cuda:
-            events[1].record()
-            self._events = events
-        else:
-            self.seconds["device_attention"] = time.perf_counter() - t0
+        events[1].record(stream)
+        self._recorded.add(part)
 
     def measured(self) -> dict[str, float]:
-        """The last decode step's ``STEP_PARTS``, the device attention read from its CUDA events if any."""
+        """The last decode step's ``STEP_PARTS``, the device-side parts read from their CUDA events (this
+        waits for the step's device work)."""
         seconds = dict(self.seconds)
-        if self._events is not None:
-            self._events[1].synchronize()
-            seconds["device_attention"] = self._events[0].elapsed_time(self._events[1]) / 1000
+        for part in self._recorded:
+            start, end = self._events[part]
+            end.synchronize()
+            seconds[part] = start.elapsed_time(end) / 1000
+        if {"device_attention", "host_to_device"} <= self._recorded:
+            gap = self._events["device_attention"][1].elapsed_time(self._events["host_to_device"][0]) / 1000
+            seconds["device_idle"] = max(0.0, gap)
+        if "device_to_host" in self._recorded:
+            seconds["q_wait"] = max(0.0, seconds["cpu_idle"] - seconds["device_to_host"])
         return seconds

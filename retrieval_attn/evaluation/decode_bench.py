@@ -8,9 +8,12 @@ builds: exact search serves a layer until its build lands), when every layer's i
 (``index_ready_s``, from the start of prefill: the bench waits for the builds after the first
 token, so the timed steps measure the index, not its stand-in), seconds per decoded token (median over ``steps`` steps after ``warmup``, the device synchronised
 around each step), peak device memory, the process's resident CPU memory, and for retrieval-attn the
-per-step breakdown summed over layers (device attention, CPU search, CPU attention, transfers, and
-the rest of the model). A method whose request does not fit is reported as such, with the reason
-(the memory planner's message for retrieval-attn), not skipped silently.
+breakdown of a step (``engine.STEP_PARTS``: the host's wait for q, the copies each way, the CPU
+search and attention, the device attention, and the idle time of each side), summed over layers and
+per layer, with the rest of the model. A layer is bound by the side the other one waits for: by
+the CPU when the device idles longer than the CPU does. A method whose request does not fit is
+reported as such, with the reason (the memory planner's message for retrieval-attn), not skipped
+silently.
 
 Prefill feeds ``prefill_chunk`` tokens per forward pass with only the last position's logits; for
 retrieval-attn the last chunk runs inside ``RetrievalCache.last_prefill_chunk`` so each layer's index
@@ -18,8 +21,9 @@ builds on CPU threads while later layers prefill. Random weights cost what real 
 latency and memory are meaningful; recall is not (see the recall sweep for that).
 
 Every method runs through ``hf.Decoder`` (the one decode driver); the shapes are
-``hf.MODEL_SHAPES``. Results: a table (``format_bench_table``), ``decode.json`` (every measurement
-plus ratios) and ``decode.csv`` in ``out``. This module does not print; ``cli.py`` does. It imports
+``hf.MODEL_SHAPES``. Results: tables (``format_bench_table``), ``decode.json`` (every measurement,
+per-layer breakdowns included, plus ratios), ``decode.csv`` and ``layers.csv`` (one row per layer
+of each retrieval-attn measurement) in ``out``. This module does not print; ``cli.py`` does. It imports
 ``retrieval_attn.hf`` only where it builds or runs a model.
 """
 
@@ -115,6 +119,7 @@ class MethodResult:
     peak_device_gib: float | None = None
     cpu_rss_gib: float | None = None
     breakdown_s: dict[str, float] = field(default_factory=dict)
+    layers_s: list[dict[str, float]] = field(default_factory=list)
     keys_scanned_fraction: float | None = None
     index_ready_s: float | None = None
 
@@ -153,24 +158,40 @@ def _measure(
     return parts
 
 
-def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[str, float]:
-    """Median over steps of each part summed over layers, and the rest of the model.
+def _critical(layer: dict[str, float]) -> float:
+    """A layer's critical path: the host waits for q, then the longer of the device attention and the CPU
+    search + attention (they overlap), then the copy back."""
+    return (layer["q_wait"] + layer["device_to_host"] + layer["host_to_device"]
+            + max(layer["device_attention"], layer["cpu_search"] + layer["cpu_attention"]))
 
-    With overlap the device attention runs while the CPU searches, so a layer's critical path is
-    transfer + max(device attention, CPU search + CPU attention); the rest is what the step took beyond.
-    """
+
+def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[str, float]:
+    """Median over steps of each part summed over layers, and the rest of the model: what the step took
+    beyond the layers' critical paths (``_critical``)."""
     out = {p: statistics.median(sum(layer[p] for layer in step) for step in parts) for p in STEP_PARTS}
-    critical = statistics.median(
-        sum(layer["transfer"] + max(layer["device_attention"], layer["cpu_search"] + layer["cpu_attention"])
-            for layer in step)
-        for step in parts
-    )
+    critical = statistics.median(sum(_critical(layer) for layer in step) for step in parts)
     out["rest_of_model"] = max(0.0, s_per_token - critical)
     return out
 
 
-def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda msg: None) -> list[MethodResult]:
-    """Measure every (context, method) of ``settings``; see the module docstring. Ctrl-C raises
+def _per_layer(parts: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per layer, the median over steps of each part."""
+    return [{p: statistics.median(step[i][p] for step in parts) for p in STEP_PARTS} for i in range(len(parts[0]))]
+
+
+def bound_by(layer: dict[str, float]) -> str:
+    """The side that bounds a layer's step: "CPU" when the device waits for it longer than it waits for
+    the device, else "device"."""
+    return "CPU" if layer["device_idle"] > layer["cpu_idle"] else "device"
+
+
+def run_decode_bench(
+    settings: BenchSettings,
+    progress: Callable[[str], None] = lambda msg: None,
+    on_result: Callable[[list[MethodResult]], None] = lambda results: None,
+) -> list[MethodResult]:
+    """Measure every (context, method) of ``settings``; see the module docstring. ``on_result`` gets the
+    results so far after each measurement (to write them as they come). Ctrl-C raises
     ``report.Interrupted`` holding the results of the (context, method) pairs measured."""
     from ..hf import random_model
 
@@ -195,6 +216,7 @@ def run_decode_bench(settings: BenchSettings, progress: Callable[[str], None] = 
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 results.append(_run_method(model, ids, method, settings))
+                on_result(results)
     except KeyboardInterrupt:
         raise Interrupted(results) from None
     return results
@@ -228,6 +250,7 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
         return result
     if parts:
         result.breakdown_s = _breakdown(parts, result.s_per_token)
+        result.layers_s = _per_layer(parts)
         result.keys_scanned_fraction = statistics.mean(s.keys_scanned_fraction for s in cache.stats)
     if device.type == "cuda":
         result.peak_device_gib = torch.cuda.max_memory_allocated(device) / GIB
@@ -253,7 +276,8 @@ def ratio_rows(results: list[MethodResult]) -> list[dict[str, Any]]:
 
 
 def write_results(results: list[MethodResult], settings: BenchSettings, out: str | Path, machine: str) -> Path:
-    """Write decode.json (settings, machine, results, ratios) and decode.csv into ``out``; return the folder."""
+    """Write decode.json (settings, machine, results, ratios), decode.csv and layers.csv into ``out``; return
+    the folder."""
     folder = Path(out)
     payload = {
         "settings": settings_dict(settings),
@@ -262,9 +286,13 @@ def write_results(results: list[MethodResult], settings: BenchSettings, out: str
         "ratios": ratio_rows(results),
     }
     write_json(folder / "decode.json", payload, indent=2)
-    columns = [f for f in MethodResult.__dataclass_fields__ if f != "breakdown_s"] + [*STEP_PARTS, "rest_of_model"]
-    rows = [{**{k: v for k, v in asdict(r).items() if k != "breakdown_s"}, **r.breakdown_s} for r in results]
+    nested = ("breakdown_s", "layers_s")
+    columns = [f for f in MethodResult.__dataclass_fields__ if f not in nested] + [*STEP_PARTS, "rest_of_model"]
+    rows = [{**{k: v for k, v in asdict(r).items() if k not in nested}, **r.breakdown_s} for r in results]
     write_csv(folder / "decode.csv", rows, columns)
+    layers = [{"context": r.context, "method": r.method, "layer": i, **layer, "bound_by": bound_by(layer)}
+              for r in results for i, layer in enumerate(r.layers_s)]
+    write_csv(folder / "layers.csv", layers, ["context", "method", "layer", *STEP_PARTS, "bound_by"])
     return folder
 
 
@@ -272,22 +300,37 @@ def _num(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+_SHORT = {"q_wait": "q wait", "device_to_host": "D2H", "cpu_search": "search", "cpu_attention": "CPU attn",
+          "host_to_device": "H2D", "device_attention": "dev attn", "device_idle": "dev idle", "cpu_idle": "CPU idle"}
+
+
 def format_bench_table(results: list[MethodResult]) -> str:
-    """The terminal report: one row per (context, method), then the ratios of ``ratio_rows`` if any."""
+    """The terminal report: one row per (context, method) with the step's parts summed over layers (ms),
+    then the ratios of ``ratio_rows``, then what bounds a layer (mean over layers, ms, and how many
+    layers each side bounds)."""
     table = format_columns(
         ["context", "method", "s/token", "TTFT s", "index ready s", "prefill s", "peak dev GiB", "CPU RSS GiB",
-         "dev attn ms", "search ms", "CPU attn ms", "transfer ms", "rest ms", "status"],
+         *(f"{_SHORT[p]} ms" for p in STEP_PARTS), "rest ms", "status"],
         [[r.context, r.method, _num(r.s_per_token, 4), _num(r.ttft_s, 2), _num(r.index_ready_s, 2), _num(r.prefill_s, 2),
           _num(r.peak_device_gib, 2), _num(r.cpu_rss_gib, 2),
-          *(_num(r.breakdown_s[p] * 1e3, 2) if r.breakdown_s else "-" for p in
-            ("device_attention", "cpu_search", "cpu_attention", "transfer", "rest_of_model")),
+          *(_num(r.breakdown_s[p] * 1e3, 2) if r.breakdown_s else "-" for p in (*STEP_PARTS, "rest_of_model")),
           r.status if r.status == "ok" else r.status[:60]] for r in results],
     )
     ratios = ratio_rows(results)
-    if not ratios:
-        return table
-    return table + "\n\n" + format_columns(
-        ["context", "method", "x faster than full", "x faster than offloaded", "TTFT / full TTFT"],
-        [[r["context"], r["method"], _num(r["speedup_vs_full"], 2), _num(r["speedup_vs_offloaded"], 2),
-          _num(r["ttft_over_full"], 2)] for r in ratios],
-    )
+    if ratios:
+        table += "\n\n" + format_columns(
+            ["context", "method", "x faster than full", "x faster than offloaded", "TTFT / full TTFT"],
+            [[r["context"], r["method"], _num(r["speedup_vs_full"], 2), _num(r["speedup_vs_offloaded"], 2),
+              _num(r["ttft_over_full"], 2)] for r in ratios],
+        )
+    layered = [r for r in results if r.layers_s]
+    if layered:
+        rows = []
+        for r in layered:
+            mean = {p: statistics.mean(layer[p] for layer in r.layers_s) for p in STEP_PARTS}
+            bounds = [bound_by(layer) for layer in r.layers_s]
+            rows.append([r.context, r.method, *(_num(mean[p] * 1e3, 3) for p in STEP_PARTS),
+                         f"CPU {bounds.count('CPU')} / device {bounds.count('device')}"])
+        table += "\n\nper layer (mean over layers, ms; layers.csv has each one)\n" + format_columns(
+            ["context", "method", *(_SHORT[p] for p in STEP_PARTS), "layers bound by"], rows)
+    return table

@@ -26,14 +26,16 @@ from typing import Any, Mapping
 import torch
 
 from ..config import RetrievalConfig
-from ..index import AUTO, available_indexes, params_class
+from ..index import AUTO, available_indexes, missing_library, params_class
 from ..engine.telemetry import LayerTelemetry, summarise
 from .backends import parse_backend_spec
 
 __all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "method_config", "Methods"]
 
 FULL, SINK_WINDOW = "full", "sink+window"
-DEFAULT_METHODS = (FULL, "roar", "flat", "hnsw", "ivf", SINK_WINDOW)
+# every method, less an index backend whose library is not installed here (``index.available_indexes``)
+DEFAULT_METHODS = tuple(m for m in (FULL, "roar", "flat", "hnsw", "ivf", SINK_WINDOW)
+                        if m in (FULL, SINK_WINDOW) or m in available_indexes())
 
 
 def method_config(method: str, retrieval: RetrievalConfig) -> RetrievalConfig | None:
@@ -46,7 +48,9 @@ def method_config(method: str, retrieval: RetrievalConfig) -> RetrievalConfig | 
     spec = parse_backend_spec(method)
     names = [FULL, SINK_WINDOW, AUTO, *available_indexes()]
     if spec.name not in names:
-        raise ValueError(f"method must be one of {names} (with optional :param=value), got {method!r}")
+        lacking = missing_library(spec.name)
+        why = f" (it needs the {lacking} package, which is not installed here)" if lacking else ""
+        raise ValueError(f"method must be one of {names} (with optional :param=value), got {method!r}{why}")
     multi = [p for p, vs in spec.params.items() if len(vs) != 1]
     if multi:
         raise ValueError(f"method {method!r}: give one value per parameter, got several for {multi}")

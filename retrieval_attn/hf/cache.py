@@ -65,6 +65,27 @@ _pending = threading.local()  # .layer: the RetrievalLayer whose update() ran la
 _capture = threading.local()  # .store: dict layer_idx -> (q, k) while capture_qk runs
 
 
+class _Padding:
+    """The left padding of a forward pass, read once from its mask (``left_padding``) and reused by every
+    layer that receives the same mask object: transformers builds one mask per forward pass (a layer on
+    another device receives a copy, read again)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, int, int, int, torch.Tensor] | None = None  # (mask, batch, past, n, pads)
+
+    def of(self, mask: torch.Tensor | None, batch: int, past: int, n: int) -> torch.Tensor:
+        """``left_padding(mask, batch, past, n)``, computed once per mask object and step."""
+        last = self._last
+        if last is not None and last[0] is mask and last[1:4] == (batch, past, n):
+            return last[4]
+        pads = left_padding(mask, batch, past, n)
+        self._last = (mask, batch, past, n, pads)  # holds the mask: its id cannot be reused meanwhile
+        return pads
+
+    def clear(self) -> None:
+        self._last = None
+
+
 class RetrievalLayer(CacheLayerMixin):
     """One decoder layer's cache: a ``RetrievalAttention`` engine behind transformers' layer interface."""
 
@@ -72,9 +93,10 @@ class RetrievalLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, engine: RetrievalAttention, layer_idx: int):
+    def __init__(self, engine: RetrievalAttention, layer_idx: int, padding: _Padding | None = None):
         super().__init__()
         self.engine, self.layer_idx = engine, layer_idx
+        self.padding = padding if padding is not None else _Padding()  # shared by the layers of a cache
         self.cumulative_length = 0
         self._pending_key: torch.Tensor | None = None
         self._sequences: list[RetrievalAttention] | None = None  # one engine per sequence of a padded batch
@@ -120,7 +142,7 @@ class RetrievalLayer(CacheLayerMixin):
         past = self.cumulative_length - n
         if self._sequences is None and self.engine.seen != past:
             raise ValueError(_out_of_step(self.layer_idx, self.engine.seen, past))
-        pads = left_padding(mask, b, past, n)  # [B] leading padding tokens of each sequence
+        pads = self.padding.of(mask, b, past, n)  # [B] leading padding tokens of each sequence
         padded = bool(pads.any())
         if past == 0 and self._sequences is None and padded:
             e = self.engine
@@ -191,6 +213,7 @@ class RetrievalLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Forget every token (engines drop their device buffers, CPU store and index)."""
         self.engine.reset()
+        self.padding.clear()
         self._sequences = None
         self.cumulative_length = 0
         self._pending_key = None
@@ -260,8 +283,9 @@ class RetrievalCache(Cache):
         _enforce_gpu_budget(model, config)
         text = model.config.get_text_config()
         hq, hkv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        padding = _Padding()  # one forward pass's mask serves every layer
         layers = [
-            RetrievalLayer(RetrievalAttention(config, hq, hkv, m.head_dim, scale=float(m.scaling)), i)
+            RetrievalLayer(RetrievalAttention(config, hq, hkv, m.head_dim, scale=float(m.scaling)), i, padding)
             for i, m in enumerate(attn_modules)
         ]
         super().__init__(layers=layers)

@@ -14,12 +14,13 @@ from .registry import (
     index_params_for,
     make_index,
     make_index_for,
+    missing_library,
     params_class,
     parse_index_param,
     register_index,
     resolve_index,
 )
-from .threads import cpu_threads
+from .threads import ThreadChooser, cpu_threads, thread_budget
 
 __all__ = [
     "AUTO",
@@ -27,6 +28,7 @@ __all__ = [
     "KeyIndex",
     "Param",
     "SearchResult",
+    "ThreadChooser",
     "available_indexes",
     "backend_for",
     "cpu_threads",
@@ -34,8 +36,10 @@ __all__ = [
     "index_params_for",
     "make_index",
     "make_index_for",
+    "missing_library",
     "params_class",
     "parse_index_param",
     "register_index",
     "resolve_index",
+    "thread_budget",
 ]

@@ -73,7 +73,9 @@ class SearchScratch:
         """Scratch for beams of width ``ef`` over ``n`` nodes (grown by a quarter when too small)."""
         pool, _, _, visited = self.arrays
         if pool.shape[1] < ef or visited.shape[1] < (n + 63) >> 6:
-            self.arrays = self._alloc(max(ef, pool.shape[1]), max(grown_capacity(n), visited.shape[1] * 64))
+            # a quarter more beam than asked: ef widens a little with every few keys added (ef_growth)
+            beam = pool.shape[1] if pool.shape[1] >= ef else ef + ef // 4
+            self.arrays = self._alloc(beam, max(grown_capacity(n), visited.shape[1] * 64))
         return self.arrays
 
     @property

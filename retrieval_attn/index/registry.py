@@ -3,7 +3,8 @@
 Backends live one per module; each registers its class with ``register_index`` when its module is
 imported. The built-in ones are listed here by module, so naming one imports that module only:
 importing the package (or ``RetrievalConfig``) loads no faiss or hnswlib, and a machine without
-them still runs every other backend.
+them still runs every other backend: ``available_indexes`` leaves out a backend whose library is
+missing (``missing_library``), and naming it is refused with the library's name.
 
 ``auto`` is the default choice: ``flat`` (exact) below ``AUTO_FLAT_BELOW`` offloaded keys per
 group, ``roar`` from there on. The crossover is measured, not guessed: below it exact search of all
@@ -22,13 +23,15 @@ This module knows nothing about torch models, caches or the engine.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Mapping
 
 from .base import KeyIndex
 
 __all__ = [
-    "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "register_index", "available_indexes", "index_class", "make_index",
-    "params_class", "resolve_index", "backend_for", "make_index_for", "index_params_for", "parse_index_param",
+    "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "register_index", "available_indexes", "missing_library", "index_class",
+    "make_index", "params_class", "resolve_index", "backend_for", "make_index_for", "index_params_for",
+    "parse_index_param",
 ]
 
 AUTO = "auto"
@@ -37,6 +40,8 @@ AUTO_FLAT_BELOW = 16384  # keys per group; measured on the embedded model, see b
 
 # built-in backends: name -> module of this package that registers it
 _MODULES = {"flat": "flat", "roar": "roar", "keygraph": "keygraph", "hnsw": "hnsw", "ivf": "ivf"}
+# built-in backends that need a library of their own: name -> (module, package that installs it)
+_LIBRARIES = {"hnsw": ("hnswlib", "hnswlib"), "ivf": ("faiss", "faiss-cpu")}
 _REGISTRY: dict[str, type[KeyIndex]] = {}
 
 
@@ -46,15 +51,32 @@ def register_index(cls: type[KeyIndex]) -> type[KeyIndex]:
     return cls
 
 
+def missing_library(name: str) -> str | None:
+    """The package that built-in backend ``name`` needs and this machine lacks (``"hnswlib"``,
+    ``"faiss-cpu"``), or None. Looks the library up without importing it."""
+    module, package = _LIBRARIES.get(name, (None, None))
+    if module is None or name in _REGISTRY:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ValueError:  # a module in sys.modules without a spec: taken as present
+        found = True
+    return None if found else package
+
+
 def available_indexes() -> list[str]:
-    """Names of the known backends (built-in and registered), whether or not their module is loaded yet."""
-    return sorted({*_MODULES, *_REGISTRY})
+    """Names of the backends usable here (built-in and registered), whether or not their module is loaded
+    yet: a built-in backend whose library is not installed (``missing_library``) is left out."""
+    return sorted({*(name for name in _MODULES if missing_library(name) is None), *_REGISTRY})
 
 
 def index_class(name: str) -> type[KeyIndex]:
     """The backend class registered as ``name`` (its module imported on first use), or ValueError listing
-    the known names."""
+    the usable names (and naming the library a known backend lacks)."""
     if isinstance(name, str) and name not in _REGISTRY and name in _MODULES:
+        if (package := missing_library(name)) is not None:
+            raise ValueError(f"index {name!r} needs the {package} package, which is not installed here; "
+                             f"use one of {available_indexes()}")
         importlib.import_module(f"{__package__}.{_MODULES[name]}")
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"index must be one of {available_indexes()}, got {name!r}")
