@@ -228,14 +228,15 @@ class RetrievalAttention:
         """
         self._check(q, k, v, decode=True)
         self.timer.start_step()
-        self.retrieval.clear()
         n_off = self.store.n
         searching = bool(n_off) and self.config.retrieve
         spilled = self.window.outgoing()  # the oldest window token, spilled at the end of the step
         if spilled is not None:  # copied now so that it lands with q; it joins the store once the step is done
             staged = self.store.stage(*(x.reshape(-1, 1, self.head_dim) for x in spilled))  # [B * Hkv, 1, D]
         if not self.retrieval.to_host(q if searching else None, finite_flag(q, k, v)):
+            self.timer.cancel_step()  # the stats still report the last step
             check_finite(q, k, v)  # names the culprit; nothing was stored
+        self.retrieval.clear()
         if self.config.retrieve:  # the sink + window baseline has no index
             self.indexing.ready(self.store, self.window.k.device, first=not self._decoding)
         self._decoding = True

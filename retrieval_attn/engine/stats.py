@@ -70,20 +70,33 @@ class StepTimer:
       the copy); elsewhere the worker's time between finishing and the device attention finishing.
 
     Device-side parts are timed between CUDA events on a GPU (read by ``measured``, so the step never
-    waits for them), by the wall clock elsewhere. The events are made at the first step that uses
-    them and re-recorded at every step after.
+    waits for them), by the wall clock elsewhere. Two sets of seconds and events take turns, one step
+    each: ``cancel_step`` puts back the last step's after a step refused before it did anything. The
+    events are made at the first steps that use them and re-recorded at every step after.
     """
 
     def __init__(self) -> None:
-        self.seconds = dict.fromkeys(STEP_PARTS, 0.0)  # written by the decoding thread and the CPU worker
-        self._events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = {}  # part -> (start, end)
-        self._recorded: set[str] = set()  # parts whose events this step recorded
+        self._seconds = (dict.fromkeys(STEP_PARTS, 0.0), dict.fromkeys(STEP_PARTS, 0.0))
+        # per set: part -> CUDA (start, end) events, and the parts whose events its step recorded
+        self._events: tuple[dict[str, tuple[torch.cuda.Event, torch.cuda.Event]], ...] = ({}, {})
+        self._recorded: tuple[set[str], set[str]] = (set(), set())
+        self._turn = 0  # the set of the step in progress (or, between steps, of the last one)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """The parts of the current step, written by the decoding thread and the CPU worker."""
+        return self._seconds[self._turn]
 
     def start_step(self) -> None:
-        """Zero every part: a decode step begins."""
+        """A decode step begins: the other set, zeroed, takes its parts."""
+        self._turn ^= 1
         for part in STEP_PARTS:
-            self.seconds[part] = 0.0
-        self._recorded.clear()
+            self._seconds[self._turn][part] = 0.0
+        self._recorded[self._turn].clear()
+
+    def cancel_step(self) -> None:
+        """The step just begun was refused: the last step's parts are the ones reported again."""
+        self._turn ^= 1
 
     @contextmanager
     def span(self, part: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
@@ -94,25 +107,27 @@ class StepTimer:
             yield
             self.seconds[part] += time.perf_counter() - t0
             return
-        events = self._events.get(part)
-        if events is None:  # once per part: the events are reused by every later step
-            events = self._events[part] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events = self._events[self._turn].get(part)
+        if events is None:  # once per part and set: the events are reused by every later step
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[self._turn][part] = events
         events[0].record(stream)
         yield
         events[1].record(stream)
-        self._recorded.add(part)
+        self._recorded[self._turn].add(part)
 
     def measured(self) -> dict[str, float]:
         """The last decode step's ``STEP_PARTS``, the device-side parts read from their CUDA events (this
         waits for the step's device work)."""
         seconds = dict(self.seconds)
-        for part in self._recorded:
-            start, end = self._events[part]
+        events, recorded = self._events[self._turn], self._recorded[self._turn]
+        for part in recorded:
+            start, end = events[part]
             end.synchronize()
             seconds[part] = start.elapsed_time(end) / 1000
-        if {"device_attention", "host_to_device"} <= self._recorded:
-            gap = self._events["device_attention"][1].elapsed_time(self._events["host_to_device"][0]) / 1000
+        if {"device_attention", "host_to_device"} <= recorded:
+            gap = events["device_attention"][1].elapsed_time(events["host_to_device"][0]) / 1000
             seconds["device_idle"] = max(0.0, gap)
-        if "device_to_host" in self._recorded:
+        if "device_to_host" in recorded:
             seconds["q_wait"] = max(0.0, seconds["cpu_idle"] - seconds["device_to_host"])
         return seconds
