@@ -305,3 +305,34 @@ def test_roar_links_added_keys_to_keys_recent_queries_returned():
         got = set(cands[g, 0][cands[g, 0] >= 0].tolist())
         assert got and got <= set(res.ids[g, :, :4].ravel().tolist())  # ranks 0..window-1 of the lists it tops
     assert index.search(test, 1).ids[:, :, 0].tolist() == [[3000] * 4] * 2  # and it is found
+
+
+def test_the_beam_widens_as_add_grows_the_graph():
+    """ef_growth: after add() grew a graph 4x, a search scores more keys than at a fixed ef (ef_growth=0),
+    where recall would fall with the growth."""
+    rng = np.random.default_rng(31)
+    keys = rng.standard_normal((2, 4000, 16), dtype=np.float32)
+    queries = rng.standard_normal((2, 8, 16), dtype=np.float32)
+    scored = {}
+    for growth in (0.0, 0.5):
+        index = make_index("keygraph", ef=32, ef_growth=growth)
+        index.build(keys[:, :1000])
+        index.add(keys[:, 1000:])
+        scored[growth] = index.search(queries, 10).scored.mean()
+    assert scored[0.5] > 1.3 * scored[0.0], scored
+
+
+def test_a_rebuild_keeps_the_search_effort_of_the_index_it_replaces():
+    """A graph rebuilt over the keys decoding added searches as widely as the one it replaces (replacing),
+    not at the narrower beam of a first build over that many keys."""
+    rng = np.random.default_rng(32)
+    keys = rng.standard_normal((2, 4000, 16), dtype=np.float32)
+    queries = rng.standard_normal((2, 8, 16), dtype=np.float32)
+    grown = make_index("keygraph", ef=32)
+    grown.build(keys[:, :1000])
+    grown.add(keys[:, 1000:])
+    fresh, rebuilt = make_index("keygraph", ef=32), make_index("keygraph", ef=32)
+    fresh.build(keys)
+    rebuilt.build(keys)
+    rebuilt.replacing(grown)
+    assert rebuilt.search(queries, 10).scored.mean() > 1.3 * fresh.search(queries, 10).scored.mean()

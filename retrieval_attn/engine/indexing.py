@@ -181,7 +181,9 @@ class IndexLifecycle:
     def _maybe_rebuild(self, store: KVStore, device: torch.device) -> None:
         """Swap in a finished rebuild (after adding the keys spilled meanwhile), or start one when due."""
         if self.rebuild_future is not None and self.rebuild_future.done():
-            self._take(self.rebuild_future.result(), store)  # re-raises a failed rebuild's error
+            built = self.rebuild_future.result()  # re-raises a failed rebuild's error
+            built[0].replacing(self.index)
+            self._take(built, store)
             self.rebuild_future = None
             self.rebuilds += 1
         growth = self.config.rebuild_growth

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..index import index_class, make_index
+from ..index import index_class, make_index, missing_library
 
 __all__ = [
     "BackendSpec",
@@ -50,13 +50,13 @@ class BackendSpec:
         return ":".join([self.name, *(f"{k}={','.join(str(v) for v in vs)}" for k, vs in self.params.items())])
 
 
-DEFAULT_BACKENDS = (
+DEFAULT_BACKENDS = tuple(spec for spec in (  # those whose library is installed here (hnswlib, faiss-cpu)
     BackendSpec("flat"),
     BackendSpec("roar", {"ef": GRAPH_EF_GRID}),
     BackendSpec("keygraph", {"ef": GRAPH_EF_GRID}),
     BackendSpec("hnsw", {"ef": HNSW_EF_GRID, "M": (32,)}),
     BackendSpec("ivf", {"nprobe": IVF_NPROBE_GRID}),
-)
+) if missing_library(spec.name) is None)
 
 
 def parse_backend_spec(text: str) -> BackendSpec:

@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import RetrievalConfig
-from ..index import available_indexes, cpu_threads, index_class, make_index
+from ..index import available_indexes, cpu_threads, index_class, make_index, missing_library
 from ..offload import KVStore
 from ..metrics import attention_mass, recall_at_k
 from .backends import DEFAULT_BACKENDS, BackendSpec, plan_backend, warm_up
@@ -117,6 +117,9 @@ class SweepSettings:
             raise ValueError(f"train_positions must be 'prefix' or 'middle', got {self.train_positions!r}")
         names = available_indexes()
         for spec in self.backends:
+            if missing_library(spec.name):
+                raise ValueError(f"backends: {spec.name!r} needs the {missing_library(spec.name)} package, "
+                                 "which is not installed here")
             if spec.name not in names:
                 raise ValueError(f"backends: unknown backend {spec.name!r}; available: {', '.join(names)}")
             unknown = sorted(set(spec.params) - set(index_class(spec.name).params))

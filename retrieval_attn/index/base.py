@@ -219,6 +219,9 @@ class KeyIndex(ABC):
             self._n = self._source.n
             self._add(n_old, t)
 
+    def replacing(self, previous: KeyIndex) -> None:
+        """Take over from ``previous``, the index this one (a rebuild) replaces: by default nothing to keep."""
+
     def search(self, queries: np.ndarray, k: int, out: SearchResult | None = None, **params: Any) -> SearchResult:
         """Top-``k`` keys by inner product for queries (groups, m, dim) fp32 of each group.
 

@@ -151,6 +151,13 @@ class GraphIndex(KeyIndex):
         config = cls.resolved_params(params)
         return groups * n * (config["max_degree"] * 4 + 4 + 16 + 8 + 16 * 4) + n * dim * 4
 
+    def replacing(self, previous: KeyIndex) -> None:
+        """Keep the search effort of the index this rebuild replaces: the beam widens from the keys the first
+        build held, so a rebuild over the keys decoding added does not narrow it back to ``ef`` (recall at a
+        fixed ef falls as the graph grows, whether the keys were added or built)."""
+        if isinstance(previous, GraphIndex):
+            self._built = min(self._built, previous._built)
+
     def _build(self, train_queries: np.ndarray | None) -> None:
         groups, n, rows = self.groups, len(self), self.rows()
         self._built = n  # keys the build indexed; search widens its beam as add() grows the graph past them
