@@ -3,7 +3,7 @@
 Runtime code (``engine``, ``hf``, ``index``, ...) never imports this package; it builds on them. It
 runs models only through ``retrieval_attn.hf`` (``hf.Decoder``, the one decode driver) and never
 imports transformers itself; its modules import ``hf`` inside the functions that load or run a model,
-so the CLI reads their defaults without loading transformers. Nothing here prints: ``cli.py`` and the
+so the CLI reads their defaults without loading transformers. Nothing here prints: ``cli`` and the
 ``bench/`` scripts do.
 
 ::

@@ -23,7 +23,7 @@ latency and memory are meaningful; recall is not (see the recall sweep for that)
 Every method runs through ``hf.Decoder`` (the one decode driver); the shapes are
 ``hf.MODEL_SHAPES``. Results: tables (``format_bench_table``), ``decode.json`` (every measurement,
 per-layer breakdowns included, plus ratios), ``decode.csv`` and ``layers.csv`` (one row per layer
-of each retrieval-attn measurement) in ``out``. This module does not print; ``cli.py`` does. It imports
+of each retrieval-attn measurement) in ``out``. This module does not print; ``cli`` does. It imports
 ``retrieval_attn.hf`` only where it builds or runs a model.
 """
 
