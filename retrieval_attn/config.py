@@ -62,8 +62,9 @@ class RetrievalConfig:
     rebuild_growth : once decoding (or a turn's prefill after decoding) has grown the index by this
         fraction of the keys it was built over (> 0), a new index over all offloaded keys is built on a
         background thread, trained on the recent decode (and turn) queries, and replaces the old one
-        when ready (searches never wait for it); None (default) never rebuilds. Opt-in: in the
-        10,000-step benchmark it did not stop recall falling as the index grew 6x (bench/README.md).
+        when ready (searches never wait for it, and it keeps the replaced graph's beam); None (default)
+        never rebuilds. Opt-in: decode's one key per step stays found by the widening beam (the graphs'
+        ``ef_growth``); rebuilds pay off for a long turn's keys (bench/README.md).
     rebuild_queries : decode steps (or turn positions) whose queries train a rebuild (the most recent
         ones, >= 1).
     serve_while_building : True (default): a layer whose index is still being built in the background

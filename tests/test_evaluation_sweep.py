@@ -189,3 +189,20 @@ def test_plot_axis_labels_do_not_overlap(tmp_path, monkeypatch):
             assert len(boxes) >= 2, ax.get_title()
             assert not any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:])), ax.get_title()  # left to right, apart
         close(fig)
+
+
+@pytest.mark.parametrize("rows_dtype", ["bfloat16", "float16"])
+def test_half_rows_are_read_in_place_and_exact_search_stays_exact(rows_dtype):
+    """rows_dtype: the indexes read the middle keys rounded to the half dtype, from one store (no fp32 copy of
+    their own); flat, exact over the rounded keys, keeps recall 1; a graph still finds the top keys."""
+    qk = random_qk(n=500)
+    settings = SweepSettings(lengths=(500,), **SMALL, rows_dtype=rows_dtype,
+                             backends=(BackendSpec("flat"), BackendSpec("roar", {"ef": (64,)})))
+    rows = evaluate_layer(qk.q[0], qk.k[0], settings, qk.scale, layer=0, notes=set())
+    flat = [r for r in rows if r["backend"] == "flat"]
+    roar = [r for r in rows if r["backend"].startswith("roar")]
+    assert flat and all(r["recall"] == 1.0 for r in flat)
+    assert roar and all(r["recall"] > 0.8 and r["scanned"] < 1.0 for r in roar)
+    assert all(r["index_bytes"] < 500 * 16 * 4 for r in flat)  # no fp32 copy of the keys
+    with pytest.raises(ValueError, match="rows_dtype must be one of"):
+        SweepSettings(lengths=(500,), **SMALL, rows_dtype="int8")

@@ -37,7 +37,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         settings = SweepSettings(
             lengths=tuple(args.lengths), layers=tuple(args.layers) if args.layers else None, retrieval=retrieval,
             n_test=args.n_test, ks=tuple(args.top_k), target_recall=args.target_recall,
-            train_positions=args.train_positions, backends=backends,
+            train_positions=args.train_positions, backends=backends, rows_dtype=args.rows_dtype,
         )
     _cpu_threads(args.cpu_threads)
     info = _model(args.model)
@@ -85,6 +85,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recall of the operating point")
     parser.add_argument("--train-positions", choices=["prefix", "middle"], default=d.train_positions,
                         help="positions whose queries train query-aware indexes")
+    parser.add_argument("--rows-dtype", choices=["float32", "bfloat16", "float16"], default=d.rows_dtype,
+                        help="dtype the indexes read the keys in: float32 (each index its own copy) or the "
+                             "model's half dtype, held once in a CPU store and read in place, as in decoding")
     parser.add_argument("--backend", action="extend", nargs="+", default=None, metavar="NAME[:PARAM=V1,V2,...]",
                         help=f"backends and parameter values, one or more, repeatable; names: "
                              f"{', '.join(available_indexes())} (default: "
