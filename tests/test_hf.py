@@ -358,6 +358,28 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
     assert tokens[True] == tokens[False]
 
 
+def test_last_prefill_chunk_starts_the_builds_of_cpu_layers_after_the_forward_pass(device, monkeypatch):
+    """A GPU layer starts its build right after its own prefill (overlapping the next layers'); a CPU layer's
+    build waits for the end of the block, so it does not take the cores the following layers prefill on."""
+    from retrieval_attn.engine import RetrievalAttention
+
+    model = _tiny(LlamaForCausalLM, LlamaConfig).to(device)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3)).to(device)
+    cache = RetrievalCache(model, RetrievalConfig(sink_tokens=16, window_tokens=32, index="roar"), max_context=310)
+    seen_at_start = []
+    start = RetrievalAttention.start_index_build
+    monkeypatch.setattr(RetrievalAttention, "start_index_build", lambda self: (
+        seen_at_start.append([layer.engine.seen for layer in cache.layers]), start(self))[1])
+    with torch.no_grad(), cache.last_prefill_chunk():
+        model(ids, **cache_kwargs(model, cache))
+    assert len(seen_at_start) == 2
+    if device == "cpu":  # both after the whole forward pass
+        assert seen_at_start == [[300, 300], [300, 300]]
+    else:  # layer 0's while layer 1 had not prefilled yet
+        assert seen_at_start[0] == [300, 0]
+    cache.wait_for_index()
+
+
 class _InterruptAfter:
     """A generate() streamer that raises KeyboardInterrupt at its n-th put (the prompt is the first)."""
 

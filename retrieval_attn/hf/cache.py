@@ -160,7 +160,7 @@ class RetrievalLayer(CacheLayerMixin):
             if n == 1 and self.engine.seen > 0:
                 return self.engine.decode(query, key, value)
             out = self.engine.prefill(query, key, value)
-            if self.build_after_prefill:
+            if self.build_after_prefill and query.is_cuda:
                 self.engine.start_index_build()  # overlaps the prefill of the following layers
             return out
         if b != len(self._sequences):
@@ -176,7 +176,7 @@ class RetrievalLayer(CacheLayerMixin):
             q, k, v = query[i : i + 1, :, start:], key[i : i + 1, :, start:], value[i : i + 1, :, start:]
             prefill = not (n == 1 and engine.seen > 0)
             out[i : i + 1, :, start:] = (engine.prefill if prefill else engine.decode)(q, k, v)
-            if prefill and self.build_after_prefill:
+            if prefill and self.build_after_prefill and query.is_cuda:
                 engine.start_index_build()
         return out
 
@@ -297,8 +297,11 @@ class RetrievalCache(Cache):
 
     @contextlib.contextmanager
     def last_prefill_chunk(self) -> Iterator[None]:
-        """Within the block (the forward pass of the prompt's last chunk), each layer starts building its
-        index on a background thread right after its prefill, overlapping the following layers."""
+        """Within the block (the forward pass of the prompt's last chunk), each layer on a GPU starts building
+        its index on a background thread right after its prefill, overlapping the following layers; layers
+        on the CPU start theirs when the block ends (a build next to the prefill would take the cores the
+        following layers compute on: +48% time to first token at 32K on 2 cores, bench/README.md).
+        Decoding does not wait for the builds (``RetrievalConfig.serve_while_building``)."""
         for layer in self.layers:
             layer.build_after_prefill = True
         try:
@@ -306,6 +309,10 @@ class RetrievalCache(Cache):
         finally:
             for layer in self.layers:
                 layer.build_after_prefill = False
+        for layer in self.layers:  # the block completed: every layer has its prompt (started ones: no-op)
+            for engine in layer.engines:
+                if engine.seen:
+                    engine.start_index_build()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         """Hand the new k, v of layer ``layer_idx`` to its engine's next attention call."""
