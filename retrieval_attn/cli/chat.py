@@ -10,14 +10,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..config import RetrievalConfig
 from ..index import AUTO, available_indexes
 from .common import (
-    INTERRUPTED, UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _model, _model_name,
-    _stage, _user_errors,
+    INTERRUPTED, UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _load_model, _model,
+    _user_errors,
 )
 
 BUILTIN_DOCUMENT = "two_facts.txt"
@@ -52,15 +51,10 @@ def chat_command(args: argparse.Namespace) -> int:
     info = _model(args.model)
 
     from ..evaluation.report import format_columns
-    from ..hf import Chat, RetrievalCache, chat_opening, load_model, quiet_transformers
+    from ..hf import Chat, RetrievalCache, chat_opening
     from ..planner import MemoryBudgetError
 
-    quiet_transformers()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    with _stage(f"loading {_model_name(args.model)}" + (" (first run: de-quantising, cached for the next ones)"
-                                                        if info.gguf and not info.cached else "")):
-        with _user_errors("--model: "):
-            model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    model, tokenizer = _load_model(args.model, info, device, args.dtype)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--model: the model's tokenizer has no chat template")
     opening = len(tokenizer(chat_opening(tokenizer, documents), add_special_tokens=False).input_ids)

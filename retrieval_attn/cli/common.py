@@ -114,6 +114,18 @@ def _model_name(path: str | None) -> str:
     return path or "the embedded SmolLM2-135M-Instruct"
 
 
+def _load_model(path: str | None, info: ModelFile, device: torch.device, dtype_name: str) -> tuple:
+    """(model, tokenizer) of ``--model`` (checked as ``info``) on ``device`` in ``--dtype``, its loading shown."""
+    from ..hf import load_model, quiet_transformers
+
+    quiet_transformers()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    with _stage(f"loading {_model_name(path)}" + (" (first run: de-quantising, cached for the next ones)"
+                                                  if info.gguf and not info.cached else "")):
+        with _user_errors("--model: "):
+            return load_model(path, device=device, dtype=dtype)
+
+
 def _out_dir(path: str, flag: str = "--out") -> Path:
     """A results folder that exists or can be made."""
     folder = Path(path)

@@ -15,14 +15,13 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..config import RetrievalConfig
 from ..index import AUTO, available_indexes, parse_index_param
 from .common import (
-    UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _interrupted, _model, _model_name,
-    _out_dir, _stage, _user_errors,
+    UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _interrupted, _load_model, _model,
+    _out_dir, _user_errors,
 )
 
 BUILTIN_PROMPT = "passkey.txt"
@@ -107,15 +106,10 @@ def generate_command(args: argparse.Namespace) -> int:
     info = _model(args.model)
 
     from ..evaluation.report import format_columns
-    from ..hf import Decoder, RetrievalCache, greedy, load_model, prompt_ids, quiet_transformers, sampler, stop_tokens
+    from ..hf import Decoder, RetrievalCache, greedy, prompt_ids, sampler, stop_tokens
     from ..planner import MemoryBudgetError
 
-    quiet_transformers()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    with _stage(f"loading {_model_name(args.model)}" + (" (first run: de-quantising, cached for the next ones)"
-                                                        if info.gguf and not info.cached else "")):
-        with _user_errors("--model: "):
-            model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    model, tokenizer = _load_model(args.model, info, device, args.dtype)
     ids, chat = prompt_ids(tokenizer, prompt, chat=not (builtin or args.no_chat_template))
     n = ids.shape[1]
     try:
