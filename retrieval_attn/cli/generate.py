@@ -166,7 +166,8 @@ def generate_command(args: argparse.Namespace) -> int:
             ("index", f"{config.index} -> {stats[0].index} (top_k {config.top_k})"),
             ("prefill seconds", f"{prefill_s:.2f}" if prefill_s is not None
              else f"{time.perf_counter() - start:.2f} (interrupted after {prefilled} of {n} tokens)"),
-            ("first decode step seconds (builds the indexes)", f"{step_seconds[0]:.2f}" if step_seconds else "-"),
+            ("first decode step seconds" + (" (waits for the indexes)" if args.wait_for_index else ""),
+             f"{step_seconds[0]:.2f}" if step_seconds else "-"),
             ("seconds per decoded token (after the first)", f"{sum(later) / len(later):.4f}" if later else "-"),
             ("keys scanned per step (all layers, heads)", f"{sum(scanned) / max(len(scanned), 1):.0f}"),
             ("keys scanned per query head (mean fraction)",
