@@ -453,9 +453,9 @@ def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
                           rebuild_growth=0.5, rebuild_queries=64)
     engine = RetrievalAttention(cfg, 4, 2, 16)
     trained = []
-    rebuilt = IndexLifecycle._rebuilt
-    monkeypatch.setattr(IndexLifecycle, "_rebuilt", lambda self, store, n, train, device: (
-        trained.append(train), rebuilt(self, store, n, train, device))[1])
+    built = IndexLifecycle._built  # the first build's training queries, then the rebuild's
+    monkeypatch.setattr(IndexLifecycle, "_built", lambda self, name, store, n, train, device: (
+        trained.append(torch.from_numpy(train())), built(self, name, store, n, train, device))[1])
     outs = [run_turns(engine, q, k, v, (("p", 300), ("d", 2), ("p", 400)))]  # the index: 276 keys, then 676
     assert engine.indexing.rebuild_future is None  # due, not started: decode starts rebuilds
     outs.append(engine.decode(q[:, :, 702:703], k[:, :, 702:703], v[:, :, 702:703]))
@@ -463,7 +463,8 @@ def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
     outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(703, 760)]
     # the ring when that decode step started the rebuild: the turn's last 64 positions; [G, steps * group, D]
     steps = q[:, :, 638:702].reshape(2, 2, 64, 16).transpose(1, 2)
-    assert torch.equal(trained[0].sort(dim=1).values, steps.reshape(2, -1, 16).sort(dim=1).values)
+    assert len(trained) == 2
+    assert torch.equal(trained[1].sort(dim=1).values, steps.reshape(2, -1, 16).sort(dim=1).values)
     assert engine.stats.index_rebuilds == 1 and len(engine.indexing.index) == engine.stats.offloaded_tokens
     ref = reference_attention(q, k, v, 16**-0.5)
     assert (torch.cat(outs, dim=2).double() - ref).abs().max() <= FP32_TOL

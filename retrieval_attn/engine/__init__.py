@@ -144,7 +144,7 @@ class RetrievalAttention:
         """Move spilled k, v (B, Hkv, t, D) to the CPU store, and into the index once it holds keys."""
         t, d = k.shape[2], k.shape[3]
         self.store.append(k.reshape(-1, t, d), v.reshape(-1, t, d))  # [B * Hkv, t, D]; async from a GPU
-        self.indexing.add(self.store, t)
+        self.indexing.add(self.store)
 
     @torch.no_grad()
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -207,8 +207,7 @@ class RetrievalAttention:
     def wait_for_index(self) -> None:
         """Block until the background index build (if one is in flight) has finished, re-raising its error;
         the next decode step serves with it. For measurements of the index, not of the exact stand-in."""
-        if self.indexing.build_future is not None:
-            self.indexing.build_future.result()
+        self.indexing.finish_build()
 
     @torch.no_grad()
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -262,7 +261,7 @@ class RetrievalAttention:
         if spilled is not None:
             self.store.commit(staged)
             with cpu_threads(self.retrieval.thread_count):  # inserting the key: the search's thread count
-                self.indexing.add(self.store, staged)
+                self.indexing.add(self.store)
         self.window.advance()
         self._dirty = False
         return o.to(q.dtype)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
+import numpy as np
 import torch
 
 from ..config import RetrievalConfig
@@ -84,6 +86,11 @@ class IndexLifecycle:
         self._recent_steps = 0
         self.standing_in = False  # exact flat search serves while the background build runs
 
+    def finish_build(self) -> None:
+        """Block until the background build (if one is in flight) has finished, re-raising its error."""
+        if self.build_future is not None:
+            self.build_future.result()
+
     def wait(self) -> None:
         """Wait for the builds in flight; their errors are dropped (of no interest once their tokens are)."""
         for pending in (self.build_future, self.rebuild_future):
@@ -102,16 +109,25 @@ class IndexLifecycle:
     def _first_build(self, store: KVStore, device: torch.device | None) -> tuple:
         """An index over every offloaded key, trained on the prefill queries (then freed): (index, keys, seconds).
 
-        The exact training top lists are computed on ``device``. Changes no state the decode thread reads."""
-        start = time.perf_counter()
+        Changes no state the decode thread reads."""
         store.synchronize()
-        n = store.n
+        sample = self.train
+        built = self._built(self.config.index, store, store.n,
+                            lambda: sample.queries().numpy() if sample is not None else None, device)
+        if built[1]:
+            self.train = None  # only the first build over offloaded keys trains on prefill queries
+        return built
+
+    def _built(self, name: str, store: KVStore, n: int, train: Callable[[], np.ndarray | None],
+               device: torch.device | None) -> tuple:
+        """``name``'s index over the first ``n`` offloaded keys of each group, trained on ``train()`` (G, m, D)
+        fp32 when the backend uses training queries (their exact top lists computed on ``device``):
+        (index, n, seconds). Rows < n are never rewritten; appends go after them."""
+        start = time.perf_counter()
         with cpu_threads(self.config.cpu_threads):
-            index = make_index_for(self.config.index, self.config.index_params, n, self.config.top_k)
+            index = make_index_for(name, self.config.index_params, n, self.config.top_k)
             if n:
-                train = self.train.queries().numpy() if self.train is not None and index.uses_train_queries else None
-                index.build(store.key_source, train, device=device, n=n)
-                self.train = None  # only the first build over offloaded keys trains on prefill queries
+                index.build(store.key_source, train() if index.uses_train_queries else None, device=device, n=n)
         return index, n, time.perf_counter() - start
 
     def _take(self, built: tuple, store: KVStore) -> None:
@@ -149,9 +165,9 @@ class IndexLifecycle:
         else:
             self._maybe_rebuild(store, device)
 
-    def add(self, store: KVStore, t: int) -> None:
-        """Insert the store's last ``t`` rows into the index, once it holds keys (an empty one is built by
-        the next decode)."""
+    def add(self, store: KVStore) -> None:
+        """Insert the rows the store appended since into the index, once it holds keys (an empty one is
+        built by the next decode)."""
         if self.index is not None and len(self.index):
             store.synchronize()
             self.index.add()  # it reads the store's new rows in place
@@ -194,15 +210,7 @@ class IndexLifecycle:
                 steps = min(self._recent_steps, self._recent_q.shape[1])
                 g, d = self._recent_q.shape[0], self._recent_q.shape[-1]
                 train = self._recent_q[:, :steps].reshape(g, -1, d).clone()
-            store.synchronize()
-            self.rebuild_future = _INDEX_BUILDER.submit(self._rebuilt, store, store.n, train, device)
-
-    def _rebuilt(self, store: KVStore, n: int, train: torch.Tensor | None, device: torch.device) -> tuple:
-        """A new index over the first ``n`` offloaded keys of each group, trained on ``train`` (G, m, D)
-        decode queries; runs on the builder thread while decoding goes on with the old index."""
-        start = time.perf_counter()
-        with cpu_threads(self.config.cpu_threads):
-            index = make_index_for(self.index.name, self.config.index_params, n, self.config.top_k)
-            # rows < n are never rewritten; appends go after them
-            index.build(store.key_source, train.numpy() if train is not None else None, device=device, n=n)
-        return index, n, time.perf_counter() - start
+            store.synchronize()  # on the builder thread while decoding goes on with the old index
+            self.rebuild_future = _INDEX_BUILDER.submit(
+                self._built, self.index.name, store, store.n, lambda: train.numpy() if train is not None else None,
+                device)

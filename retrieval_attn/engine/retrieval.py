@@ -68,6 +68,7 @@ class HostRetrieval:
         self._order: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (readers done, copies landed)
         self._landing: tuple[torch.Tensor, ...] | None = None  # device copies of the shipped host buffers
         self._result: SearchResult | None = None  # the search's output arrays, reused while top_k stays
+        self._result_ids: torch.Tensor | None = None  # _result.ids as a tensor (the same memory), for telemetry
         self._done = 0.0  # perf_counter when the worker finished its last search
         self.clear()
 
@@ -124,7 +125,7 @@ class HostRetrieval:
             t0 = time.perf_counter()
             if self._result is None or self._result.ids.shape[2] != top_k:
                 self._result = SearchResult.empty(*self.q.shape[:2], top_k)
-                self._result_ids = torch.from_numpy(self._result.ids)  # the same memory, for telemetry
+                self._result_ids = torch.from_numpy(self._result.ids)
             res = index.search(self.q.numpy(), top_k, out=self._result)  # ids, scores: [B * Hkv, group, top_k]
             t1 = time.perf_counter()
             if self.config.retrieved_attention == "cpu":
