@@ -202,8 +202,10 @@ for s in stages:
 ok = all(s["status"] == "0" for s in stages)
 json.dump({"mode": mode, "ok": ok, "total_seconds": total, "stages": stages}, open(f"{out}/summary.json", "w"), indent=2)
 EOF
-tar -czf "$dest/gpu_check.tar.gz.part" -C "$out" --exclude=gpu_check.tar.gz --exclude=gpu_check.tar.gz.part . \
-    && mv "$dest/gpu_check.tar.gz.part" "$dest/gpu_check.tar.gz"
+# written outside $out (which may be $dest) and moved in: an archive growing inside the folder it reads
+# makes tar stop with "file changed as we read it"
+bundle=$(mktemp)
+tar -czf "$bundle" -C "$out" --exclude=gpu_check.tar.gz . && mv "$bundle" "$dest/gpu_check.tar.gz"
 if [ "$bundle_only" = 1 ]; then
     cp "$out/summary.txt" "$out/summary.json" "$dest/"
 fi
