@@ -28,53 +28,66 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402 (after the OpenMP setting)
+import importlib
 import importlib.metadata
+import signal
 import sys
-from typing import Callable
-
-import torch
+import threading
+from typing import NamedTuple
 
 from .. import __version__
-from ..config import RetrievalConfig
-from .chat import add_chat_arguments, chat_command
 from .common import INTERRUPTED, UserError, _Formatter, _Parser
-from .generate import add_generate_arguments, generate_command
-from .tools import (
-    add_bench_arguments, add_cache_arguments, add_eval_arguments, add_sweep_arguments, bench_command, cache_command,
-    eval_command, sweep_command,
-)
 
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Command(NamedTuple):
+    """A subcommand: its help line, and the module of this package whose ``add_<name>_arguments`` adds its
+    flags and whose ``<name>_command`` runs it."""
+
+    text: str
+    module: str
+
+
+COMMANDS = {
+    "generate": _Command("long-context generation with the KV cache offloaded and retrieved", "generate"),
+    "chat": _Command("a conversation about long documents, read once (turns from stdin if piped)", "chat"),
+    "sweep": _Command("recall versus cost of every index backend on the model's real queries/keys", "tools"),
+    "bench": _Command("decode speed and memory against transformers (full and offloaded cache)", "tools"),
+    "eval": _Command("needle retrieval and teacher-forced fidelity: full attention vs every method", "tools"),
+    "cache": _Command("the cached de-quantised models: where, how large; --clear removes them", "tools"),
+}
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the versions of retrieval-attn, torch and transformers, read only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of every command; only the command named in ``argv`` gets its flags (which import the
+    modules that declare their defaults): ``retrieval-attn --help`` loads none of them."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a traceback for every error, mistakes included")
     parser = _Parser(prog="retrieval-attn", formatter_class=_Formatter, parents=[common],
                      description="Long-context decoding with the KV cache offloaded to CPU and retrieved by an "
                                  "ANN index.")
-    parser.add_argument("--version", action="version", version=_version(), help="show the versions and exit")
+    parser.add_argument("--version", action=_VersionAction, help="show the versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = RetrievalConfig()
-
-    def command(name: str, text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        command_parser = sub.add_parser(name, help=text, description=text, formatter_class=_Formatter,
-                                        parents=[common])
-        command_parser.set_defaults(func=run)
-        return command_parser
-
-    add_generate_arguments(command("generate", "long-context generation with the KV cache offloaded and retrieved",
-                                   generate_command), defaults)
-    add_chat_arguments(command("chat", "a conversation about long documents, read once (turns from stdin if piped)",
-                               chat_command), defaults)
-    add_sweep_arguments(command("sweep", "recall versus cost of every index backend on the model's real "
-                                "queries/keys", sweep_command))
-    add_bench_arguments(command("bench", "decode speed and memory against transformers (full and offloaded cache)",
-                                bench_command), defaults)
-    add_eval_arguments(command("eval", "needle retrieval and teacher-forced fidelity: full attention vs every "
-                               "method", eval_command))
-    add_cache_arguments(command("cache", "the cached de-quantised models: where, how large; --clear removes them",
-                                cache_command))
+    named = next((a for a in argv if not a.startswith("-")), None)
+    for name, command in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=command.text, description=command.text,
+                                        formatter_class=_Formatter, parents=[common])
+        if name == named:
+            module = importlib.import_module(f".{command.module}", __name__)
+            getattr(module, f"add_{name}_arguments")(command_parser)
+            command_parser.set_defaults(func=getattr(module, f"{name}_command"))
     return parser
 
 
@@ -85,12 +98,18 @@ def _version() -> str:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    return f"retrieval-attn {__version__} (torch {torch.__version__}, transformers {version('transformers')})"
+    return f"retrieval-attn {__version__} (torch {version('torch')}, transformers {version('transformers')})"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retrieval-attn`` console script (and ``python -m retrieval_attn``)."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C is ours however the process was started: a shell runs a background job (``cmd &`` in a
+        # script, ``nohup``) with SIGINT ignored, which a child inherits; Python then never raises
+        # KeyboardInterrupt and a generation could not be stopped
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = _parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
@@ -103,3 +122,4 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"retrieval-attn {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return INTERRUPTED
+

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import RetrievalConfig
-from ..index import AUTO, available_indexes
+from ..index.registry import AUTO, available_indexes
 from .common import (
     INTERRUPTED, UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _load_model, _model,
     _user_errors,
@@ -163,8 +163,9 @@ def _chat_stats(chat, max_context: int) -> list[tuple[str, str]]:
     return rows
 
 
-def add_chat_arguments(chat: argparse.ArgumentParser, defaults: RetrievalConfig) -> None:
+def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
     """The options of ``chat``."""
+    defaults = RetrievalConfig()
     chat.add_argument("--document", nargs="+", default=None, metavar="FILE",
                       help=f"text files the conversation is about (default: the built-in {BUILTIN_DOCUMENT})")
     chat.add_argument("--model", default=None, metavar="GGUF_OR_FOLDER",

@@ -16,12 +16,13 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from ..config import RetrievalConfig
 from ..model_files import ModelFile, inspect_model
+
+if TYPE_CHECKING:
+    import torch
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 RETRIEVAL_FLAGS = {  # RetrievalConfig fields -> the flags that set them, for error messages
@@ -76,6 +77,8 @@ def _at_least(flag: str, value: int, low: int) -> None:
 
 def _device(text: str, flag: str = "--device") -> torch.device:
     """``text`` as a torch device that exists on this machine, else ``UserError``."""
+    import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, TypeError):
@@ -116,6 +119,8 @@ def _model_name(path: str | None) -> str:
 
 def _load_model(path: str | None, info: ModelFile, device: torch.device, dtype_name: str) -> tuple:
     """(model, tokenizer) of ``--model`` (checked as ``info``) on ``device`` in ``--dtype``, its loading shown."""
+    import torch
+
     from ..hf import load_model, quiet_transformers
 
     quiet_transformers()

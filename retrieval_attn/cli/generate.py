@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import RetrievalConfig
-from ..index import AUTO, available_indexes, parse_index_param
+from ..index.registry import AUTO, available_indexes, parse_index_param
 from .common import (
     UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _interrupted, _load_model, _model,
     _out_dir, _user_errors,
@@ -189,8 +189,9 @@ def generate_command(args: argparse.Namespace) -> int:
     return _interrupted() if interrupted else 0
 
 
-def add_generate_arguments(gen: argparse.ArgumentParser, defaults: RetrievalConfig) -> None:
+def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     """The options of ``generate``."""
+    defaults = RetrievalConfig()
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: the built-in pass-key document)")
     src.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text file holding the prompt")

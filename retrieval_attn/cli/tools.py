@@ -14,10 +14,8 @@ import os
 import platform
 import sys
 
-import torch
-
 from ..config import RetrievalConfig
-from ..index import available_indexes
+from ..index.registry import available_indexes
 from .common import (
     UserError, _add_retrieval_arguments, _cpu_threads, _device, _interrupted, _model, _model_name, _out_dir,
     _stage, _user_errors,
@@ -101,6 +99,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    import torch
+
     from ..evaluation.decode_bench import BenchSettings, format_bench_table, ratio_rows, run_decode_bench, write_results
     from ..evaluation.report import Interrupted
 
@@ -143,8 +143,9 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_arguments(bench: argparse.ArgumentParser, defaults: RetrievalConfig) -> None:
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     """The options of ``bench``."""
+    defaults = RetrievalConfig()
     from ..evaluation.decode_bench import METHODS
 
     bench.add_argument("--shape", default=None, metavar="SHAPE",

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .base import KeyIndex
+if TYPE_CHECKING:
+    from .base import KeyIndex
 
 __all__ = [
     "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "register_index", "available_indexes", "missing_library", "index_class",
