@@ -12,19 +12,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from .checks import ConfigError, check_bool, check_choice, check_int, check_number, missing_library_message
 from .index.registry import AUTO, available_indexes, index_params_for, missing_library, params_class
 
-__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
+__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION", "ConfigError"]
 
 RETRIEVED_ATTENTION = ("cpu", "device")
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    allowed = f"an int in [{low}, {'inf' if high is None else high}]"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"RetrievalConfig.{name} must be {allowed}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"RetrievalConfig.{name} must be {allowed}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -99,45 +92,31 @@ class RetrievalConfig:
     serve_while_building: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("sink_tokens", self.sink_tokens, 0)
-        _check_int("window_tokens", self.window_tokens, 1)
-        _check_int("top_k", self.top_k, 1)
-        _check_int("prefill_block", self.prefill_block, 1)
+        own = type(self).__name__
+        check_int(own, "sink_tokens", self.sink_tokens, 0)
+        check_int(own, "window_tokens", self.window_tokens, 1)
+        check_int(own, "top_k", self.top_k, 1)
+        check_int(own, "prefill_block", self.prefill_block, 1)
         for name in ("retrieve", "telemetry", "serve_while_building"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.overlap is not None and not isinstance(self.overlap, bool):
-            raise ValueError(f"RetrievalConfig.overlap must be True, False or None (auto), got {self.overlap!r}")
-        if self.cpu_threads is not None:
-            _check_int("cpu_threads", self.cpu_threads, 1)
-        if self.retrieved_attention not in RETRIEVED_ATTENTION:
-            raise ValueError(
-                f"RetrievalConfig.retrieved_attention must be one of {list(RETRIEVED_ATTENTION)}, "
-                f"got {self.retrieved_attention!r}"
-            )
-        growth = self.rebuild_growth
-        if growth is not None and (isinstance(growth, bool) or not isinstance(growth, (int, float))
-                                   or not 0 < growth < float("inf")):
-            raise ValueError(f"RetrievalConfig.rebuild_growth must be a finite number > 0 or None, got {growth!r}")
-        _check_int("rebuild_queries", self.rebuild_queries, 1)
-        gib = self.gpu_memory_gib
-        if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf")):
-            raise ValueError(f"RetrievalConfig.gpu_memory_gib must be a finite number > 0 (GiB) or None, got {gib!r}")
-        names = [AUTO, *available_indexes()]
-        if not isinstance(self.index, str) or self.index not in names:
-            lacking = missing_library(self.index) if isinstance(self.index, str) else None
-            why = f" (it needs the {lacking} package, which is not installed here)" if lacking else ""
-            raise ValueError(f"RetrievalConfig.index must be one of {names}, got {self.index!r}{why}")
+            check_bool(own, name, getattr(self, name))
+        check_bool(own, "overlap", self.overlap, none_allowed=True, none_means="auto")
+        check_int(own, "cpu_threads", self.cpu_threads, 1, none_allowed=True)
+        check_choice(own, "retrieved_attention", self.retrieved_attention, RETRIEVED_ATTENTION)
+        check_number(own, "rebuild_growth", self.rebuild_growth, 0, low_open=True, none_allowed=True)
+        check_int(own, "rebuild_queries", self.rebuild_queries, 1)
+        check_number(own, "gpu_memory_gib", self.gpu_memory_gib, 0, low_open=True, none_allowed=True, unit="GiB")
+        lacking = missing_library(self.index) if isinstance(self.index, str) else None
+        check_choice(own, "index", self.index, [AUTO, *available_indexes()],
+                     f" (it {missing_library_message(lacking)})" if lacking else "")
         if not isinstance(self.index_params, Mapping):
-            raise ValueError(f"RetrievalConfig.index_params must be a mapping, got {type(self.index_params).__name__}")
+            raise ConfigError(own, "index_params", "a mapping of parameter names to values",
+                              type(self.index_params).__name__)
         cls = params_class(self.index)
         try:
             ef = cls.resolved_params(index_params_for(self.index, self.index_params, self.top_k)).get("ef")
         except ValueError as err:
-            raise ValueError(f"RetrievalConfig.index_params: {err}") from None
+            raise ConfigError.about(own, "index_params", str(err)) from None
         if ef is not None and self.top_k > ef:
-            raise ValueError(
-                f"RetrievalConfig.top_k ({self.top_k}) must be <= the search queue ef ({ef}) of index "
-                f"{cls.name!r}: raise index_params['ef'] or lower top_k"
-            )
+            raise ConfigError(own, "top_k", f"<= the search queue ef ({ef}) of index {cls.name!r}", self.top_k,
+                              hint=": raise the index's ef or lower top_k")
         object.__setattr__(self, "index_params", MappingProxyType(dict(self.index_params)))

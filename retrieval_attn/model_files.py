@@ -96,7 +96,7 @@ def inspect_model(path: str | Path | None) -> ModelFile:
             hint = f"; it holds {', '.join(ggufs)}: pass that file" if ggufs else ""
             raise ValueError(f"model folder {str(path)!r} has no config.json ({EXPECTED}){hint}")
         model_type, layers = _read_config(config, path)
-        return _supported(ModelFile(path, False, model_type, layers))
+        return _complete(_supported(ModelFile(path, False, model_type, layers)))
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -115,6 +115,20 @@ def _supported(model: ModelFile) -> ModelFile:
             f"model {str(model.path)!r}: unsupported architecture {model.model_type!r}: "
             f"retrieval-attn supports {list(SUPPORTED_MODEL_TYPES)}"
         )
+    return model
+
+
+WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+
+
+def _complete(model: ModelFile) -> ModelFile:
+    """A model folder that holds weights and a tokenizer beside its config.json, else ValueError naming
+    what is missing (transformers would fail later, with a message about tokenizer libraries)."""
+    for what, patterns in (("weights", WEIGHTS), ("tokenizer", TOKENIZER)):
+        if not any(next(model.path.glob(p), None) for p in patterns):
+            raise ValueError(f"model folder {str(model.path)!r} has config.json but no {what} "
+                             f"(expected one of {', '.join(patterns)})")
     return model
 
 

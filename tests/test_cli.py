@@ -50,6 +50,9 @@ def bad_inputs(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "image.bin").write_bytes(bytes(range(256)) * 4)
     (root / "a-file").write_text("x")
+    (root / "blank.txt").write_text("  \n\n")
+    (root / "config-only").mkdir()
+    (root / "config-only" / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
     return root
 
 
@@ -63,7 +66,7 @@ ISSUE_MISTAKES = [  # (arguments, what the one line must name); {root}: the bad_
     (["generate", "--device", "banana"], "--device: 'banana' is not a device"),
     (["generate", "--cpu-threads", "99"], "--cpu-threads must be in [1, "),
     (["sweep", "--layers", "99"], "--layers: 99 not in the model's layers, 0 to 29"),
-    (["sweep", "--backend", "bogus"], "unknown backend 'bogus'"),
+    (["sweep", "--backend", "bogus"], "--backend must be one of flat, "),
 ]
 if not torch.cuda.is_available():
     ISSUE_MISTAKES.append((["generate", "--device", "cuda"], "--device cuda: CUDA is not available"))
@@ -82,18 +85,18 @@ def test_issue_mistakes_are_one_line_in_a_subprocess(bad_inputs, args, expect):
 KIN = [
     (["generate", "--prompt-file", "{root}/missing.txt"], "does not exist"),
     (["generate", "--prompt", "   \n"], "--prompt is empty"),
-    (["generate", "--top-k", "0"], "--top-k must be an int in [1, inf], got 0"),
-    (["generate", "--sink", "-1"], "--sink must be an int in [0, inf]"),
+    (["generate", "--top-k", "0"], "--top-k must be an int >= 1, got 0"),
+    (["generate", "--sink", "-1"], "--sink must be an int >= 0, got -1"),
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["generate", "--prefill-chunk", "1"], "--prefill-chunk must be >= 2"),
-    (["generate", "--cpu-threads", "0"], "--cpu-threads must be an int in [1, inf]"),
+    (["generate", "--cpu-threads", "0"], "--cpu-threads must be an int >= 1, got 0"),
     (["generate", "--device", "cuda:x"], "--device: 'cuda:x' is not a device"),
     (["generate", "--gpu-memory-gib", "8"], "--gpu-memory-gib caps a CUDA device's memory; --device is cpu"),
     (["generate", "--index-param", "ef"], "--index-param: index parameter 'ef': expected NAME=VALUE"),
     (["generate", "--index-param", "ef=many"], "parameter 'ef' must be int, got 'many'"),
     (["generate", "--index-param", "bogus=1"], "unknown parameter 'bogus'; allowed: ['M', "),
     (["generate", "--index", "flat", "--index-param", "ef=300"], "index 'flat': unknown parameter 'ef'; allowed: none"),
-    (["generate", "--top-k", "300", "--index-param", "ef=200"], "--top-k (300) must be <= the search queue ef (200)"),
+    (["generate", "--top-k", "300", "--index-param", "ef=200"], "--top-k must be <= the search queue ef (200) of index 'roar', got 300: raise the index's ef"),
     (["generate", "--seed", "1"], "--seed seeds the sampling: it needs --temperature > 0 or --top-p"),
     (["generate", "--temperature", "0", "--top-p", "0.9"], "--top-p samples"),
     (["generate", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
@@ -105,16 +108,29 @@ KIN = [
     (["sweep", "--layers", "-1", "3"], "--layers: -1 not in the model's layers"),
     (["sweep", "--backend", "flat", "roar:bogus=1"], "backend 'roar': unknown parameter(s) ['bogus']"),
     (["sweep", "--backend", "roar:ef"], "expected param=v1,v2"),
-    (["sweep", "--top-k", "0"], "--top-k must be positive"),
+    (["sweep", "--top-k", "0"], "--top-k must be one or more ints >= 1, got 0"),
     (["sweep", "--cpu-threads", "99"], "--cpu-threads must be in [1, "),
     (["sweep", "--out", "{root}/a-file"], "--out: {root}/a-file is a file"),
-    (["eval", "--methods", "bogus"], "method must be one of"),
-    (["eval", "--lengths", "10"], "--lengths must be ints >= 64"),
+    (["eval", "--methods", "bogus"], "--methods must be one or more of full, sink+window, auto, flat"),
+    (["eval", "--lengths", "10"], "--lengths must be one or more ints >= 641 (longer than sink + window = 640, so that something is offloaded), got 10"),
     (["eval", "--model", "{root}/empty"], "has no config.json"),
     (["eval", "--out", "{root}/a-file"], "is a file"),
-    (["bench", "--shape", "huge"], "shape must be one of"),
+    (["bench", "--shape", "huge"], "--shape must be one of llama3-8b, small, tiny, got huge"),
     (["bench", "--device", "cpu", "--gpu-memory-gib", "8"], "--gpu-memory-gib caps a CUDA device's memory"),
-    (["bench", "--device", "cpu", "--steps", "0"], "--steps must be an int >= 1"),
+    (["bench", "--device", "cpu", "--steps", "0"], "--steps must be an int >= 1, got 0"),
+    (["bench", "--device", "cpu", "--contexts", "10"], "--contexts must be one or more ints >= 641 (longer than sink + window = 640"),
+    (["generate", "--gpu-memory-gib", "-1"], "--gpu-memory-gib must be a finite number > 0 (GiB), got -1"),
+    (["sweep", "--lengths", "100"], "--lengths must be one or more token counts >= 804"),
+    (["sweep", "--target-recall", "2"], "--target-recall must be a finite number in (0, 1], got 2"),
+    (["eval", "--fidelity-tokens", "-1"], "--fidelity-tokens must be an int >= 0, got -1"),
+    (["eval", "--depths", "2"], "--depths must be one or more numbers in [0, 1], got 2"),
+    (["chat", "--document", "{root}"], "--document: {root} is a folder, not a file"),
+    (["chat", "--document", "{root}/image.bin"], "--document: {root}/image.bin is not UTF-8 text (a binary file?)"),
+    (["chat", "--document", "{root}/blank.txt"], "--document: {root}/blank.txt is empty"),
+    (["chat", "--document", "{root}/a-file", "--document", "{root}/missing.txt"],
+     "--document: {root}/missing.txt does not exist"),  # the second --document is read too
+    (["generate", "--model", "{root}/config-only"], "has config.json but no weights"),
+    (["generate", "--prompt-file", "{root}"], "--prompt-file: {root} is a folder, not a file"),
 ]
 
 
@@ -351,3 +367,20 @@ def test_help_loads_no_torch_numba_or_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_a_prompt_beyond_the_trained_context_is_refused_with_the_numbers(small_generate, capsys):
+    """The small model has 4,096 positions: ~700 prompt tokens + 3,500 new ones do not fit."""
+    run, _, made = small_generate
+    assert run("--max-new-tokens", "3500") == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's trained context of 4096 positions (max_position_embeddings)" in err
+    assert err.strip().splitlines()[-1].startswith("retrieval-attn generate: error: the prompt (")
+    assert "Traceback" not in err and not made  # one line after the loading line, before any prefill
+
+
+def test_a_window_holding_everything_warns_that_nothing_is_offloaded(small_generate, capsys):
+    run, _, _ = small_generate
+    assert run("--window", "5000") == 0
+    err = capsys.readouterr().err
+    assert "nothing is offloaded, every step is full attention" in err

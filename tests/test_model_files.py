@@ -20,6 +20,12 @@ def test_embedded_gguf_header_without_transformers():
 
 def test_folders_are_read_from_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 24}))
+    with pytest.raises(ValueError, match="has config.json but no weights"):
+        inspect_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="has config.json but no tokenizer"):
+        inspect_model(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
     info = inspect_model(tmp_path)
     assert (info.gguf, info.model_type, info.num_layers) == (False, "qwen2", 24)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "text_config": {"model_type": "llama"}}))

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import RetrievalConfig
-from ..index.registry import AUTO, available_indexes
+from ..checks import DTYPE_NAMES
 from .common import (
-    INTERRUPTED, UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _load_model, _model,
-    _user_errors,
+    INTERRUPTED, UserError, _at_least, _cpu_threads, _device, _load_model, _model,
+    _read_text, _user_errors,
 )
+
+from .flags import DECODING, add_retrieval_flags, retrieval_config
 
 BUILTIN_DOCUMENT = "two_facts.txt"
 
@@ -25,10 +26,7 @@ BUILTIN_DOCUMENT = "two_facts.txt"
 def chat_command(args: argparse.Namespace) -> int:
     """Read the documents once, then answer turn after turn (stdin when it is not a terminal)."""
     with _user_errors():
-        config = RetrievalConfig(
-            sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
-            cpu_threads=args.cpu_threads, gpu_memory_gib=args.gpu_memory_gib,
-        )
+        config = retrieval_config(args)
     _cpu_threads(args.cpu_threads)
     _at_least("--max-new-tokens", args.max_new_tokens, 1)
     _at_least("--prefill-chunk", args.prefill_chunk, 2)
@@ -38,27 +36,27 @@ def chat_command(args: argparse.Namespace) -> int:
     if args.gpu_memory_gib is not None and device.type != "cuda":
         raise UserError(f"--gpu-memory-gib caps a CUDA device's memory; --device is {device}")
     paths = [Path(p) for p in args.document or ()]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"--document: {', '.join(missing)} does not exist")
-    try:
-        texts = [p.read_text().strip() for p in paths] or [
-            resources.files("retrieval_attn").joinpath("data", BUILTIN_DOCUMENT).read_text().strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--document: {err}") from None
+    texts = [_read_text(p, "--document").strip() for p in paths] or [
+        resources.files("retrieval_attn").joinpath("data", BUILTIN_DOCUMENT).read_text().strip()]
     names = [p.name for p in paths] or [f"built-in {BUILTIN_DOCUMENT}"]
     documents = texts[0] if len(texts) == 1 else "\n\n".join(f"Document {n}:\n{t}" for n, t in zip(names, texts))
     info = _model(args.model)
 
     from ..evaluation.report import format_columns
-    from ..hf import Chat, RetrievalCache, chat_opening
+    from ..hf import Chat, RetrievalCache, chat_opening, trained_positions
     from ..planner import MemoryBudgetError
 
     model, tokenizer = _load_model(args.model, info, device, args.dtype)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--model: the model's tokenizer has no chat template")
     opening = len(tokenizer(chat_opening(tokenizer, documents), add_special_tokens=False).input_ids)
-    max_context = args.max_context or opening + 4096
+    positions = trained_positions(model)
+    trained = f"the model's trained context of {positions} positions (max_position_embeddings)"
+    if positions is not None and opening >= positions:
+        raise UserError(f"--document: the documents take {opening} tokens, {trained} leaves no room for a turn")
+    if positions is not None and args.max_context is not None and args.max_context > positions:
+        raise UserError(f"--max-context {args.max_context} exceeds {trained}")
+    max_context = args.max_context or min(opening + 4096, positions or opening + 4096)
     if opening >= max_context:
         raise UserError(f"--max-context {max_context} leaves no room after the documents ({opening} tokens)")
     try:
@@ -109,6 +107,11 @@ def _chat_turns(chat, read_documents, about: str, max_context: int) -> None:
             continue
         if command == "/stats":
             print(format_columns(None, _chat_stats(chat, max_context)))
+            if chat.cache.retrieval_config.telemetry and chat.turns:
+                from ..evaluation.report import format_telemetry_table
+
+                print("telemetry: recall@k and attention mass held, per layer, over the conversation's decode steps")
+                print(format_telemetry_table(chat.cache.telemetry_summary()))
         elif command == "/reset":
             chat.reset()
             read_documents()
@@ -165,22 +168,17 @@ def _chat_stats(chat, max_context: int) -> list[tuple[str, str]]:
 
 def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
     """The options of ``chat``."""
-    defaults = RetrievalConfig()
-    chat.add_argument("--document", nargs="+", default=None, metavar="FILE",
-                      help=f"text files the conversation is about (default: the built-in {BUILTIN_DOCUMENT})")
+    chat.add_argument("--document", action="extend", nargs="+", default=None, metavar="FILE",
+                      help="text files the conversation is about, read in the order given; repeatable "
+                           f"(default: the built-in {BUILTIN_DOCUMENT})")
     chat.add_argument("--model", default=None, metavar="GGUF_OR_FOLDER",
                       help="GGUF file or transformers folder (default: the embedded SmolLM2-135M-Instruct)")
     chat.add_argument("--max-context", type=int, default=None, metavar="N",
                       help="tokens the conversation may reach (documents, turns, answers): memory is planned and "
-                           "the CPU store sized for it; a turn beyond it is refused (default: documents + 4096)")
+                           "the CPU store sized for it; a turn beyond it is refused (default: documents + 4096, at most the "
+                           "model's trained context)")
     chat.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer tokens at most per turn")
-    _add_retrieval_arguments(chat, defaults)
-    chat.add_argument("--index", default=defaults.index, choices=[AUTO, *available_indexes()],
-                      help="index backend (auto: flat for small offloaded sets, roar for large ones)")
-    chat.add_argument("--cpu-threads", type=int, default=None, metavar="N",
-                      help="threads for CPU search and attention (default: torch/numba defaults)")
     chat.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda or cuda:N")
-    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    chat.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="weight dtype")
     chat.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="tokens per prefill forward pass")
-    chat.add_argument("--gpu-memory-gib", type=float, default=None, metavar="G",
-                      help="CUDA memory budget in GiB: a conversation that would not fit is refused before reading")
+    add_retrieval_flags(chat, DECODING)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import re
 import sys
 import threading
 import time
@@ -18,18 +17,15 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from ..checks import ConfigError, dtype_named
 from ..config import RetrievalConfig
 from ..model_files import ModelFile, inspect_model
+from .flags import flag_of
 
 if TYPE_CHECKING:
     import torch
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
-RETRIEVAL_FLAGS = {  # RetrievalConfig fields -> the flags that set them, for error messages
-    "sink_tokens": "--sink", "window_tokens": "--window", "top_k": "--top-k", "index": "--index",
-    "index_params": "--index-param", "cpu_threads": "--cpu-threads", "gpu_memory_gib": "--gpu-memory-gib",
-    "retrieved_attention": "--retrieved-attention", "serve_while_building": "--wait-for-index",
-}
 
 
 class UserError(Exception):
@@ -59,15 +55,16 @@ class _Formatter(argparse.HelpFormatter):
 @contextlib.contextmanager
 def _user_errors(prefix: str = "", flags: dict[str, str] | None = None) -> Iterator[None]:
     """Within the block, a ValueError or FileNotFoundError (the library's checks of what the user gave) is a
-    ``UserError``; ``RetrievalConfig.<field>`` in its message reads as the flag that sets the field."""
+    ``UserError``; a ``ConfigError`` names the flag that sets its field: ``flags`` (a tool's settings fields
+    -> flags), else ``RetrievalConfig``'s flag of that field, else the field's own name as a flag
+    (``n_test``: ``--n-test``)."""
     try:
         yield
+    except ConfigError as err:
+        flag = (flags or {}).get(err.field) or flag_of(err.field) or f"--{err.field.replace('_', '-')}"
+        raise UserError(prefix + err.for_flag(flag)) from err
     except (ValueError, FileNotFoundError) as err:
-        message = str(err)
-        for field, flag in {**RETRIEVAL_FLAGS, **(flags or {})}.items():
-            message = re.sub(rf"\bRetrievalConfig\.{field}\b|^{field}(?= must\b)", flag, message)
-        message = message.replace("index_params['ef']", "--index-param ef=...")
-        raise UserError(prefix + message) from err
+        raise UserError(prefix + str(err)) from err
 
 
 def _at_least(flag: str, value: int, low: int) -> None:
@@ -107,6 +104,26 @@ def _cpu_threads(n: int | None) -> None:
         check_cpu_threads(n, "--cpu-threads")
 
 
+def _read_text(path: Path, flag: str) -> str:
+    """The UTF-8 text of the file ``path`` that ``flag`` names; UserError (naming both) for a missing path, a
+    folder, a binary or unreadable file, or one with no text."""
+    if not path.exists():
+        raise UserError(f"{flag}: {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{flag}: {path} is a folder, not a file" if path.is_dir() else f"{flag}: {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag}: {path} is not UTF-8 text (a binary file?)") from None
+    except OSError as err:
+        raise UserError(f"{flag}: {path} cannot be read: {err.strerror or err}") from None
+    if "\x00" in text:
+        raise UserError(f"{flag}: {path} holds NUL bytes: a binary file, not text")
+    if not text.strip():
+        raise UserError(f"{flag}: {path} is empty")
+    return text
+
+
 def _model(path: str | None) -> ModelFile:
     """The ``--model`` path checked and read (architecture, layers) without loading the model."""
     with _user_errors("--model: "):
@@ -119,12 +136,10 @@ def _model_name(path: str | None) -> str:
 
 def _load_model(path: str | None, info: ModelFile, device: torch.device, dtype_name: str) -> tuple:
     """(model, tokenizer) of ``--model`` (checked as ``info``) on ``device`` in ``--dtype``, its loading shown."""
-    import torch
-
     from ..hf import load_model, quiet_transformers
 
     quiet_transformers()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    dtype = dtype_named(dtype_name)
     with _stage(f"loading {_model_name(path)}" + (" (first run: de-quantising, cached for the next ones)"
                                                   if info.gguf and not info.cached else "")):
         with _user_errors("--model: "):
@@ -175,12 +190,3 @@ def _interrupted() -> int:
     print("interrupted (Ctrl-C): the table above covers what ran", file=sys.stderr)
     return INTERRUPTED
 
-
-def _add_retrieval_arguments(parser: argparse.ArgumentParser, defaults: RetrievalConfig) -> None:
-    """--top-k, --sink and --window: where a command's tokens go."""
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K",
-                        help="keys retrieved per query head per step")
-    parser.add_argument("--sink", type=int, default=defaults.sink_tokens, metavar="S",
-                        help="first tokens kept on the device")
-    parser.add_argument("--window", type=int, default=defaults.window_tokens, metavar="W",
-                        help="recent tokens kept on the device")

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import RetrievalConfig
-from ..index.registry import AUTO, available_indexes, parse_index_param
+from ..checks import DTYPE_NAMES
 from .common import (
-    UserError, _add_retrieval_arguments, _at_least, _cpu_threads, _device, _interrupted, _load_model, _model,
-    _out_dir, _user_errors,
+    UserError, _at_least, _cpu_threads, _device, _interrupted, _load_model, _model,
+    _out_dir, _read_text, _user_errors,
 )
+
+from .flags import DECODING, add_retrieval_flags, retrieval_config
 
 BUILTIN_PROMPT = "passkey.txt"
 TELEMETRY_PNG = "results/telemetry.png"
@@ -45,22 +46,7 @@ def _read_prompt(args: argparse.Namespace) -> tuple[str, bool]:
                             "(or leave --prompt out for the built-in pass-key document)")
         return args.prompt, False
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.exists():
-            raise UserError(f"--prompt-file: {path} does not exist")
-        if not path.is_file():
-            raise UserError(f"--prompt-file: {path} is not a file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"--prompt-file: {path} is not UTF-8 text (a binary file?)") from None
-        except OSError as err:
-            raise UserError(f"--prompt-file: {path} cannot be read: {err.strerror or err}") from None
-        if "\x00" in text:
-            raise UserError(f"--prompt-file: {path} holds NUL bytes: a binary file, not text")
-        if not text.strip():
-            raise UserError(f"--prompt-file: {path} is empty")
-        return text, False
+        return _read_text(Path(args.prompt_file), "--prompt-file"), False
     return resources.files("retrieval_attn").joinpath("data", BUILTIN_PROMPT).read_text(), True
 
 
@@ -86,14 +72,8 @@ def _sampling(args: argparse.Namespace) -> tuple[float, float, int | None]:
 
 def generate_command(args: argparse.Namespace) -> int:
     telemetry = args.telemetry or args.telemetry_png is not None  # a plot of the telemetry implies measuring it
-    with _user_errors("--index-param: "):
-        params = dict(parse_index_param(args.index, p) for p in args.index_param)
     with _user_errors():
-        config = RetrievalConfig(
-            sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index=args.index,
-            index_params=params, cpu_threads=args.cpu_threads, gpu_memory_gib=args.gpu_memory_gib,
-            telemetry=telemetry, serve_while_building=not args.wait_for_index,
-        )
+        config = retrieval_config(args, telemetry=telemetry)
     _cpu_threads(args.cpu_threads)
     _at_least("--max-new-tokens", args.max_new_tokens, 1)
     _at_least("--prefill-chunk", args.prefill_chunk, 2)
@@ -106,12 +86,21 @@ def generate_command(args: argparse.Namespace) -> int:
     info = _model(args.model)
 
     from ..evaluation.report import format_columns
-    from ..hf import Decoder, RetrievalCache, greedy, prompt_ids, sampler, stop_tokens
+    from ..hf import Decoder, RetrievalCache, greedy, prompt_ids, sampler, stop_tokens, trained_positions
     from ..planner import MemoryBudgetError
 
     model, tokenizer = _load_model(args.model, info, device, args.dtype)
     ids, chat = prompt_ids(tokenizer, prompt, chat=not (builtin or args.no_chat_template))
     n = ids.shape[1]
+    positions = trained_positions(model)
+    if positions is not None and n + args.max_new_tokens > positions:
+        raise UserError(f"the prompt ({n} tokens) + --max-new-tokens ({args.max_new_tokens}) = "
+                        f"{n + args.max_new_tokens} tokens exceeds the model's trained context of {positions} "
+                        "positions (max_position_embeddings): shorten the prompt or lower --max-new-tokens")
+    if config.sink_tokens + config.window_tokens >= n + args.max_new_tokens:
+        print(f"warning: --sink {config.sink_tokens} + --window {config.window_tokens} hold the whole prompt and "
+              f"answer ({n} + {args.max_new_tokens} tokens): nothing is offloaded, every step is full attention",
+              file=sys.stderr)
     try:
         cache = RetrievalCache(model, config, max_context=n + args.max_new_tokens, prefill_chunk=args.prefill_chunk)
     except MemoryBudgetError as err:
@@ -166,7 +155,7 @@ def generate_command(args: argparse.Namespace) -> int:
             ("index", f"{config.index} -> {stats[0].index} (top_k {config.top_k})"),
             ("prefill seconds", f"{prefill_s:.2f}" if prefill_s is not None
              else f"{time.perf_counter() - start:.2f} (interrupted after {prefilled} of {n} tokens)"),
-            ("first decode step seconds" + (" (waits for the indexes)" if args.wait_for_index else ""),
+            ("first decode step seconds" + (" (waits for the indexes)" if not args.serve_while_building else ""),
              f"{step_seconds[0]:.2f}" if step_seconds else "-"),
             ("seconds per decoded token (after the first)", f"{sum(later) / len(later):.4f}" if later else "-"),
             ("keys scanned per step (all layers, heads)", f"{sum(scanned) / max(len(scanned), 1):.0f}"),
@@ -191,7 +180,6 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     """The options of ``generate``."""
-    defaults = RetrievalConfig()
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: the built-in pass-key document)")
     src.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text file holding the prompt")
@@ -206,26 +194,10 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--top-p", type=float, default=None, metavar="P",
                      help="sample from the smallest set of tokens holding probability P (implies sampling)")
     gen.add_argument("--seed", type=int, default=None, metavar="N", help="seed of the sampling draws (default: random)")
-    _add_retrieval_arguments(gen, defaults)
-    gen.add_argument("--index", default=defaults.index, choices=[AUTO, *available_indexes()],
-                     help="index backend (auto: flat for small offloaded sets, roar for large ones)")
-    gen.add_argument("--index-param", action="append", default=[], metavar="NAME=VALUE",
-                     help="a parameter of the index backend (auto: roar's), repeatable, e.g. ef=300; "
-                          "ef follows --top-k when not set (README, Indexes)")
-    gen.add_argument("--wait-for-index", action="store_true",
-                     help="the first token waits for every layer's index build; by default exact search "
-                          "serves a layer until its background build lands (same tokens unless a tie "
-                          "differs, not the same retrieval)")
-    gen.add_argument("--cpu-threads", type=int, default=None, metavar="N",
-                     help="threads for CPU search and attention (default: torch/numba defaults)")
     gen.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda or cuda:N")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    gen.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="weight dtype")
     gen.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                      help="prompt tokens per prefill forward pass")
-    gen.add_argument("--gpu-memory-gib", type=float, default=None, metavar="G",
-                     help="CUDA memory budget in GiB: a prompt that would not fit is refused before prefill "
-                          "(default: the device's free memory)")
-    gen.add_argument("--telemetry", action="store_true",
-                     help="measure recall@k and attention mass per layer on the side (slower); print them")
+    add_retrieval_flags(gen, DECODING)
     gen.add_argument("--telemetry-png", default=None, metavar="FILE",
                      help=f"where the telemetry plot goes; implies --telemetry (default: {TELEMETRY_PNG})")

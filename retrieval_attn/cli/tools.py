@@ -14,12 +14,13 @@ import os
 import platform
 import sys
 
-from ..config import RetrievalConfig
+from ..checks import DTYPE_NAMES
 from ..index.registry import available_indexes
 from .common import (
-    UserError, _add_retrieval_arguments, _cpu_threads, _device, _interrupted, _model, _model_name, _out_dir,
+    UserError, _cpu_threads, _device, _interrupted, _model, _model_name, _out_dir,
     _stage, _user_errors,
 )
+from .flags import add_retrieval_flags, retrieval_config
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -27,15 +28,14 @@ def sweep_command(args: argparse.Namespace) -> int:
     from ..evaluation.report import Interrupted
     from ..evaluation.sweep import SweepSettings, format_sweep_table, run_sweep, write_results
 
-    flags = {"lengths": "--lengths", "ks": "--top-k", "n_test": "--n-test", "target_recall": "--target-recall",
-             "backends": "--backend", "train_positions": "--train-positions"}
-    with _user_errors(flags=flags):
+    with _user_errors("--backend: "):
         backends = tuple(parse_backend_spec(s) for s in args.backend) if args.backend else DEFAULT_BACKENDS
-        retrieval = RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, cpu_threads=args.cpu_threads)
+    with _user_errors(flags={"ks": "--top-k", "backends": "--backend"}):
         settings = SweepSettings(
-            lengths=tuple(args.lengths), layers=tuple(args.layers) if args.layers else None, retrieval=retrieval,
-            n_test=args.n_test, ks=tuple(args.top_k), target_recall=args.target_recall,
-            train_positions=args.train_positions, backends=backends, rows_dtype=args.rows_dtype,
+            lengths=tuple(args.lengths), layers=tuple(args.layers) if args.layers else None,
+            retrieval=retrieval_config(args), n_test=args.n_test, ks=tuple(args.ks),
+            target_recall=args.target_recall, train_positions=args.train_positions, backends=backends,
+            rows_dtype=args.rows_dtype,
         )
     _cpu_threads(args.cpu_threads)
     info = _model(args.model)
@@ -71,27 +71,23 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context lengths in tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
                         help="decoder layers to sample (default: 5 spread over depth, 3 9 16 22 29 for 30 layers)")
-    parser.add_argument("--sink", type=int, default=d.retrieval.sink_tokens, metavar="S",
-                        help="first tokens kept static (on the device)")
-    parser.add_argument("--window", type=int, default=d.retrieval.window_tokens, metavar="W",
-                        help="recent tokens kept static (on the device)")
+    add_retrieval_flags(parser, ("sink_tokens", "window_tokens"), d.retrieval)
     parser.add_argument("--n-test", type=int, default=d.n_test, metavar="N",
                         help="decode-like test positions per length")
-    parser.add_argument("--top-k", type=int, nargs="+", default=list(d.ks), metavar="K",
+    parser.add_argument("--top-k", dest="ks", type=int, nargs="+", default=list(d.ks), metavar="K",
                         help="top-k values; the first is primary")
     parser.add_argument("--target-recall", type=float, default=d.target_recall, metavar="R",
                         help="recall of the operating point")
     parser.add_argument("--train-positions", choices=["prefix", "middle"], default=d.train_positions,
                         help="positions whose queries train query-aware indexes")
-    parser.add_argument("--rows-dtype", choices=["float32", "bfloat16", "float16"], default=d.rows_dtype,
+    parser.add_argument("--rows-dtype", choices=DTYPE_NAMES, default=d.rows_dtype,
                         help="dtype the indexes read the keys in: float32 (each index its own copy) or the "
                              "model's half dtype, held once in a CPU store and read in place, as in decoding")
     parser.add_argument("--backend", action="extend", nargs="+", default=None, metavar="NAME[:PARAM=V1,V2,...]",
                         help=f"backends and parameter values, one or more, repeatable; names: "
                              f"{', '.join(available_indexes())} (default: "
                              + " ".join(str(b) for b in DEFAULT_BACKENDS) + ")")
-    parser.add_argument("--cpu-threads", type=int, default=d.retrieval.cpu_threads, metavar="N",
-                        help="CPU threads for index build and search (default: torch/numba/faiss defaults)")
+    add_retrieval_flags(parser, ("cpu_threads",), d.retrieval)
     parser.add_argument("--out", default="results/recall_sweep", metavar="DIR",
                         help="folder for CSV, JSON and PNG results")
     parser.add_argument("--cache-dir", default="results/qk_cache", metavar="DIR", help="folder caching captured q/k")
@@ -108,18 +104,13 @@ def bench_command(args: argparse.Namespace) -> int:
     on_gpu = device.type == "cuda"
     if args.gpu_memory_gib is not None and not on_gpu:
         raise UserError(f"--gpu-memory-gib caps a CUDA device's memory; --device is {device}")
-    flags = {"shape": "--shape", "contexts": "--contexts", "methods": "--methods", "steps": "--steps",
-             "warmup": "--warmup", "prefill_chunk": "--prefill-chunk"}
-    with _user_errors(flags=flags):
+    with _user_errors():
         settings = BenchSettings(
             shape=args.shape or ("llama3-8b" if on_gpu else "small"),
             contexts=tuple(args.contexts or ((32768, 65536, 131072) if on_gpu else (4096, 8192, 16384))),
             methods=tuple(args.methods), steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk,
             device=str(device), dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
-            retrieval=RetrievalConfig(sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k,
-                                      cpu_threads=args.cpu_threads, overlap=False if args.no_overlap else None,
-                                      retrieved_attention=args.retrieved_attention,
-                                      gpu_memory_gib=args.gpu_memory_gib),
+            retrieval=retrieval_config(args),
         )
     _cpu_threads(args.cpu_threads)
     out = _out_dir(args.out)
@@ -145,7 +136,6 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     """The options of ``bench``."""
-    defaults = RetrievalConfig()
     from ..evaluation.decode_bench import METHODS
 
     bench.add_argument("--shape", default=None, metavar="SHAPE",
@@ -161,18 +151,12 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--prefill-chunk", type=int, default=4096, metavar="N",
                        help="prompt tokens per prefill forward pass")
     bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    bench.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                        help="weight dtype (default: bfloat16 on a GPU, float32 on CPU)")
-    bench.add_argument("--gpu-memory-gib", type=float, default=None, metavar="G",
-                       help="CUDA memory budget of retrieval-attn, enforced, e.g. 24 to emulate a consumer card "
-                            "(default: the device's free memory)")
-    _add_retrieval_arguments(bench, defaults)
-    bench.add_argument("--cpu-threads", type=int, default=None, metavar="N",
-                       help="threads for CPU search and attention (default: torch/numba defaults)")
-    bench.add_argument("--retrieved-attention", choices=["cpu", "device"], default=defaults.retrieved_attention,
-                       help="attend over retrieved keys on the CPU (ship out+lse) or on the device "
-                            "(ship scores+values)")
-    bench.add_argument("--no-overlap", action="store_true", help="run the CPU part and the device attention in turn")
+    add_retrieval_flags(bench, ("gpu_memory_gib",), extra={"gpu_memory_gib": "; e.g. 24 to emulate a consumer "
+                                                            "card (the baselines run uncapped)"})
+    add_retrieval_flags(bench, ("sink_tokens", "window_tokens", "top_k", "cpu_threads", "retrieved_attention",
+                                "overlap"))
     bench.add_argument("--out", default="results/decode", metavar="DIR", help="folder for decode.json and decode.csv")
 
 
@@ -180,20 +164,13 @@ def eval_command(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import EMBEDDED_NAME, EvalSettings, format_eval_table, run_eval, write_results
     from ..evaluation.report import Interrupted
 
-    flags = {"lengths": "--lengths", "depths": "--depths", "samples": "--samples", "methods": "--methods",
-             "fidelity_tokens": "--fidelity-tokens", "fidelity_prefix": "--fidelity-prefix",
-             "prefill_chunk": "--prefill-chunk", "tasks": "--tasks"}
-    with _user_errors(flags=flags):
-        retrieval = RetrievalConfig(  # every method sets its index; flat's leaves top_k unbounded here
-            sink_tokens=args.sink, window_tokens=args.window, top_k=args.top_k, index="flat",
-            telemetry=args.telemetry, cpu_threads=args.cpu_threads,
-        )
+    with _user_errors():
         settings = EvalSettings(
             methods=tuple(args.methods), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
             depths=tuple(args.depths), samples=args.samples, fidelity_tokens=args.fidelity_tokens,
-            fidelity_prefix=args.fidelity_prefix, retrieval=retrieval, seed=args.seed,
+            fidelity_prefix=args.fidelity_prefix, retrieval=retrieval_config(args, index="flat"), seed=args.seed,
             prefill_chunk=args.prefill_chunk,
-        )
+        )  # every method sets its index; flat's leaves top_k unbounded here
     _cpu_threads(args.cpu_threads)
     _model(args.model)
     out = _out_dir(args.out)
@@ -236,19 +213,13 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
                     help="teacher-forced decode steps compared with full attention (0: skip)")
     ev.add_argument("--fidelity-prefix", type=int, default=d.fidelity_prefix, metavar="N",
                     help="tokens prefilled before them")
-    ev.add_argument("--top-k", type=int, default=d.retrieval.top_k, metavar="K",
-                    help="keys retrieved per query head per step")
-    ev.add_argument("--sink", type=int, default=d.retrieval.sink_tokens, metavar="S",
-                    help="first tokens kept on the device")
-    ev.add_argument("--window", type=int, default=d.retrieval.window_tokens, metavar="W",
-                    help="recent tokens kept on the device")
-    ev.add_argument("--telemetry", action="store_true", help="recall@k and attention mass per layer and method")
+    add_retrieval_flags(ev, ("top_k", "sink_tokens", "window_tokens", "telemetry"), d.retrieval)
     ev.add_argument("--seed", type=int, default=d.seed, metavar="N", help="base seed of the needle generators")
     ev.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, metavar="N",
                     help="tokens per prefill forward pass")
-    ev.add_argument("--cpu-threads", type=int, default=None, metavar="N",
-                    help="CPU threads of the whole run, 1 is often fastest on a shared machine "
-                         "(default: torch/numba defaults)")
+    add_retrieval_flags(ev, ("cpu_threads",), d.retrieval,
+                        extra={"cpu_threads": "; eval: also the threads of the whole run (1 is often fastest on "
+                                              "a shared machine)"})
     ev.add_argument("--out", default="results/eval", metavar="DIR", help="folder for JSON, CSV and PNG results")
 
 

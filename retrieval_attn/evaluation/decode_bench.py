@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import DTYPE_NAMES, ConfigError, check_choice, check_int, check_ints, dtype_named
 from ..config import RetrievalConfig
 from ..engine import STEP_PARTS
 from ..planner import GIB, MemoryBudgetError, resident_bytes
@@ -86,22 +87,21 @@ class BenchSettings:
     def __post_init__(self) -> None:
         from ..hf import MODEL_SHAPES
 
-        if self.shape not in MODEL_SHAPES:
-            raise ValueError(f"shape must be one of {list(MODEL_SHAPES)}, got {self.shape!r}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
-        for name, value, low in (("steps", self.steps, 1), ("warmup", self.warmup, 0),
-                                 ("prefill_chunk", self.prefill_chunk, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.contexts):
-            raise ValueError(f"contexts must be ints >= 2, got {list(self.contexts)}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        own = type(self).__name__
+        check_choice(own, "shape", self.shape, MODEL_SHAPES)
+        if not self.methods:
+            raise ConfigError(own, "methods", f"one or more of {', '.join(METHODS)}", self.methods)
+        for method in self.methods:
+            check_choice(own, "methods", method, METHODS)
+        check_int(own, "steps", self.steps, 1)
+        check_int(own, "warmup", self.warmup, 0)
+        check_int(own, "prefill_chunk", self.prefill_chunk, 2)
+        device = self.retrieval.sink_tokens + self.retrieval.window_tokens  # a context must offload something
+        check_ints(own, "contexts", self.contexts, device + 1, why=f"longer than sink + window = {device}, so that "
+                   "something is offloaded")
+        check_choice(own, "dtype", self.dtype, DTYPE_NAMES)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -198,7 +198,7 @@ def run_decode_bench(
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch has no CUDA device here; use --device cpu")
-    model = random_model(settings.shape, device=device, dtype=_DTYPES[settings.dtype])
+    model = random_model(settings.shape, device=device, dtype=dtype_named(settings.dtype))
     vocab = model.config.vocab_size
     short = min(min(settings.contexts), settings.retrieval.sink_tokens + settings.retrieval.window_tokens + 512)
     warm = torch.randint(0, vocab, (1, short), generator=torch.Generator().manual_seed(0)).to(device)

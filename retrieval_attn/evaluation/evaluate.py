@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import ConfigError, check_choice, check_int, check_ints
 from ..config import RetrievalConfig
 from ..index import backend_for, cpu_threads, index_class
 from .fidelity import fidelity_tables, plot_fidelity, run_fidelity
@@ -75,29 +76,28 @@ class EvalSettings:
     method_configs: dict[str, RetrievalConfig | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        own = type(self).__name__
         if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be distinct and not empty, got {list(self.methods)}")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise ValueError(f"tasks must be among {list(TASKS)}, got {bad}")
-        if self.tasks and (not self.lengths or not self.depths):
-            raise ValueError("lengths and depths must not be empty when tasks are given")
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in self.lengths):
-            raise ValueError(f"lengths must be ints >= 64, got {list(self.lengths)}")
-        if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths must be in [0, 1], got {list(self.depths)}")
-        for name, low in (("samples", 1), ("fidelity_tokens", 0), ("prefill_chunk", 2)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if not self.tasks and self.fidelity_tokens == 0:
-            raise ValueError("nothing to run: give tasks or fidelity_tokens > 0")
+            raise ConfigError(own, "methods", "one or more distinct methods", self.methods)
+        for task in self.tasks:
+            check_choice(own, "tasks", task, TASKS)
         device = self.retrieval.sink_tokens + self.retrieval.window_tokens
-        if self.tasks and min(self.lengths) <= device:
-            raise ValueError(
-                f"lengths must exceed sink + window = {device} (else nothing is offloaded), got {min(self.lengths)}"
-            )
-        if self.fidelity_tokens and self.fidelity_prefix <= device:
-            raise ValueError(f"fidelity_prefix must exceed sink + window = {device}, got {self.fidelity_prefix}")
+        if self.tasks:  # a needle context must offload something
+            check_ints(own, "lengths", self.lengths, max(64, device + 1), why=f"longer than sink + window = {device}, "
+                       "so that something is offloaded")
+            if not self.depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+                                      for d in self.depths):
+                raise ConfigError(own, "depths", "one or more numbers in [0, 1]", self.depths)
+        check_int(own, "samples", self.samples, 1)
+        check_int(own, "fidelity_tokens", self.fidelity_tokens, 0)
+        check_int(own, "prefill_chunk", self.prefill_chunk, 2)
+        if not self.tasks and self.fidelity_tokens == 0:
+            raise ConfigError(own, "fidelity_tokens", "> 0 when no needle task is given (nothing to run)", 0)
+        if self.fidelity_tokens:
+            if isinstance(self.fidelity_prefix, bool) or not isinstance(self.fidelity_prefix, int) \
+                    or self.fidelity_prefix <= device:
+                raise ConfigError(own, "fidelity_prefix", f"an int > sink + window = {device}, so that something is "
+                                  "offloaded", self.fidelity_prefix)
         configs = {m: method_config(m, self.retrieval) for m in self.methods}
         builds = ([min(self.lengths)] if self.tasks else []) + ([self.fidelity_prefix] if self.fidelity_tokens else [])
         offloaded = min(builds) - device  # keys the first decode indexes, at the least

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checks import ConfigError, missing_library_message
 from ..config import RetrievalConfig
 from ..index import AUTO, available_indexes, missing_library, params_class
 from ..engine.telemetry import LayerTelemetry, summarise
@@ -49,8 +50,8 @@ def method_config(method: str, retrieval: RetrievalConfig) -> RetrievalConfig | 
     names = [FULL, SINK_WINDOW, AUTO, *available_indexes()]
     if spec.name not in names:
         lacking = missing_library(spec.name)
-        why = f" (it needs the {lacking} package, which is not installed here)" if lacking else ""
-        raise ValueError(f"method must be one of {names} (with optional :param=value), got {method!r}{why}")
+        raise ConfigError("", "methods", f"one or more of {', '.join(names)} (an index with optional :param=value)",
+                          method, hint=f" (it {missing_library_message(lacking)})" if lacking else "")
     multi = [p for p, vs in spec.params.items() if len(vs) != 1]
     if multi:
         raise ValueError(f"method {method!r}: give one value per parameter, got several for {multi}")

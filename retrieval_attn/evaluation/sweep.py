@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checks import DTYPE_NAMES, ConfigError, dtype_named, check_choice, check_int, check_ints, check_number, missing_library_message
 from ..config import RetrievalConfig
 from ..index import available_indexes, cpu_threads, index_class, make_index, missing_library
 from ..offload import KVStore
@@ -103,44 +104,30 @@ class SweepSettings:
     rows_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.rows_dtype not in ROWS_DTYPES:
-            raise ValueError(f"rows_dtype must be one of {list(ROWS_DTYPES)}, got {self.rows_dtype!r}")
-        if not self.lengths or any(n < 1 for n in self.lengths):
-            raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
-        if self.n_test < 1:
-            raise ValueError(f"n_test must be >= 1, got {self.n_test}")
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise ValueError(f"ks must be positive, got {self.ks}")
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-        if self.train_positions not in ("prefix", "middle"):
-            raise ValueError(f"train_positions must be 'prefix' or 'middle', got {self.train_positions!r}")
+        own = type(self).__name__
+        check_choice(own, "rows_dtype", self.rows_dtype, DTYPE_NAMES)
+        check_int(own, "n_test", self.n_test, 1)
+        check_ints(own, "ks", self.ks, 1)
+        check_number(own, "target_recall", self.target_recall, 0, 1, low_open=True)
+        check_choice(own, "train_positions", self.train_positions, ("prefix", "middle"))
         names = available_indexes()
         for spec in self.backends:
-            if missing_library(spec.name):
-                raise ValueError(f"backends: {spec.name!r} needs the {missing_library(spec.name)} package, "
-                                 "which is not installed here")
-            if spec.name not in names:
-                raise ValueError(f"backends: unknown backend {spec.name!r}; available: {', '.join(names)}")
+            lacking = missing_library(spec.name)
+            check_choice(own, "backends", spec.name, names, f" (it {missing_library_message(lacking)})" if lacking else "")
             unknown = sorted(set(spec.params) - set(index_class(spec.name).params))
             if unknown:
                 raise ValueError(f"backend {spec.name!r}: unknown parameter(s) {unknown}; allowed: "
                                  f"{sorted(index_class(spec.name).params) or 'none'}")
         need = self.retrieval.sink_tokens + self.retrieval.window_tokens + self.n_test + max(self.ks)
-        if min(self.lengths) < need:
-            raise ValueError(
-                f"length {min(self.lengths)} leaves fewer than max(ks)={max(self.ks)} middle keys: "
-                f"lengths must be >= sink + window + n_test + max(ks) = {need}"
-            )
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < need for n in self.lengths):
+            raise ConfigError(own, "lengths", f"one or more token counts >= {need} (sink + window + n_test + the "
+                              "largest top-k: the keys a test position can retrieve)", self.lengths)
 
 
 def operating_point(scanned: Sequence[float], min_recall: Sequence[float], target: float) -> int | None:
     """Index of the cheapest grid point (smallest ``scanned``) whose ``min_recall`` reaches ``target``, or None."""
     ok = [i for i, r in enumerate(min_recall) if r >= target]
     return min(ok, key=lambda i: scanned[i]) if ok else None
-
-
-ROWS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -163,7 +150,7 @@ def _layer_problem(q: np.ndarray, k: np.ndarray, settings: SweepSettings, scale:
     mid0, mid1 = s, n - t - w  # middle keys [mid0, mid1)
     if mid1 - mid0 < max(settings.ks):
         raise ValueError(f"{n} tokens leave {mid1 - mid0} middle keys, fewer than k={max(settings.ks)}")
-    rows = torch.from_numpy(np.ascontiguousarray(k[:, mid0:mid1])).to(ROWS_DTYPES[settings.rows_dtype])
+    rows = torch.from_numpy(np.ascontiguousarray(k[:, mid0:mid1])).to(dtype_named(settings.rows_dtype))
     keys_mid = rows.float().numpy()  # [G, n_mid, D]: the keys the index reads, in fp32 for the exact scores
     source: Any = keys_mid
     if settings.rows_dtype != "float32":

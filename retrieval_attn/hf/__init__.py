@@ -21,7 +21,10 @@ from .generate import (
     sampler,
     stop_tokens,
 )
-from .models import MODEL_SHAPES, cached_copy, embedded_model_path, load_model, quiet_transformers, random_model
+from .models import (
+    MODEL_SHAPES, cached_copy, embedded_model_path, load_model, quiet_transformers, random_model,
+    trained_positions,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -46,4 +49,5 @@ __all__ = [
     "random_model",
     "sampler",
     "stop_tokens",
+    "trained_positions",
 ]

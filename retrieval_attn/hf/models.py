@@ -33,7 +33,7 @@ from ..model_files import (
 
 __all__ = [
     "EMBEDDED_GGUF", "MODEL_SHAPES", "cached_copy", "embedded_model_path", "load_model", "quiet_transformers",
-    "random_model",
+    "random_model", "trained_positions",
 ]
 
 # named LlamaConfig shapes of random models: the Llama-3-8B shape for GPUs, smaller ones for CPUs and CI
@@ -118,6 +118,13 @@ def _save_dequantised(model: torch.nn.Module, tokenizer: Any, folder: Path) -> N
             warnings.warn(f"could not cache the de-quantised model in {folder}: {err}", RuntimeWarning, stacklevel=3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trained_positions(model: torch.nn.Module) -> int | None:
+    """The positions the model was trained on (its config's ``max_position_embeddings``), or None if it does not
+    say. Past them a RoPE model's attention degrades: 8,192 for the embedded SmolLM2."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
 
 
 def quiet_transformers() -> None:
