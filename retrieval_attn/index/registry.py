@@ -26,6 +26,8 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..checks import missing_library_message
+
 if TYPE_CHECKING:
     from .base import KeyIndex
 
@@ -76,8 +78,7 @@ def index_class(name: str) -> type[KeyIndex]:
     the usable names (and naming the library a known backend lacks)."""
     if isinstance(name, str) and name not in _REGISTRY and name in _MODULES:
         if (package := missing_library(name)) is not None:
-            raise ValueError(f"index {name!r} needs the {package} package, which is not installed here; "
-                             f"use one of {available_indexes()}")
+            raise ValueError(f"index {name!r} {missing_library_message(package)}; use one of {available_indexes()}")
         importlib.import_module(f"{__package__}.{_MODULES[name]}")
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"index must be one of {available_indexes()}, got {name!r}")
