@@ -121,5 +121,5 @@ def test_bad_flags_raise_and_summary_outputs(tmp_path):
              "mass_mean": 0.99, "mass_worst_head": 0.98, "mass_min": 0.9}]
     table = format_telemetry_table(rows)
     assert "recall worst head" in table and "0.9900" in table
-    path = plot_telemetry({"flat": rows}, tmp_path / "t.png", "test")
+    path = plot_telemetry({"flat": rows}, tmp_path / "t.png", "test", 100)
     assert path.stat().st_size > 1000

@@ -174,7 +174,7 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"\ntelemetry: recall@{config.top_k} and attention mass held, per layer, over {len(step_seconds)} "
               "decode steps")
         print(format_telemetry_table(rows))
-        print(f"plot: {plot_telemetry({config.index: rows}, png, 'generate')}")
+        print(f"plot: {plot_telemetry({config.index: rows}, png, 'generate', config.top_k)}")
     return _interrupted() if interrupted else 0
 
 

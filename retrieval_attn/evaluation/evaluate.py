@@ -205,7 +205,8 @@ def write_results(report: EvalReport, folder: str | Path) -> list[Path]:
         series: dict[str, list[dict[str, Any]]] = {}
         for r in report.telemetry:
             series.setdefault(r["method"], []).append(r)
-        paths.append(plot_telemetry(series, folder / "telemetry.png", f"retrieval telemetry, {report.model}"))
+        paths.append(plot_telemetry(series, folder / "telemetry.png", f"retrieval telemetry, {report.model}",
+                                    report.settings.retrieval.top_k))
     return paths
 
 

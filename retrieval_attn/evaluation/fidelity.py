@@ -109,16 +109,21 @@ def fidelity_tables(
 def plot_fidelity(bins: list[dict[str, Any]], model: str, path: Path) -> Path:
     """PNG of KL, top-1 agreement and perplexity by position bin, one curve per method."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for i, m in enumerate(dict.fromkeys(b["method"] for b in bins)):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    styles = ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.", "*:")  # methods that agree stay visible on top of each other
+    methods = list(dict.fromkeys(b["method"] for b in bins))
+    for i, m in enumerate(methods):
         rows = [b for b in bins if b["method"] == m]
         x = [(b["position_start"] + b["position_end"]) / 2 for b in rows]
         color = plt.get_cmap("tab10")(i % 10)
         for ax, key in zip(axes, ("kl_mean", "top1_agreement", "ppl")):
-            if m != FULL or key == "ppl":
-                ax.plot(x, [max(b[key], 1e-7) if key == "kl_mean" else b[key] for b in rows], "o-", color=color,
-                        label=m, ms=3)
+            if m != FULL or key != "kl_mean":  # full's KL against itself is 0: no point on a log axis
+                ax.plot(x, [max(b[key], 1e-7) if key == "kl_mean" else b[key] for b in rows], styles[i % len(styles)],
+                        color=color, label=m, ms=4 + 2 * (len(methods) - i) / len(methods), alpha=0.85,
+                        mfc="none" if i % 2 else color)
     axes[0].set_yscale("log")
+    if FULL in methods:
+        axes[0].set_title("full: KL 0 (it is the reference), not drawn on the log axis", fontsize=8, color="grey")
     for ax, label in zip(axes, ("KL(full || method), nats (mean per bin)", "top-1 agreement with full",
                                 "perplexity")):
         ax.set_xlabel("token position")

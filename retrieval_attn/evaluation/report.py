@@ -107,10 +107,12 @@ def format_telemetry_table(rows: Sequence[Mapping[str, float | int]], label: str
     return format_columns(header, [[r[label], r["steps"], *(f"{r[f]:.4f}" for f in _TELEMETRY_FIELDS)] for r in rows])
 
 
-def plot_telemetry(series: Mapping[str, Sequence[Mapping[str, float | int]]], path: str | Path, title: str) -> Path:
+def plot_telemetry(series: Mapping[str, Sequence[Mapping[str, float | int]]], path: str | Path, title: str,
+                   top_k: int) -> Path:
     """PNG of recall and mass per layer (mean: solid, worst head: dashed), one curve per series.
 
     series : name (e.g. a method) -> ``telemetry.summarise`` rows with a ``layer`` field.
+    top_k : the k of the recall (the keys retrieved per query head and step).
     """
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -120,8 +122,8 @@ def plot_telemetry(series: Mapping[str, Sequence[Mapping[str, float | int]]], pa
         for ax, metric in zip(axes, ("recall", "mass")):
             ax.plot(layers, [r[f"{metric}_mean"] for r in rows], "o-", color=color, label=name, ms=3)
             ax.plot(layers, [r[f"{metric}_worst_head"] for r in rows], "--", color=color, alpha=0.6)
-    axes[0].set_ylabel("recall@k of the retrieved keys")
-    axes[1].set_ylabel("attention mass held (sink + window + retrieved)")
+    axes[0].set_ylabel(f"recall@{top_k} of the retrieved keys")
+    axes[1].set_ylabel("mass held: sink + window + retrieved")
     for ax in axes:
         ax.set_xlabel("layer")
         ax.grid(True, alpha=0.3)

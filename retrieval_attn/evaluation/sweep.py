@@ -474,7 +474,7 @@ def _plot(report: SweepReport, folder: Path) -> list[Path]:
     ):
         scale = 100.0 if xkey == "scanned_median" else 1.0
         panels = max(len(lengths), 1)
-        fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.6), squeeze=False)
+        fig, axes = plt.subplots(1, panels, figsize=(max(5.6 * panels, 9.0), 4.8), squeeze=False)
         for ax, n in zip(axes[0], lengths):
             n_keys = "?"
             for b in backends:
@@ -497,9 +497,9 @@ def _plot(report: SweepReport, folder: Path) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6) or 1, frameon=False)
-        fig.suptitle(f"{model}, layers {list(report.layers)}: recall@{k} against cost (solid: median over heads, "
-                     f"dashed: min, dotted: target {report.settings.target_recall})")
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.suptitle(f"{model}, layers {list(report.layers)}: recall@{k} against cost\n(solid: median over heads, "
+                     f"dashed: worst head, dotted: target {report.settings.target_recall})", fontsize=10)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))  # the two-line title and the legend below stay inside the figure
         fig.savefig(folder / fname, dpi=110)
         plt.close(fig)
         out.append(folder / fname)
