@@ -47,6 +47,9 @@ def test_main_job_command_prints_the_answer():
     assert result.returncode == 0, result.stderr[-2000:]
     assert PASSKEY in result.stdout
     assert "offloaded" in result.stdout and "seconds per decoded token" in result.stdout
+    assert re.search(r"\nindex +roar -> roar \(top_k 100\)\n", result.stdout), result.stdout  # the graph ran
+    fraction = float(re.search(r"keys scanned per query head \(mean fraction\) +([0-9.]+)", result.stdout).group(1))
+    assert 0 < fraction < 1, result.stdout  # it scored a part of the offloaded keys, not all
     assert "warning" not in result.stderr.lower(), result.stderr[-2000:]  # no deprecation or other warning
     assert "Loading weights" not in result.stderr, result.stderr[-2000:]  # transformers' own bars are silenced
 
