@@ -39,6 +39,7 @@ from ..config import RetrievalConfig
 from .chat import add_chat_arguments, chat_command
 from .common import INTERRUPTED, UserError, _Formatter, _Parser
 from .generate import add_generate_arguments, generate_command
+from .serve import add_serve_arguments, serve_command
 from .tools import (
     add_bench_arguments, add_cache_arguments, add_eval_arguments, add_sweep_arguments, bench_command, cache_command,
     eval_command, sweep_command,
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                                    generate_command), defaults)
     add_chat_arguments(command("chat", "a conversation about long documents, read once (turns from stdin if piped)",
                                chat_command), defaults)
+    add_serve_arguments(command("serve", "an OpenAI-compatible server whose conversations keep their KV offloaded "
+                                "and reused", serve_command), defaults)
     add_sweep_arguments(command("sweep", "recall versus cost of every index backend on the model's real "
                                 "queries/keys", sweep_command))
     add_bench_arguments(command("bench", "decode speed and memory against transformers (full and offloaded cache)",
