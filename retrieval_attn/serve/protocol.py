@@ -108,7 +108,7 @@ def _common(body: Any, kind: str, max_context: int) -> dict[str, Any]:
     if None not in limits and limits[0] != limits[1]:
         raise _invalid("max_completion_tokens", f"differs from max_tokens ({limits[1]} vs {limits[0]}); give one")
     stop = body.get("stop")
-    stop = (stop,) if isinstance(stop, str) else stop
+    stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP
                              or not all(isinstance(s, str) and s for s in stop)):
         raise _invalid("stop", f"must be a non-empty string or a list of at most {MAX_STOP} of them, got {stop!r}")
