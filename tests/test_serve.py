@@ -34,7 +34,6 @@ from retrieval_attn.cli import main
 from retrieval_attn.planner import MemoryBudgetError
 from retrieval_attn.serve.pool import ConversationPool, PoolFull
 
-from .conftest import PASSKEY
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-23"
@@ -396,3 +395,40 @@ def test_pool_continues_the_longest_prefix_and_drops_least_recent_for_memory():
     assert err.value.busy == 2 and "does not fit" in str(err.value)
     pool.give_back(c, keep=False)  # a failed request's conversation is dropped
     assert pool.conversations == [b]
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_like_generate_and_continues_its_text_sooner(tmp_path):
+    """The embedded SmolLM2 on a pass-key document as plain text (the README's main command, shortened): the
+    server's greedy completion is ``generate --no-chat-template``'s, and a request that continues the text
+    reuses the kept cache (only its new tokens prefilled) and gets its first token sooner."""
+    text = resources.files("retrieval_attn").joinpath("data", "passkey.txt").read_text()
+    document = text[:4500] + "\nWhat is the pass key? The pass key is"  # ~1,200 tokens
+    flags = ["--sink", "64", "--window", "128", "--top-k", "100"]
+    path = tmp_path / "document.txt"
+    path.write_text(document)
+    done = subprocess.run([sys.executable, "-m", "retrieval_attn", "generate", "--prompt-file", str(path),
+                           "--no-chat-template", "--max-new-tokens", "6", *flags], capture_output=True, text=True,
+                          env=env(), cwd=ROOT, timeout=4 * TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    expected = done.stdout[: done.stdout.index("\nprompt tokens")]
+    assert expected.strip()
+    s = Server(["--max-context", "2048", *flags], tmp_path / "server.log")
+    try:
+        client = s.client("any")  # no --api-key: any key is accepted
+        name = client.models.list().data[0].id
+        start = time.perf_counter()
+        first = client.completions.create(model=name, prompt=document, max_tokens=6, temperature=0)
+        fresh_seconds = time.perf_counter() - start
+        assert first.choices[0].text == expected
+        follow = f"{document}{expected} Repeat the pass key:"
+        start, ttft = time.perf_counter(), None
+        for chunk in client.completions.create(model=name, prompt=follow, max_tokens=6, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].text and ttft is None:
+                ttft = time.perf_counter() - start
+            usage = chunk.usage or None
+        assert usage.prompt_tokens_details.cached_tokens == first.usage.total_tokens
+        assert ttft < fresh_seconds / 3, (ttft, fresh_seconds)
+    finally:
+        assert s.stop() == 0
