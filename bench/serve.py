@@ -8,13 +8,16 @@ the shipped book, ``--document-tokens`` long; a client-specific first line, so n
 and asks ``--turns`` questions in a row, sending back every answer. Measured per (schedule, clients):
 requests/s, time to the first answer token (p50 and p99, split into first turns, which prefill the
 document, and later turns, which reuse the kept cache), answer tokens/s, prompt tokens reused, errors
-(must be 0). Then, on the first schedule's server, ``--soak-clients`` clients go on asking until the
-server has answered ``--soak-requests`` requests: its resident memory after 20 and after that many
-requests (from ``/v1/stats``), beside the planned bytes of the conversations it keeps (``--max-conversations``).
+(must be 0). On the first schedule's server, before the client counts (so the server's 20th request
+is the soak's), ``--soak-clients`` clients ask turn after turn (a new conversation every
+``--soak-turns``) until the server has answered ``--soak-requests`` requests: its resident memory after
+20 and after that many requests (from ``/v1/stats``), beside the planned bytes of the conversations it
+keeps (``--max-conversations``). The other servers get one warm-up request first.
 
 Prints tables and a final JSON line; writes serve.json into ``--out``.
 
-    python bench/serve.py --clients 1 2 4 8 --document-tokens 2000 --turns 3 --soak-requests 200
+    python bench/serve.py --clients 1 2 4 8 --document-tokens 1000 --turns 3 --soak-requests 200 \\
+        --server-args --sink 64 --window 128 --top-k 100
 """
 
 from __future__ import annotations
@@ -187,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="GGUF file or folder (default: the embedded SmolLM2)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--schedules", nargs="+", default=["interleave", "fifo"], choices=["interleave", "fifo"])
-    parser.add_argument("--document-tokens", type=int, default=2000)
+    parser.add_argument("--document-tokens", type=int, default=1000)
     parser.add_argument("--turns", type=int, default=3, help="questions per conversation at each client count")
     parser.add_argument("--max-tokens", type=int, default=8, help="answer tokens per request")
     parser.add_argument("--soak-requests", type=int, default=200, help="requests answered before the last RSS reading")
     parser.add_argument("--soak-clients", type=int, default=4)
-    parser.add_argument("--soak-turns", type=int, default=20, help="turns of a soak conversation before a new one")
+    parser.add_argument("--soak-turns", type=int, default=25, help="turns of a soak conversation before a new one")
     parser.add_argument("--max-context", type=int, default=4096)
     parser.add_argument("--max-conversations", type=int, default=8)
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
@@ -213,12 +216,16 @@ def main(argv: list[str] | None = None) -> int:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", timeout=600, max_retries=0)
             model = client.models.list().data[0].id
             base = server.stats()["rss_bytes"]
+            if i == 0 and args.soak_requests:  # first, so that its 20th request is the server's 20th
+                soak = {"schedule": schedule, "rss_at_start_bytes": base, **_soak(server, client, model, args)}
+                print(f"soak: {soak['after_all']['requests']} requests, errors {soak['errors']}", file=sys.stderr,
+                      flush=True)
+            else:  # warm-up (kernels compiled, thread choices made), not measured
+                Conversation(client, model, "Warm up.", args.max_tokens).ask()
             for clients in args.clients:
                 levels.append(_level(server, client, model, schedule, clients, args))
                 print(f"{schedule} x{clients}: {levels[-1]['requests_per_second']:.2f} req/s, "
                       f"errors {levels[-1]['errors']}", file=sys.stderr, flush=True)
-            if i == 0 and args.soak_requests:
-                soak = {"schedule": schedule, "rss_at_start_bytes": base, **_soak(server, client, model, args)}
         finally:
             server.stop()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -280,6 +281,26 @@ def test_wrong_method_and_the_real_client_see_openai_errors(server):
     with pytest.raises(openai.NotFoundError, match="gpt-4o"):
         server.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert server.get("/v1/models")[1]["data"][0]["id"] == "tiny"
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)  # a body too large: unread
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("authorization", f"Bearer {KEY}"), ("content-type", "application/json"),
+                        ("content-length", str(1 << 30))):
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+
+
+def test_the_readme_server_example_runs(server, tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "OpenAI(base_url" in b)
+    block = block.replace("http://127.0.0.1:8000", server.url).replace('"unused"', repr(KEY))
+    (tmp_path / "book.txt").write_text(DOCUMENT[:2000])
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(block.replace("SmolLM2-135M-Instruct", "tiny").replace("max_tokens=64", "max_tokens=8"), namespace)
+    assert namespace["answer"].usage.completion_tokens == 8
 
 
 def test_api_key_is_enforced(server):
@@ -432,3 +453,31 @@ def test_embedded_model_answers_like_generate_and_continues_its_text_sooner(tmp_
         assert ttft < fresh_seconds / 3, (ttft, fresh_seconds)
     finally:
         assert s.stop() == 0
+
+
+def test_a_request_beyond_the_memory_plan_gets_400_alone_and_503_beside_busy_conversations(tiny_folder):
+    """The planner refuses a new conversation's cache: with nothing to drop it is the request's own size (400),
+    while other requests hold conversations it is load (503); nothing ran on the model either way."""
+    from retrieval_attn import RetrievalConfig
+    from retrieval_attn.hf import load_model
+    from retrieval_attn.serve import APIError, ServeSettings, Service
+    from retrieval_attn.serve.protocol import parse_chat
+
+    model, tokenizer = load_model(tiny_folder)
+    service = Service(model, tokenizer, RetrievalConfig(sink_tokens=16, window_tokens=32),
+                      ServeSettings(model_name="tiny", max_context=1024))
+
+    def refuse(prompt_tokens):
+        raise MemoryBudgetError("a context of 1024 tokens (batch 1) does not fit: host memory needs ...")
+
+    service.pool.new_cache = refuse
+    request = parse_chat(chat_body(), 1024)
+    with pytest.raises(APIError) as err:
+        service.admit(request, print, print)
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded" and "does not fit" in str(err.value)
+    held = service.pool.conversations
+    held.append(type("Busy", (), {"busy": True, "kind": "chat", "tokens": [], "text": None, "cache": None, "planned_bytes": 0})())
+    with pytest.raises(APIError) as err:
+        service.admit(request, print, print)
+    assert err.value.status == 503 and err.value.code == "server_overloaded"
+    assert service.scheduler.active == 0 and service.counts["refused"] == 2

@@ -37,6 +37,7 @@ __all__ = ["create_app"]
 
 SHUTDOWN_SECONDS = 10.0  # how long shutdown waits for cancelled jobs to reach their next forward pass
 DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a whole answer is still there
+MAX_BODY_BYTES = 64 << 20  # a request body beyond this is refused (413) unread: ~16M tokens of text
 
 
 def _error(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -114,6 +115,12 @@ def create_app(service: Service) -> FastAPI:
 
 async def _generate(service: Service, request: Request, kind: str):
     """Check, admit and run one generation request; its answer as JSON or as a stream of events."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        service.count("requests")
+        service.count("refused")
+        raise APIError(413, f"the request body has {int(declared)} bytes, more than this server reads "
+                       f"({MAX_BODY_BYTES})", code="request_too_large")
     raw = await request.body()
     try:
         body = json.loads(raw)

@@ -31,8 +31,7 @@ class APIError(Exception):
                  kind: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind = kind or {401: "authentication_error", 404: "invalid_request_error",
-                             503: "server_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -116,7 +115,8 @@ def _common(body: Any, kind: str, max_context: int) -> dict[str, Any]:
     if not isinstance(stream, bool) and stream is not None:
         raise _invalid("stream", f"must be true or false, got {stream!r}")
     options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+    if options is not None and (not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
         raise _invalid("stream_options", f"must be an object with a boolean include_usage, got {options!r}")
     return dict(
         kind=kind, model=model, max_tokens=next((x for x in limits if x is not None), None),
@@ -168,7 +168,8 @@ def parse_completion(body: Any, max_context: int, vocab_size: int) -> Generation
         if bad:
             raise _invalid("prompt", f"token ids must be in [0, {vocab_size - 1}], got {bad[:5]}")
         return GenerationRequest(prompt=tuple(prompt), **fields)
-    raise _invalid("prompt", f"must be a non-empty string, a list of one string, or a list of token ids, got {prompt!r}")
+    raise _invalid("prompt", f"must be a non-empty string, a list of one string, or a list of token ids, "
+                   f"got {prompt!r}")
 
 
 def usage_body(outcome: Outcome) -> dict[str, Any]:

@@ -217,7 +217,7 @@ class Service:
                     "answer_tokens": len(job.tokens), "finish_reason": job.finish_reason,
                     "first_token_seconds": job.first_token_seconds,
                     "seconds_per_token": sum(steps) / len(steps) if steps else None,
-                    "keys_scanned_per_step": sum(s.keys_scanned_last_step for s in conversation.cache.stats),
+                    "keys_scanned_last_step": sum(s.keys_scanned_last_step for s in conversation.cache.stats),
                 }
             self.pool.give_back(conversation, keep)
 
