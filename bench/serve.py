@@ -146,7 +146,8 @@ def _level(server: Server, client, model: str, schedule: str, clients: int, args
         "ttft_p50": _percentile([r["ttft"] for r in ok], 50), "ttft_p99": _percentile([r["ttft"] for r in ok], 99),
         "first_turn_ttft_p50": _percentile(first, 50), "first_turn_ttft_p99": _percentile(first, 99),
         "later_turn_ttft_p50": _percentile(later, 50), "later_turn_ttft_p99": _percentile(later, 99),
-        "reused_prompt_tokens": sum(r["cached_tokens"] for r in ok), "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+        "reused_prompt_tokens": sum(r["cached_tokens"] for r in ok),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
     }
 
 
@@ -186,7 +187,8 @@ def _soak(server: Server, client, model: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file or folder (default: the embedded SmolLM2)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--schedules", nargs="+", default=["interleave", "fifo"], choices=["interleave", "fifo"])

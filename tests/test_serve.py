@@ -476,7 +476,8 @@ def test_a_request_beyond_the_memory_plan_gets_400_alone_and_503_beside_busy_con
         service.admit(request, print, print)
     assert err.value.status == 400 and err.value.code == "context_length_exceeded" and "does not fit" in str(err.value)
     held = service.pool.conversations
-    held.append(type("Busy", (), {"busy": True, "kind": "chat", "tokens": [], "text": None, "cache": None, "planned_bytes": 0})())
+    busy = {"busy": True, "kind": "chat", "tokens": [], "text": None, "cache": None, "planned_bytes": 0}
+    held.append(type("Busy", (), busy)())  # a conversation a request in flight holds
     with pytest.raises(APIError) as err:
         service.admit(request, print, print)
     assert err.value.status == 503 and err.value.code == "server_overloaded"
