@@ -155,7 +155,7 @@ def test_version_and_python_dash_m():
 def test_every_option_has_help_and_shows_its_default():
     parser = cli._parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert sorted(commands) == ["bench", "cache", "chat", "eval", "generate", "sweep"]
+    assert sorted(commands) == ["bench", "cache", "chat", "eval", "generate", "serve", "sweep"]
     for name, sub in commands.items():
         helps = {a.dest: a for a in sub._actions if a.option_strings and a.dest != "help"}
         text = sub.format_help()
