@@ -172,7 +172,7 @@ def test_every_option_has_help_and_shows_its_default():
     def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
         return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
-    assert sorted(subcommands(cli._parser([]))) == ["bench", "cache", "chat", "eval", "generate", "sweep"]
+    assert sorted(subcommands(cli._parser([]))) == ["bench", "cache", "chat", "eval", "generate", "serve", "sweep"]
     one_name = {"cpu-threads": "threads", "top-k": "k"}  # one name per concept across subcommands
     for name in cli.COMMANDS:
         sub = subcommands(cli._parser([name]))[name]  # a command's flags are added when it is named

@@ -1,4 +1,4 @@
-"""The ``retrieval-attn`` command line: ``generate``, ``chat``, ``sweep``, ``bench``, ``eval`` and ``cache``.
+"""The ``retrieval-attn`` command line: ``generate``, ``chat``, ``serve``, ``sweep``, ``bench``, ``eval``, ``cache``.
 
 The only package of ``retrieval_attn`` that prints. This module holds the entry point (``main``) and
 the parser that names every command; each command's flags and run live in its own module:
@@ -52,6 +52,7 @@ class _Command(NamedTuple):
 COMMANDS = {
     "generate": _Command("long-context generation with the KV cache offloaded and retrieved", "generate"),
     "chat": _Command("a conversation about long documents, read once (turns from stdin if piped)", "chat"),
+    "serve": _Command("an OpenAI-compatible server whose conversations keep their KV offloaded and reused", "serve"),
     "sweep": _Command("recall versus cost of every index backend on the model's real queries/keys", "tools"),
     "bench": _Command("decode speed and memory against transformers (full and offloaded cache)", "tools"),
     "eval": _Command("needle retrieval and teacher-forced fidelity: full attention vs every method", "tools"),
