@@ -184,8 +184,8 @@ def test_left_padding_is_read_once_per_forward_pass(device, monkeypatch):
     original = cache_module.left_padding
     monkeypatch.setattr(cache_module, "left_padding", lambda *args: reads.append(args[1:]) or original(*args))
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=4, window_tokens=8, top_k=1000, index="flat"))
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, min_new_tokens=5,
-                   do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                   **cache_kwargs(model, cache))
     assert [past for _, past, _ in reads] == [0, 40, 41, 42, 43]  # one per forward pass: prefill, 4 steps
 
 
@@ -204,7 +204,7 @@ def test_device_map_split_generate_matches(device):
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
     plain = model.generate(ids, **kw)
     cache = RetrievalCache(model, RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=1000, index="flat"))
-    assert torch.equal(model.generate(ids, past_key_values=cache, **kw), plain)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, cache), **kw), plain)
     where = [layer.engine.window.k.device.type for layer in cache.layers]
     assert where == [torch.device(device).type] * 2 + ["cpu"] * 2
     assert all(s.offloaded_tokens == 200 + 15 - 24 for s in cache.stats)
