@@ -140,6 +140,7 @@ def tiny_folder(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama over the embedded SmolLM2's vocabulary (and its chat template), saved as a folder."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         max_position_embeddings=16384,
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
     folder = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(config).eval().save_pretrained(folder)
