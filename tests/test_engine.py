@@ -7,6 +7,7 @@ import torch
 
 from retrieval_attn import RetrievalAttention, RetrievalConfig
 from retrieval_attn.attention import reference_attention
+from retrieval_attn.engine.indexing import Phase
 
 from .conftest import gathered_reference, random_qkv
 
@@ -273,7 +274,7 @@ def test_exact_search_serves_while_the_background_build_runs(monkeypatch):
         assert torch.equal(engine.decode(*step), exact.decode(*step))
     assert engine.stats.index == "flat (index building)" and engine.stats.keys_scanned_fraction == 1.0
     gate.set()
-    engine.indexing.build_future.result()
+    engine.wait_for_index()
     for t in range(520, 540):
         engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
     s = engine.stats
@@ -434,7 +435,7 @@ def test_prefill_after_start_index_build_is_the_next_turn(serve_while_building):
     engine.start_index_build()
     outs.append(engine.prefill(q[:, :, 500:600], k[:, :, 500:600], v[:, :, 500:600]))  # an answer of no token
     assert len(engine.indexing.index) == 600 - 40  # the turn's spills too
-    assert engine.indexing.build_future.done() or serve_while_building
+    assert engine.indexing.phase is Phase.BUILT or serve_while_building
     outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(600, 700)]
     ref = reference_attention(q, k, v, 16**-0.5)
     assert (torch.cat(outs, dim=2).double() - ref).abs().max() <= FP32_TOL
@@ -457,9 +458,9 @@ def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
     monkeypatch.setattr(IndexLifecycle, "_built", lambda self, name, store, n, train, device: (
         trained.append(torch.from_numpy(train())), built(self, name, store, n, train, device))[1])
     outs = [run_turns(engine, q, k, v, (("p", 300), ("d", 2), ("p", 400)))]  # the index: 276 keys, then 676
-    assert engine.indexing.rebuild_future is None  # due, not started: decode starts rebuilds
+    assert engine.indexing.phase is Phase.BUILT  # due, not started: decode starts rebuilds
     outs.append(engine.decode(q[:, :, 702:703], k[:, :, 702:703], v[:, :, 702:703]))
-    engine.indexing.rebuild_future.result()
+    engine.indexing.pending.result()
     outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(703, 760)]
     # the ring when that decode step started the rebuild: the turn's last 64 positions; [G, steps * group, D]
     steps = q[:, :, 638:702].reshape(2, 2, 64, 16).transpose(1, 2)

@@ -31,7 +31,7 @@ def test_retrieved_part_equals_attention_over_the_searched_rows(where, device):
     retrieval = HostRetrieval(cfg, b * hkv, group, d, d**-0.5, pin_memory=device == "cuda", timer=timer)
     q = torch.randn(b, hkv * group, 1, d, generator=g).to(device)  # [B, Hq, 1, D]
     assert retrieval.to_host(q, torch.tensor(True, device=device))
-    retrieval.start(index, store, top_k).result()
+    retrieval.wait(retrieval.start(index, store, top_k), device == "cuda")
     out, lse = retrieval.fetch(q, top_k)
     res = index.search(q.reshape(b * hkv, group, d).cpu().numpy(), top_k)
     ids = torch.from_numpy(res.ids)  # [G, group, top_k]

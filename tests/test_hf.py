@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from retrieval_attn import RetrievalConfig
+from retrieval_attn.engine.indexing import Phase
 from retrieval_attn.hf import RetrievalCache, cache_argument, cache_kwargs, capture_qk, load_model
 
 from .conftest import count_device_syncs
@@ -351,7 +352,7 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
             model(ids[:, :200], **cache_kwargs(model, cache))
             with cache.last_prefill_chunk() if background else contextlib.nullcontext():
                 logits = model(ids[:, 200:], **cache_kwargs(model, cache)).logits
-            started = [layer.engine.indexing.build_future is not None for layer in cache.layers]
+            started = [layer.engine.indexing.phase is not Phase.SAMPLING for layer in cache.layers]
             assert started == [background] * 2
             out = []
             for _ in range(30):
