@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 
@@ -444,6 +447,44 @@ def test_prefill_after_start_index_build_is_the_next_turn(serve_while_building):
     assert engine.stats.index == "roar" and len(engine.indexing.index) == engine.stats.offloaded_tokens
 
 
+def test_a_turn_during_the_background_build_does_not_train_it(monkeypatch):
+    """The first build trains on the prompt's sampled queries, however the builder thread is timed: here it is
+    held before it reads its training queries until a turn has been prefilled (and sampled) meanwhile; the
+    queries it trains on are still exactly those sampled before start_index_build."""
+    import retrieval_attn.engine.indexing as indexing
+
+    q, k, v = random_qkv(1, 4, 2, 640, 16, seed=31)
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=32, top_k=20, index="roar", serve_while_building=True)
+    gate, trained = threading.Event(), []
+    make = indexing.make_index_for
+
+    def held_make_index_for(*args, **kwargs):  # the builder thread waits here for the turn to end
+        assert gate.wait(timeout=60), "the turn did not end"
+        index = make(*args, **kwargs)
+        build = index.build
+
+        def build_recording(keys, train_queries=None, **kw):
+            trained.append(None if train_queries is None else torch.from_numpy(np.array(train_queries)))
+            return build(keys, train_queries, **kw)
+
+        index.build = build_recording
+        return index
+
+    monkeypatch.setattr(indexing, "make_index_for", held_make_index_for)
+    engine = RetrievalAttention(cfg, 4, 2, 16)
+    engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])
+    prompt_sample = engine.indexing.train.queries().clone()  # [G, positions, D]
+    engine.start_index_build()
+    engine.prefill(q[:, :, 500:600], k[:, :, 500:600], v[:, :, 500:600])  # a turn while the build is held
+    gate.set()
+    engine.wait_for_index()
+    assert len(trained) == 1 and trained[0].shape == prompt_sample.shape == (2, 500, 16)
+    assert torch.equal(trained[0], prompt_sample)
+    for t in range(600, 640):
+        engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert engine.stats.index == "roar" and len(engine.indexing.index) == engine.stats.offloaded_tokens
+
+
 def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
     """With rebuild_growth, a turn that grows the index past it keeps its queries in the rebuild ring: the
     rebuild started at the next decode step trains on them, and is swapped in holding every key."""
@@ -456,7 +497,7 @@ def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
     trained = []
     built = IndexLifecycle._built  # the first build's training queries, then the rebuild's
     monkeypatch.setattr(IndexLifecycle, "_built", lambda self, name, store, n, train, device: (
-        trained.append(torch.from_numpy(train())), built(self, name, store, n, train, device))[1])
+        trained.append(torch.from_numpy(train)), built(self, name, store, n, train, device))[1])
     outs = [run_turns(engine, q, k, v, (("p", 300), ("d", 2), ("p", 400)))]  # the index: 276 keys, then 676
     assert engine.indexing.phase is Phase.BUILT  # due, not started: decode starts rebuilds
     outs.append(engine.decode(q[:, :, 702:703], k[:, :, 702:703], v[:, :, 702:703]))

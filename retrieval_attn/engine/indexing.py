@@ -7,8 +7,9 @@ trained on a ring of recent decode queries and those of the turns after decoding
 it lands). A foreground build (the first decode step without ``start_index_build``) goes from
 ``SAMPLING`` straight to ``BUILT``, and so does the sink + window baseline, which holds no index.
 
-"The prompt is over" is this state machine's: any phase after ``SAMPLING``. A build's work on the
-builder thread returns a ``Built`` result (the index, the keys it holds, its seconds), which the
+"The prompt is over" is this state machine's: any phase after ``SAMPLING``. A build trains on
+queries handed to it by value when it starts (the prefill sample, frozen then; the rebuild ring, copied);
+its work on the builder thread returns a ``Built`` result (the index, the keys it holds, its seconds), which the
 decoding thread takes in; the builder writes no field the decoding thread reads.
 
 Owns the index and the builder thread (``_INDEX_BUILDER``). The keys live in the engine's ``KVStore``,
@@ -21,7 +22,7 @@ from __future__ import annotations
 import enum
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -133,28 +134,37 @@ class IndexLifecycle:
             self.train.add(q, start, num_kv_heads)
 
     def start_build(self, store: KVStore, device: torch.device) -> None:
-        """SAMPLING -> BUILDING: build the index over the store's keys on the builder thread; ``ready``
-        takes it in."""
-        self.pending = _INDEX_BUILDER.submit(self._first_build, store, device)
+        """SAMPLING -> BUILDING: build the index over the store's keys on the builder thread, trained on the
+        sample as it is now (``_frozen_sample``); ``ready`` takes it in."""
+        self.pending = _INDEX_BUILDER.submit(self._first_build, store, store.n, self._frozen_sample(store), device)
         self.phase = Phase.BUILDING
 
-    def _first_build(self, store: KVStore, device: torch.device | None) -> Built:
-        """An index over every offloaded key, trained on the prefill queries."""
-        store.synchronize()
-        sample = self.train
-        return self._built(self.config.index, store, store.n,
-                           lambda: sample.queries().numpy() if sample is not None else None, device)
+    def _frozen_sample(self, store: KVStore) -> np.ndarray | None:
+        """The training queries of the first build over the store's keys, (G, m, D) fp32, taken by value on the
+        decoding thread: later prefills (turns) cannot change what that build trains on. The sample ends
+        there; a build over no keys (a prompt shorter than sink + window) leaves it sampling for the first
+        build over keys."""
+        if self.train is None or not store.n:
+            return None
+        queries = self.train.queries().numpy()
+        self.train = None
+        return queries
 
-    def _built(self, name: str, store: KVStore, n: int, train: Callable[[], np.ndarray | None],
+    def _first_build(self, store: KVStore, n: int, train: np.ndarray | None, device: torch.device | None) -> Built:
+        """An index over the first ``n`` offloaded keys, trained on ``train`` (the frozen prefill sample)."""
+        store.synchronize()
+        return self._built(self.config.index, store, n, train, device)
+
+    def _built(self, name: str, store: KVStore, n: int, train: np.ndarray | None,
                device: torch.device | None) -> Built:
-        """``name``'s index over the first ``n`` offloaded keys of each group, trained on ``train()`` (G, m, D)
+        """``name``'s index over the first ``n`` offloaded keys of each group, trained on ``train`` (G, m, D)
         fp32 when the backend uses training queries (their exact top lists computed on ``device``).
         Rows < n are never rewritten; appends go after them."""
         start = time.perf_counter()
         with cpu_threads(self.config.cpu_threads):
             index = make_index_for(name, self.config.index_params, n, self.config.top_k)
             if n:
-                index.build(store.key_source, train() if index.uses_train_queries else None, device=device, n=n)
+                index.build(store.key_source, train if index.uses_train_queries else None, device=device, n=n)
         return Built(index, n, time.perf_counter() - start)
 
     def _take(self, built: Built, store: KVStore) -> None:
@@ -162,8 +172,6 @@ class IndexLifecycle:
         if store.n > built.keys:
             store.synchronize()
             built.index.add()
-        if built.keys and self.phase is not Phase.REBUILDING:
-            self.train = None  # only the first build over offloaded keys trains on prefill queries
         self.index, self.built_n, self.build_seconds = built
         self.pending, self.standing_in, self.phase = None, False, Phase.BUILT
 
@@ -179,7 +187,7 @@ class IndexLifecycle:
             self.phase = Phase.BUILT
             return
         if self.phase is Phase.SAMPLING:
-            self._take(self._first_build(store, device), store)
+            self._take(self._first_build(store, store.n, self._frozen_sample(store), device), store)
             return
         if self.phase is Phase.BUILDING:
             if not (self.pending.done() or not self.config.serve_while_building):
@@ -189,7 +197,7 @@ class IndexLifecycle:
                 return
             self._take(self.pending.result(), store)  # re-raises a failed build's error
         if store.n and not len(self.index):  # a prompt shorter than sink + window: its first spill
-            self._take(self._first_build(store, device), store)
+            self._take(self._first_build(store, store.n, self._frozen_sample(store), device), store)
         else:
             self._maybe_rebuild(store, device)
 
@@ -239,9 +247,7 @@ class IndexLifecycle:
             if self.index.uses_train_queries:  # the recent decode queries: [G, steps * group, D]
                 steps = min(self._recent_steps, self._recent_q.shape[1])
                 g, d = self._recent_q.shape[0], self._recent_q.shape[-1]
-                train = self._recent_q[:, :steps].reshape(g, -1, d).clone()
+                train = self._recent_q[:, :steps].reshape(g, -1, d).numpy().copy()  # by value
             store.synchronize()  # on the builder thread while decoding goes on with the old index
-            self.pending = _INDEX_BUILDER.submit(
-                self._built, self.index.name, store, store.n, lambda: train.numpy() if train is not None else None,
-                device)
+            self.pending = _INDEX_BUILDER.submit(self._built, self.index.name, store, store.n, train, device)
             self.phase = Phase.REBUILDING
