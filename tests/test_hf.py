@@ -211,6 +211,33 @@ def test_device_map_split_generate_matches(device):
     assert all(s.offloaded_tokens == 200 + 15 - 24 for s in cache.stats)
 
 
+@pytest.mark.parametrize("switch", ["config", "set_attn_implementation"])
+def test_switching_the_attention_implementation_behind_the_cache_is_one_clear_error(switch):
+    """After the model's attention implementation is switched to sdpa behind a RetrievalCache, generating again
+    with that cache fails at once with an error naming RetrievalCache and the implementation it needs (it
+    was a size mismatch deep inside the model), and changes nothing: switched back, the conversation goes on."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(9))
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=1000, index="flat")
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    cache = RetrievalCache(model, cfg)
+    first = model.generate(ids, **cache_kwargs(model, cache), **kw)
+    held = [layer.engine.seen for layer in cache.layers]
+    if switch == "config":
+        model.config._attn_implementation = "sdpa"
+    else:
+        model.set_attn_implementation("sdpa")
+    more = torch.cat([first, ids[:, :20]], dim=1)
+    with pytest.raises(ValueError, match=r"RetrievalCache needs the model's attention implementation "
+                                         r"'retrieval_attn', but it was switched to 'sdpa'"):
+        model.generate(more, **cache_kwargs(model, cache), **kw)
+    assert [layer.engine.seen for layer in cache.layers] == held
+    model.set_attn_implementation("retrieval_attn")
+    out = model.generate(more, **cache_kwargs(model, cache), **kw)
+    plain = RetrievalCache(model, cfg)
+    assert torch.equal(out, model.generate(more, **cache_kwargs(model, plain), **kw))  # top_k covers every key
+
+
 def test_cache_syncs_the_device_at_most_once_per_layer_and_step(device, monkeypatch):
     """Decode steps through a RetrievalCache sync the device at most once per layer more than the same steps
     through transformers' DynamicCache (whose forward passes may sync on their own)."""

@@ -290,6 +290,7 @@ class RetrievalCache(Cache):
         ]
         super().__init__(layers=layers)
         self.retrieval_config = config
+        self._attention_config = getattr(attn_modules[0], "config", model.config)  # what the layers dispatch on
         if max_context is not None:
             for layer in layers:
                 layer.engine.reserve(max_context)
@@ -315,7 +316,18 @@ class RetrievalCache(Cache):
                     engine.start_index_build()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        """Hand the new k, v of layer ``layer_idx`` to its engine's next attention call."""
+        """Hand the new k, v of layer ``layer_idx`` to its engine's next attention call.
+
+        Refuses, before any engine runs, a model whose attention implementation was switched away from
+        ``"retrieval_attn"`` after the cache was made (its layers would attend over the new tokens only)."""
+        impl = getattr(self._attention_config, "_attn_implementation", ATTN_IMPLEMENTATION)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"RetrievalCache needs the model's attention implementation {ATTN_IMPLEMENTATION!r}, but it was "
+                f"switched to {impl!r} after the cache was made (model.set_attn_implementation or "
+                f"config._attn_implementation); switch it back with model.set_attn_implementation("
+                f"{ATTN_IMPLEMENTATION!r}), or generate with another cache"
+            )
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
