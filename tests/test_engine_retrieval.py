@@ -111,6 +111,15 @@ def test_one_device_sync_per_layer_and_step(index, where, device, monkeypatch):
     assert len(syncs) <= 10, syncs
 
 
+def test_sync_count_sees_a_read_of_a_device_value(device, monkeypatch):
+    """The counter above is not blind, on a GPU or on the CPU: reading one value into Python is counted."""
+    x = torch.ones(3, device=device)
+    with count_device_syncs(monkeypatch) as syncs:
+        x.sum().item()
+        bool(x.all())
+    assert len(syncs) >= 2, syncs
+
+
 def test_copies_land_before_they_are_read(where, device):
     """Exact at every step on a busy device: a long kernel queued before each step (q and the spilled row
     reach the host late) and on the copy stream before each copy back (the retrieved part lands late);

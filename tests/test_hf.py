@@ -240,7 +240,8 @@ def test_switching_the_attention_implementation_behind_the_cache_is_one_clear_er
 
 def test_cache_syncs_the_device_at_most_once_per_layer_and_step(device, monkeypatch):
     """Decode steps through a RetrievalCache sync the device at most once per layer more than the same steps
-    through transformers' DynamicCache (whose forward passes may sync on their own)."""
+    through transformers' DynamicCache (whose forward passes may sync on their own); on the CPU the counter
+    counts the reads of tensor values that would sync a GPU (conftest.count_device_syncs)."""
     from transformers import DynamicCache
 
     model = _tiny(LlamaForCausalLM, LlamaConfig, num_hidden_layers=3).to(device)
@@ -256,7 +257,9 @@ def test_cache_syncs_the_device_at_most_once_per_layer_and_step(device, monkeypa
                 for _ in range(5):
                     token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
         counts[name] = syncs
-    assert len(counts["retrieval"]) <= len(counts["dynamic"]) + 3 * 5, counts
+    # on the CPU the counter also sees the one host-side read of the left padding per forward pass
+    host_reads = 0 if torch.cuda.is_available() else 5
+    assert len(counts["retrieval"]) <= len(counts["dynamic"]) + 3 * 5 + host_reads, counts
 
 
 def test_planner_refuses_before_any_work_on_the_device(device):

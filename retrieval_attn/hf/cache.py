@@ -71,16 +71,17 @@ class _Padding:
     another device receives a copy, read again)."""
 
     def __init__(self) -> None:
-        self._last: tuple[Any, int, int, int, torch.Tensor] | None = None  # (mask, batch, past, n, pads)
+        self._last: tuple[Any, int, int, int, torch.Tensor, bool] | None = None  # (mask, batch, past, n, pads, any)
 
-    def of(self, mask: torch.Tensor | None, batch: int, past: int, n: int) -> torch.Tensor:
-        """``left_padding(mask, batch, past, n)``, computed once per mask object and step."""
+    def of(self, mask: torch.Tensor | None, batch: int, past: int, n: int) -> tuple[torch.Tensor, bool]:
+        """``left_padding(mask, batch, past, n)`` and whether any sequence is padded, computed once per mask
+        object and step."""
         last = self._last
         if last is not None and last[0] is mask and last[1:4] == (batch, past, n):
-            return last[4]
+            return last[4], last[5]
         pads = left_padding(mask, batch, past, n)
-        self._last = (mask, batch, past, n, pads)  # holds the mask: its id cannot be reused meanwhile
-        return pads
+        self._last = (mask, batch, past, n, pads, bool(pads.any()))  # holds the mask: its id is not reused meanwhile
+        return self._last[4], self._last[5]
 
     def clear(self) -> None:
         self._last = None
@@ -142,8 +143,7 @@ class RetrievalLayer(CacheLayerMixin):
         past = self.cumulative_length - n
         if self._sequences is None and self.engine.seen != past:
             raise ValueError(_out_of_step(self.layer_idx, self.engine.seen, past))
-        pads = self.padding.of(mask, b, past, n)  # [B] leading padding tokens of each sequence
-        padded = bool(pads.any())
+        pads, padded = self.padding.of(mask, b, past, n)  # [B] leading padding tokens of each sequence
         if past == 0 and self._sequences is None and padded:
             e = self.engine
             self._sequences = [
