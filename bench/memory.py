@@ -1,27 +1,28 @@
-"""Host bytes per offloaded token, measured, against the model-dtype K+V floor and the planner (issue 11).
+"""Host memory as a user sees it (RSS, nothing trimmed), against the model-dtype K+V floor and the planner.
 
-What it measures: for each backend, dtype and context length N, a fresh child process builds random
-q, k, v of one attention layer shaped like Llama-3-8B's (8 KV heads, head dim 128; ``--query-heads``
-32 as in the model, or fewer to make the CPU prefill of long contexts affordable: the host bytes per
-token depend on the KV heads and head dim) in that dtype. It runs one such layer first, as the
-first layer of a model would (kernels compiled, allocator pools grown once per process: ~7 MiB
-that a second layer does not add), records its resident memory (RSS), then prefills the N tokens
-into a second ``RetrievalAttention`` (sink 128, window 512, reserved for N + 1 tokens, the engine's
-defaults otherwise) and decodes one step, which builds the index, and records RSS again. The growth
-is what one more layer holds on the host (the CPU store, the index, the device window: the device is
-the CPU here, the engine's buffers). It is reported per offloaded token beside
+What it measures: for each backend, dtype, context length N and reserve choice, a fresh child process
+builds random q, k, v of one attention layer shaped like Llama-3-8B's (8 KV heads, head dim 128;
+``--query-heads`` 32 as in the model, or fewer to keep the CPU prefill affordable: the host bytes
+depend on the KV heads and head dim). It runs a warm-up layer first (kernels compiled, pools grown
+once per process), records its resident memory (RSS), then runs ``--layers`` more layers as a decoder
+does: the N tokens prefilled in 4,096-token chunks, layer by layer within each chunk; every layer's
+index build started after the last chunk; decode steps in every layer until every index is built.
+The RSS growth is reported as the process holds it (what a user sees: nothing trimmed) and after
+``gc.collect()`` + ``malloc_trim(0)``, beside
 
-- the floor: that token's K and V in the model's dtype, for all 8 KV heads;
-- the planner's figure for the same one-layer request (``plan_memory(...).steady_host``: what it
-  says a decoding process holds, transient build and prefill memory left out).
+- the floor: the offloaded tokens' K and V in the model's dtype, for all 8 KV heads;
+- the planner's figure for the same request (``plan_memory(...).steady_host``: what it says a
+  decoding process holds, transient build and prefill memory left out).
+
+The growth includes the layers' device windows: the device is the CPU here.
 
 Why: a 128K context of Llama-3-8B is 16 GiB of bf16 K+V; the host should hold little more (target
 <= 1.25x with roar and flat), and the planner must say what a run will hold before it runs.
 
 Prints a table and a final JSON line; writes memory.json and memory.csv into ``--out``.
 
-    python bench/memory.py                                       # bf16 and fp32, every backend, 8K and 16K
-    python bench/memory.py --backends roar flat --dtypes bfloat16 --contexts 8192 16384 32768
+    python bench/memory.py                                       # flat and roar, bf16, 16K, 4 layers
+    python bench/memory.py --layers 1 --reserve yes --backends roar --contexts 16384 32768
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ class RetrievalCache(Cache):
         """Within the block (the forward pass of the prompt's last chunk), each layer on a GPU starts building
         its index on a background thread right after its prefill, overlapping the following layers; layers
         on the CPU start theirs when the block ends (a build next to the prefill would take the cores the
-        following layers compute on: +48% time to first token at 32K on 2 cores, bench/README.md).
+        following layers compute on).
         Decoding does not wait for the builds (``RetrievalConfig.serve_while_building``)."""
         for layer in self.layers:
             layer.build_after_prefill = True
