@@ -17,8 +17,9 @@
   context, which takes a graph longer runs than a build over all of it), buffers its searches share
   (``estimate_shared_nbytes``), the prefill queries each layer keeps until its build (one per
   position, in the model's dtype), and the transient peak of one build in flight
-  (``estimate_build_nbytes``; builds run one at a time); with ``rebuild_growth``, each layer's ring of
-  recent queries that trains rebuilds, and, while rebuilds are in flight, a second index per layer
+  (``estimate_build_nbytes``; builds run one at a time) and of one insert of spilled keys
+  (``estimate_add_nbytes``: roar's co-occurrence candidates of one insert chunk); with
+  ``rebuild_growth``, each layer's ring of recent queries that trains rebuilds, and, while rebuilds are in flight, a second index per layer
   (a finished one waits for its layer's next decode step to be swapped in) with its copy of the ring.
 
 On a CPU-only run the device *is* host memory: ``host_total`` adds both sides, weights included.
@@ -275,6 +276,8 @@ def plan_memory(
         "training queries, until each layer's build (transient)": shape.num_layers * groups * kept * d * es,
         "index build, one layer (transient)": backend.estimate_build_nbytes(groups, n_off, d, params, kept)
         if n_off else 0,
+        "index insert, one chunk of keys (transient)": backend.estimate_add_nbytes(groups, d, params, group,
+                                                                                   config.top_k) if n_off else 0,
     }
     if config.rebuild_growth is not None and n_off:
         ring = shape.num_layers * groups * config.rebuild_queries * group * d * 4  # [G, steps, group, D] fp32

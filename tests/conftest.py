@@ -157,10 +157,18 @@ def count_device_syncs(monkeypatch):
     """Within the block, every host <-> device synchronisation is appended to the yielded list: explicit ones
     (``torch.cuda.synchronize``, ``Stream.synchronize``, ``Event.synchronize``) and implicit ones (reading
     a device value: ``.item()``, ``bool()``, blocking copies to the host), which CUDA's sync debug mode
-    reports as warnings. On a machine without CUDA nothing can sync a device: the list stays empty."""
+    reports as warnings. On a machine without CUDA the same property is counted where it would arise: every
+    read of a tensor's value into Python (``bool()``, ``int()``, ``float()``, ``.item()``, ``.tolist()``),
+    which on a GPU is an implicit sync (explicit syncs have no CPU counterpart)."""
     syncs: list[str] = []
     if not torch.cuda.is_available():
-        yield syncs
+        with monkeypatch.context() as m:
+            for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+                def reading(*args, _name=name, _fn=getattr(torch.Tensor, name), **kwargs):
+                    syncs.append(f"Tensor.{_name}")
+                    return _fn(*args, **kwargs)
+                m.setattr(torch.Tensor, name, reading)
+            yield syncs
         return
 
     def explicit(name, fn):

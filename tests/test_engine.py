@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 
 from retrieval_attn import RetrievalAttention, RetrievalConfig
 from retrieval_attn.attention import reference_attention
+from retrieval_attn.engine.indexing import Phase
 
 from .conftest import gathered_reference, random_qkv
 
@@ -273,7 +277,7 @@ def test_exact_search_serves_while_the_background_build_runs(monkeypatch):
         assert torch.equal(engine.decode(*step), exact.decode(*step))
     assert engine.stats.index == "flat (index building)" and engine.stats.keys_scanned_fraction == 1.0
     gate.set()
-    engine.indexing.build_future.result()
+    engine.wait_for_index()
     for t in range(520, 540):
         engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
     s = engine.stats
@@ -434,12 +438,50 @@ def test_prefill_after_start_index_build_is_the_next_turn(serve_while_building):
     engine.start_index_build()
     outs.append(engine.prefill(q[:, :, 500:600], k[:, :, 500:600], v[:, :, 500:600]))  # an answer of no token
     assert len(engine.indexing.index) == 600 - 40  # the turn's spills too
-    assert engine.indexing.build_future.done() or serve_while_building
+    assert engine.indexing.phase is Phase.BUILT or serve_while_building
     outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(600, 700)]
     ref = reference_attention(q, k, v, 16**-0.5)
     assert (torch.cat(outs, dim=2).double() - ref).abs().max() <= FP32_TOL
     engine.wait_for_index()
     engine.decode(q[:, :, 699:700], k[:, :, 699:700], v[:, :, 699:700])  # takes the build in
+    assert engine.stats.index == "roar" and len(engine.indexing.index) == engine.stats.offloaded_tokens
+
+
+def test_a_turn_during_the_background_build_does_not_train_it(monkeypatch):
+    """The first build trains on the prompt's sampled queries, however the builder thread is timed: here it is
+    held before it reads its training queries until a turn has been prefilled (and sampled) meanwhile; the
+    queries it trains on are still exactly those sampled before start_index_build."""
+    import retrieval_attn.engine.indexing as indexing
+
+    q, k, v = random_qkv(1, 4, 2, 640, 16, seed=31)
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=32, top_k=20, index="roar", serve_while_building=True)
+    gate, trained = threading.Event(), []
+    make = indexing.make_index_for
+
+    def held_make_index_for(*args, **kwargs):  # the builder thread waits here for the turn to end
+        assert gate.wait(timeout=60), "the turn did not end"
+        index = make(*args, **kwargs)
+        build = index.build
+
+        def build_recording(keys, train_queries=None, **kw):
+            trained.append(None if train_queries is None else torch.from_numpy(np.array(train_queries)))
+            return build(keys, train_queries, **kw)
+
+        index.build = build_recording
+        return index
+
+    monkeypatch.setattr(indexing, "make_index_for", held_make_index_for)
+    engine = RetrievalAttention(cfg, 4, 2, 16)
+    engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])
+    prompt_sample = engine.indexing.train.queries().clone()  # [G, positions, D]
+    engine.start_index_build()
+    engine.prefill(q[:, :, 500:600], k[:, :, 500:600], v[:, :, 500:600])  # a turn while the build is held
+    gate.set()
+    engine.wait_for_index()
+    assert len(trained) == 1 and trained[0].shape == prompt_sample.shape == (2, 500, 16)
+    assert torch.equal(trained[0], prompt_sample)
+    for t in range(600, 640):
+        engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
     assert engine.stats.index == "roar" and len(engine.indexing.index) == engine.stats.offloaded_tokens
 
 
@@ -455,11 +497,11 @@ def test_a_long_turn_trains_the_rebuild_it_triggers(monkeypatch):
     trained = []
     built = IndexLifecycle._built  # the first build's training queries, then the rebuild's
     monkeypatch.setattr(IndexLifecycle, "_built", lambda self, name, store, n, train, device: (
-        trained.append(torch.from_numpy(train())), built(self, name, store, n, train, device))[1])
+        trained.append(torch.from_numpy(train)), built(self, name, store, n, train, device))[1])
     outs = [run_turns(engine, q, k, v, (("p", 300), ("d", 2), ("p", 400)))]  # the index: 276 keys, then 676
-    assert engine.indexing.rebuild_future is None  # due, not started: decode starts rebuilds
+    assert engine.indexing.phase is Phase.BUILT  # due, not started: decode starts rebuilds
     outs.append(engine.decode(q[:, :, 702:703], k[:, :, 702:703], v[:, :, 702:703]))
-    engine.indexing.rebuild_future.result()
+    engine.indexing.pending.result()
     outs += [engine.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(703, 760)]
     # the ring when that decode step started the rebuild: the turn's last 64 positions; [G, steps * group, D]
     steps = q[:, :, 638:702].reshape(2, 2, 64, 16).transpose(1, 2)

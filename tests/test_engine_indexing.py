@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.engine.indexing import IndexLifecycle, _QuerySample
+from retrieval_attn.engine.indexing import IndexLifecycle, Phase, _QuerySample
 from retrieval_attn.offload import KVStore
 
 CPU = torch.device("cpu")
@@ -36,18 +36,18 @@ def test_spilled_keys_enter_the_index_once_built_and_a_due_rebuild_swaps_in_over
     lifecycle.add(store)  # no index yet: nothing to insert into
     assert lifecycle.index is None
     lifecycle.sample(torch.randn(1, 4, 100, 8), 0, num_kv_heads=2)
-    lifecycle.ready(store, CPU, first=True)  # no background build started: builds here, on the prefill queries
+    lifecycle.ready(store, CPU)  # no background build started: builds here, on the prefill queries
     assert (lifecycle.index.name, len(lifecycle.index), lifecycle.built_n, lifecycle.train) == ("roar", 100, 100, None)
     for i in range(100, 160):  # 60 spills: the rebuild is due at 150 keys (growth 0.5)
         store.append(keys[:, i : i + 1], keys[:, i : i + 1])
         lifecycle.add(store)
         assert len(lifecycle.index) == i + 1
         lifecycle.remember(torch.randn(2, 2, 8))  # a decode step's queries [G, group, D]
-        lifecycle.ready(store, CPU, first=False)
-    if lifecycle.rebuild_future is not None:  # not swapped in yet: wait for it, spill more, swap it in
-        lifecycle.rebuild_future.result()
+        lifecycle.ready(store, CPU)
+    if lifecycle.phase is Phase.REBUILDING:  # not swapped in yet: wait for it, spill more, swap it in
+        lifecycle.pending.result()
         store.append(keys[:, 160:], keys[:, 160:])
         lifecycle.add(store)
-        lifecycle.ready(store, CPU, first=False)
-    assert lifecycle.rebuilds == 1 and lifecycle.built_n == 150 and lifecycle.rebuild_future is None
+        lifecycle.ready(store, CPU)
+    assert lifecycle.rebuilds == 1 and lifecycle.built_n == 150 and lifecycle.phase is Phase.BUILT
     assert len(lifecycle.index) == store.n  # the keys spilled during the rebuild were added before the swap

@@ -31,7 +31,7 @@ def test_retrieved_part_equals_attention_over_the_searched_rows(where, device):
     retrieval = HostRetrieval(cfg, b * hkv, group, d, d**-0.5, pin_memory=device == "cuda", timer=timer)
     q = torch.randn(b, hkv * group, 1, d, generator=g).to(device)  # [B, Hq, 1, D]
     assert retrieval.to_host(q, torch.tensor(True, device=device))
-    retrieval.start(index, store, top_k).result()
+    retrieval.wait(retrieval.start(index, store, top_k), device == "cuda")
     out, lse = retrieval.fetch(q, top_k)
     res = index.search(q.reshape(b * hkv, group, d).cpu().numpy(), top_k)
     ids = torch.from_numpy(res.ids)  # [G, group, top_k]
@@ -109,6 +109,15 @@ def test_one_device_sync_per_layer_and_step(index, where, device, monkeypatch):
     with count_device_syncs(monkeypatch) as syncs:
         decode_steps(short, q, k, v, 20, 30)
     assert len(syncs) <= 10, syncs
+
+
+def test_sync_count_sees_a_read_of_a_device_value(device, monkeypatch):
+    """The counter above is not blind, on a GPU or on the CPU: reading one value into Python is counted."""
+    x = torch.ones(3, device=device)
+    with count_device_syncs(monkeypatch) as syncs:
+        x.sum().item()
+        bool(x.all())
+    assert len(syncs) >= 2, syncs
 
 
 def test_copies_land_before_they_are_read(where, device):

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from retrieval_attn import RetrievalConfig
+from retrieval_attn.engine.indexing import Phase
 from retrieval_attn.hf import RetrievalCache, cache_argument, cache_kwargs, capture_qk, load_model
 
 from .conftest import count_device_syncs
@@ -210,9 +211,37 @@ def test_device_map_split_generate_matches(device):
     assert all(s.offloaded_tokens == 200 + 15 - 24 for s in cache.stats)
 
 
+@pytest.mark.parametrize("switch", ["config", "set_attn_implementation"])
+def test_switching_the_attention_implementation_behind_the_cache_is_one_clear_error(switch):
+    """After the model's attention implementation is switched to sdpa behind a RetrievalCache, generating again
+    with that cache fails at once with an error naming RetrievalCache and the implementation it needs (it
+    was a size mismatch deep inside the model), and changes nothing: switched back, the conversation goes on."""
+    model = _tiny(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(9))
+    cfg = RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=1000, index="flat")
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    cache = RetrievalCache(model, cfg)
+    first = model.generate(ids, **cache_kwargs(model, cache), **kw)
+    held = [layer.engine.seen for layer in cache.layers]
+    if switch == "config":
+        model.config._attn_implementation = "sdpa"
+    else:
+        model.set_attn_implementation("sdpa")
+    more = torch.cat([first, ids[:, :20]], dim=1)
+    with pytest.raises(ValueError, match=r"RetrievalCache needs the model's attention implementation "
+                                         r"'retrieval_attn', but it was switched to 'sdpa'"):
+        model.generate(more, **cache_kwargs(model, cache), **kw)
+    assert [layer.engine.seen for layer in cache.layers] == held
+    model.set_attn_implementation("retrieval_attn")
+    out = model.generate(more, **cache_kwargs(model, cache), **kw)
+    plain = RetrievalCache(model, cfg)
+    assert torch.equal(out, model.generate(more, **cache_kwargs(model, plain), **kw))  # top_k covers every key
+
+
 def test_cache_syncs_the_device_at_most_once_per_layer_and_step(device, monkeypatch):
     """Decode steps through a RetrievalCache sync the device at most once per layer more than the same steps
-    through transformers' DynamicCache (whose forward passes may sync on their own)."""
+    through transformers' DynamicCache (whose forward passes may sync on their own); on the CPU the counter
+    counts the reads of tensor values that would sync a GPU (conftest.count_device_syncs)."""
     from transformers import DynamicCache
 
     model = _tiny(LlamaForCausalLM, LlamaConfig, num_hidden_layers=3).to(device)
@@ -228,7 +257,9 @@ def test_cache_syncs_the_device_at_most_once_per_layer_and_step(device, monkeypa
                 for _ in range(5):
                     token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
         counts[name] = syncs
-    assert len(counts["retrieval"]) <= len(counts["dynamic"]) + 3 * 5, counts
+    # on the CPU the counter also sees the one host-side read of the left padding per forward pass
+    host_reads = 0 if torch.cuda.is_available() else 5
+    assert len(counts["retrieval"]) <= len(counts["dynamic"]) + 3 * 5 + host_reads, counts
 
 
 def test_planner_refuses_before_any_work_on_the_device(device):
@@ -351,7 +382,7 @@ def test_last_prefill_chunk_builds_indexes_in_the_background_with_the_same_token
             model(ids[:, :200], **cache_kwargs(model, cache))
             with cache.last_prefill_chunk() if background else contextlib.nullcontext():
                 logits = model(ids[:, 200:], **cache_kwargs(model, cache)).logits
-            started = [layer.engine.indexing.build_future is not None for layer in cache.layers]
+            started = [layer.engine.indexing.phase is not Phase.SAMPLING for layer in cache.layers]
             assert started == [background] * 2
             out = []
             for _ in range(30):

@@ -307,6 +307,49 @@ def test_roar_links_added_keys_to_keys_recent_queries_returned():
     assert index.search(test, 1).ids[:, :, 0].tolist() == [[3000] * 4] * 2  # and it is found
 
 
+def test_roar_add_computes_candidates_per_insert_chunk_within_the_planned_transient(monkeypatch):
+    """add() of a long block asks for the co-occurrence candidates one insert chunk at a time (the same
+    candidates as for the whole block at once), and one chunk's temporaries stay within what the planner
+    counts (``estimate_add_nbytes``, measured here with tracemalloc, which sees NumPy's allocations)."""
+    import tracemalloc
+
+    from retrieval_attn.index.graph import _INSERT_CHUNK
+    from retrieval_attn.index.roar import RoarIndex
+
+    keys, queries = attention_like(2, 1500, 400, seed=4)
+    index = make_index("roar")
+    index.build(keys[:, :1000], np.ascontiguousarray(queries[:, :300]))
+    for i in range(40):  # fill the ring of recent searches: 40 calls of 4 queries per group
+        index.search(np.ascontiguousarray(queries[:, 300 + i % 25 * 4 : 304 + i % 25 * 4]), 50)
+    asked = []
+    ask = RoarIndex._insert_candidates
+    monkeypatch.setattr(RoarIndex, "_insert_candidates", lambda self, first, t: (asked.append(t), ask(self, first, t))[1])
+    index.add(keys[:, 1000:1500])
+    assert sum(asked) == 500 and max(asked) <= _INSERT_CHUNK
+    whole = ask(index, 1000, 500)  # [G, 500, E], all at once (what add() did before)
+    assert np.array_equal(np.concatenate([ask(index, f, min(_INSERT_CHUNK, 1500 - f))
+                                          for f in range(1000, 1500, _INSERT_CHUNK)], axis=1), whole)
+    tracemalloc.start()
+    ask(index, 1000, _INSERT_CHUNK)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    planned = RoarIndex.estimate_add_nbytes(2, keys.shape[2], {}, queries=4, k=50)
+    assert peak <= planned, (peak, planned)
+
+
+def test_graph_arrays_have_the_dtypes_the_planner_counts():
+    """The planner's bytes per node, edge and group and the degree cap are derived from these dtypes."""
+    from retrieval_attn.index.graph import DEGREE_CAP, EDGE_DTYPE, GROUP_DTYPES, NODE_DTYPES
+
+    index = make_index("roar")
+    keys, queries = attention_like(2, 500, 100, seed=5)
+    index.build(keys, queries)
+    g = index._graph
+    assert (g.start.dtype, g.count.dtype, g.room.dtype) == tuple(np.dtype(t) for t in NODE_DTYPES)
+    assert g.edges.dtype == np.dtype(EDGE_DTYPE) and (g.fill.dtype, g.garbage.dtype) == tuple(map(np.dtype, GROUP_DTYPES))
+    assert DEGREE_CAP == np.iinfo(g.count.dtype).max == np.iinfo(g.room.dtype).max
+
+
 def test_the_beam_widens_as_add_grows_the_graph():
     """ef_growth: after add() grew a graph 4x, a search scores more keys than at a fixed ef (ef_growth=0),
     where recall would fall with the growth."""

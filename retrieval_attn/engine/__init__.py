@@ -11,21 +11,23 @@ the next turn of a conversation: its tokens attend exactly over everything seen,
 window, and what spills goes to the store and into the index, as for decode.
 
 The engine is a facade: it validates calls, runs prefill, orders the work of a decode step, and owns
-the ``KVStore``, the one copy of the offloaded rows, which it hands to its parts. Each part has one
-concern:
+the ``KVStore``, the one copy of the offloaded rows, which it hands to its parts. A decode step is a
+list of partial attentions (``_partials``: the device window's, then the retrieved rows'), each
+(out, lse), merged by log-sum-exp: another partial state plugs in there. Each part has one concern:
 
 - ``window.DeviceWindow``: sink + ring buffers on the device and attention over them; hands back the
   rows that spill.
-- ``indexing.IndexLifecycle``: the index from build (foreground, or on a background thread from
-  ``start_index_build`` so it overlaps the prefill of later layers) to the insertion of spilled keys
-  and background rebuilds (``config.rebuild_growth``), trained on recent decode (and turn) queries and
-  swapped in when ready.
+- ``indexing.IndexLifecycle``: the index as a state machine (sampling -> building -> built <->
+  rebuilding), from the build (foreground, or on a background thread from ``start_index_build`` so it
+  overlaps the prefill of later layers) to the insertion of spilled keys and background rebuilds
+  (``config.rebuild_growth``); it owns "the prompt is over", which makes later prefills turns.
 - ``prefill``: the exact attention of a prefill chunk, over one copy of the context while the prompt
   is read, over the window and the store's rows in bounded blocks merged by lse after decoding.
 - ``retrieval.HostRetrieval``: preallocated (pinned, on CUDA) host buffers, the copy of q to the host,
-  the CPU worker running search and attention over the retrieved rows (two numba calls that release the
-  GIL; with ``config.overlap`` on a worker thread while the device attends over sink + window), and the
-  return of only out and lse of each query head to the device.
+  the CPU worker running the search and its placement's work (numba calls that release the GIL; with
+  ``config.overlap`` on a worker thread while the device attends over sink + window), and the return of
+  the retrieved part to the device; ``CpuPlacement`` attends over the rows on the CPU,
+  ``DevicePlacement`` ships them for the device to attend over.
 - ``stats``: ``EngineStats`` and the step timer.
 
 ``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
@@ -48,15 +50,17 @@ from ..attention import merge_state
 from ..config import RetrievalConfig
 from ..index import ThreadChooser, cpu_threads, params_class, thread_budget
 from ..offload import KVStore
-from .telemetry import LayerTelemetry, step_recall_and_mass
-from .checks import check_construction, check_finite, check_qkv, finite_flag
-from .indexing import IndexLifecycle
+from .checks import check_call, check_construction, check_finite, finite_flag
+from .indexing import IndexLifecycle, Phase
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
 from .stats import STEP_PARTS, EngineStats, StepTimer
+from .telemetry import LayerTelemetry, step_recall_and_mass
 from .window import DeviceWindow
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
+
+Partial = tuple[torch.Tensor, torch.Tensor]  # out (B, Hq, 1, D), lse (B, Hq, 1), fp32
 
 
 class RetrievalAttention:
@@ -89,7 +93,6 @@ class RetrievalAttention:
         self.retrieval: HostRetrieval | None = None
         self.indexing = IndexLifecycle(self.config)
         self.timer = StepTimer()
-        self._decoding = False  # the prompt is over (a decode step ran, or start_index_build): prefills are turns
         self._dirty = False  # True while a call updates the state: an interruption there leaves it set
         self.telemetry = LayerTelemetry() if self.config.telemetry else None
 
@@ -121,24 +124,9 @@ class RetrievalAttention:
         self._start()
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: bool) -> None:
-        """Raise ValueError naming the argument for any shape, dtype or device mismatch, or a call out of order."""
-        check_qkv(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim)
-        if self._dirty:
-            raise ValueError("an earlier call was interrupted while it updated the engine's state; call reset() first")
-        held = self.window
-        if held is not None and q.shape[0] != held.batch:
-            raise ValueError(f"batch size changed from {held.batch} to {q.shape[0]}; call reset() first")
-        if held is not None and (q.dtype, q.device) != (held.k.dtype, held.k.device):
-            raise ValueError(
-                f"q, k, v are {q.dtype} on {q.device}, the engine holds {held.k.dtype} on "
-                f"{held.k.device}; call reset() first to change dtype or device"
-            )
-        if decode and q.shape[2] != 1:
-            raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {q.shape[2]}")
-        if decode and self.seen == 0:
-            raise ValueError("decode called before prefill")
-        if not decode:  # decode checks finiteness with its one device sync (``decode``)
-            check_finite(q, k, v)
+        """ValueError naming the argument for any mismatch with the engine or what it holds, or a call out of order."""
+        held = None if self.window is None else (self.window.batch, self.window.k.dtype, self.window.k.device)
+        check_call(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, held, self.seen, decode, self._dirty)
 
     def _offload(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Move spilled k, v (B, Hkv, t, D) to the CPU store, and into the index once it holds keys."""
@@ -172,17 +160,14 @@ class RetrievalAttention:
             store.reserve(self._reserved)
             self._hold(DeviceWindow(self.config.sink_tokens, self.config.window_tokens, b, self.num_kv_heads,
                                     self.head_dim, k.dtype, k.device), store)
-        if not self._decoding and self.indexing.build_future is not None:
-            self.indexing.ready(self.store, self.window.k.device, first=True)  # the rows to come go into it
-            self._decoding = True
-        block = self.config.prefill_block
-        if self._decoding:
-            out = turn_attention(q, k, v, self.window, self.store, block, self.scale).to(q.dtype)
-        else:
-            out = prompt_attention(q, k, v, self.window, self.store, block, self.scale)
+        if self.indexing.phase is Phase.BUILDING and not self.indexing.standing_in:
+            self.indexing.ready(self.store, self.window.k.device)  # the rows to come go into the index
+        block, turn = self.config.prefill_block, self.indexing.prompt_over
+        attention = turn_attention if turn else prompt_attention
+        out = attention(q, k, v, self.window, self.store, block, self.scale).to(q.dtype)
         self._dirty = True
         self.indexing.sample(q, self.seen, self.num_kv_heads)
-        if self._decoding and self.config.rebuild_growth is not None:
+        if turn and self.config.rebuild_growth is not None:
             self.indexing.remember_chunk(q, self.num_kv_heads)
         spilled = self.window.append(k, v)
         if spilled is not None:
@@ -197,11 +182,11 @@ class RetrievalAttention:
         layer), so the build of this layer overlaps the prefill of the next ones. Decode serves with
         exact search until the build lands (``RetrievalConfig.serve_while_building``; False: the first
         decode waits for it). Without it, the first ``decode`` builds the index itself. A second call is
-        a no-op; a prefill afterwards waits for the build and is the next turn (see ``prefill``).
+        a no-op; a prefill afterwards is the next turn (see ``prefill``).
         """
         if self.seen == 0:
             raise ValueError("start_index_build called before prefill")
-        if self.indexing.build_future is None and not self._decoding and self.config.retrieve:
+        if self.indexing.phase is Phase.SAMPLING and self.config.retrieve:
             self.indexing.start_build(self.store, self.window.k.device)
 
     def wait_for_index(self) -> None:
@@ -227,36 +212,23 @@ class RetrievalAttention:
         """
         self._check(q, k, v, decode=True)
         self.timer.start_step()
-        n_off = self.store.n
-        searching = bool(n_off) and self.config.retrieve
+        top_k = min(self.config.top_k, self.store.n) if self.config.retrieve else 0  # 0: nothing to retrieve
         spilled = self.window.outgoing()  # the oldest window token, spilled at the end of the step
         if spilled is not None:  # copied now so that it lands with q; it joins the store once the step is done
             staged = self.store.stage(*(x.reshape(-1, 1, self.head_dim) for x in spilled))  # [B * Hkv, 1, D]
-        if not self.retrieval.to_host(q if searching else None, finite_flag(q, k, v)):
+        if not self.retrieval.to_host(q if top_k else None, finite_flag(q, k, v)):
             self.timer.cancel_step()  # the stats still report the last step
             check_finite(q, k, v)  # names the culprit; nothing was stored
         self.retrieval.clear()
-        if self.config.retrieve:  # the sink + window baseline has no index
-            self.indexing.ready(self.store, self.window.k.device, first=not self._decoding)
-        self._decoding = True
+        self.indexing.ready(self.store, self.window.k.device)
         self.window.write(k, v)
-        if searching:
-            top_k = min(self.config.top_k, n_off)
-            if self.config.rebuild_growth is not None:
-                self.indexing.remember(self.retrieval.q)
-            if self.config.overlap or (self.config.overlap is None and q.is_cuda):
-                cpu_part = self.retrieval.start(self.indexing.index, self.store, top_k)
-                o, lse_device = self._device_attention(q)  # [B, Hq, 1, D], [B, Hq, 1]
-                self.retrieval.wait(cpu_part, q.is_cuda)
-            else:
-                self.retrieval.search(self.indexing.index, self.store, top_k)
-                o, lse_device = self._device_attention(q)
-            with self._small_ops(q):
-                o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
-        else:
-            o, lse_device = self._device_attention(q)
-        if self.telemetry is not None and n_off:
-            self._record_telemetry(q, lse_device, min(self.config.top_k, n_off))
+        parts = self._partials(q, top_k)
+        o, lse = parts[0]
+        with self._small_ops(q):
+            for part in parts[1:]:
+                o, lse = merge_state(o, lse, *part, validate=False)
+        if self.telemetry is not None and self.store.n:
+            self._record_telemetry(q, parts[0][1], min(self.config.top_k, self.store.n))
         self._dirty = True  # everything above only computed; from here on the state changes
         if spilled is not None:
             self.store.commit(staged)
@@ -266,15 +238,32 @@ class RetrievalAttention:
         self._dirty = False
         return o.to(q.dtype)
 
+    def _partials(self, q: torch.Tensor, top_k: int) -> list[Partial]:
+        """The step's partial attentions, merged by lse in order: the device window's (sink + window + the
+        new token) first, then the ``top_k`` retrieved rows' (none when ``top_k`` is 0)."""
+        if not top_k:
+            return [self._device_attention(q)]
+        if self.config.rebuild_growth is not None:
+            self.indexing.remember(self.retrieval.q)
+        if self.config.overlap or (self.config.overlap is None and q.is_cuda):
+            cpu_part = self.retrieval.start(self.indexing.index, self.store, top_k)
+            device = self._device_attention(q)
+            self.retrieval.wait(cpu_part, q.is_cuda)
+        else:
+            self.retrieval.run(self.indexing.index, self.store, top_k)
+            device = self._device_attention(q)
+        with self._small_ops(q):
+            return [device, self.retrieval.fetch(q, top_k)]
+
     @staticmethod
     def _small_ops(q: torch.Tensor) -> contextlib.AbstractContextManager:
         """Where the step's own small torch ops (window attention, merge) run with one thread: on the CPU. A
         torch team of several threads next to numba's (the search) waits on the cores the other's
-        workers spin on: 24 ms per layer instead of 0.15 (bench/README.md, "The thread budget")."""
+        workers spin on."""
         return contextlib.nullcontext() if q.is_cuda else cpu_threads(1)
 
-    def _device_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timed attention of q (B, Hq, 1, D) over the window -> out (B, Hq, 1, D), lse (B, Hq, 1), fp32."""
+    def _device_attention(self, q: torch.Tensor) -> Partial:
+        """Timed attention of q (B, Hq, 1, D) over the window."""
         with self._small_ops(q), self.timer.span("device_attention", torch.cuda.current_stream(q.device) if q.is_cuda else None):
             return self.window.attend(q, self.scale)
 
@@ -297,10 +286,9 @@ class RetrievalAttention:
         """
         if not isinstance(config, RetrievalConfig):
             raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
-        if self._decoding or self.indexing.build_future is not None or self.indexing.rebuild_future is not None:
+        if self.indexing.prompt_over:
             raise ValueError("fork is only possible before the first decode and before start_index_build()")
-        layout = ("sink_tokens", "window_tokens")
-        if any(getattr(config, f) != getattr(self.config, f) for f in layout):
+        if any(getattr(config, f) != getattr(self.config, f) for f in ("sink_tokens", "window_tokens")):
             raise ValueError(
                 f"fork: config must keep sink_tokens={self.config.sink_tokens} and window_tokens="
                 f"{self.config.window_tokens}, got {config.sink_tokens} and {config.window_tokens}"

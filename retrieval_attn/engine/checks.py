@@ -1,8 +1,8 @@
 """Checks of what a caller hands ``RetrievalAttention``: the construction arguments, and the q, k, v of
-a prefill or decode call. Each raises ValueError naming the argument.
+a prefill or decode call, alone and against what the engine holds (call order, batch, dtype and
+device of its buffers, handed in as values). Each raises ValueError naming the argument.
 
-Stateless: the checks against what an engine holds (call order, batch, dtype and device of its
-buffers) are the engine's own. Knows nothing about the window, the index or transformers.
+Stateless. Knows nothing about the window, the index or transformers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ..config import RetrievalConfig
 
-__all__ = ["check_construction", "check_cpu_threads", "check_finite", "check_qkv", "finite_flag"]
+__all__ = ["check_call", "check_construction", "check_cpu_threads", "check_finite", "check_qkv", "finite_flag"]
 
 
 def check_construction(
@@ -73,6 +73,32 @@ def check_qkv(
         raise ValueError("q, k, v are meta tensors (no data); pass tensors on a real device")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def check_call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    held: tuple[int, torch.dtype, torch.device] | None, seen: int, decode: bool, dirty: bool,
+) -> None:
+    """A prefill (``decode`` False) or decode call's q, k, v (``check_qkv``) against an engine that holds
+    ``held`` = (batch, dtype, device) of its buffers (None before the first prefill) and ``seen`` tokens;
+    ``dirty``: an earlier call was interrupted while it updated the state. A prefill's tensors are also
+    checked for NaN/Inf here (a decode step checks them with its one device sync)."""
+    check_qkv(q, k, v, num_heads, num_kv_heads, head_dim)
+    if dirty:
+        raise ValueError("an earlier call was interrupted while it updated the engine's state; call reset() first")
+    if held is not None and q.shape[0] != held[0]:
+        raise ValueError(f"batch size changed from {held[0]} to {q.shape[0]}; call reset() first")
+    if held is not None and (q.dtype, q.device) != held[1:]:
+        raise ValueError(
+            f"q, k, v are {q.dtype} on {q.device}, the engine holds {held[1]} on "
+            f"{held[2]}; call reset() first to change dtype or device"
+        )
+    if decode and q.shape[2] != 1:
+        raise ValueError(f"decode takes one new token per sequence (seq_len 1), got seq_len {q.shape[2]}")
+    if decode and seen == 0:
+        raise ValueError("decode called before prefill")
+    if not decode:
+        check_finite(q, k, v)
 
 
 def finite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,16 @@
-"""The key index of one layer through its life: the sample of prefill queries it trains on, the build
-(in the foreground or on the background builder thread), the insertion of spilled keys, and background
-rebuilds, trained on a ring of recent decode queries (and those of prefills after decoding: the turns
-of a conversation) and swapped in when ready.
+"""The key index of one layer through its life, as a state machine (``Phase``):
+
+``SAMPLING`` (the prompt is read; prefill queries are sampled to train the index) -> ``BUILDING`` (the
+prompt is over; the first build runs on the builder thread, an exact stand-in may serve meanwhile)
+-> ``BUILT`` (the index serves; spilled keys are inserted) <-> ``REBUILDING`` (a background rebuild,
+trained on a ring of recent decode queries and those of the turns after decoding, is swapped in when
+it lands). A foreground build (the first decode step without ``start_index_build``) goes from
+``SAMPLING`` straight to ``BUILT``, and so does the sink + window baseline, which holds no index.
+
+"The prompt is over" is this state machine's: any phase after ``SAMPLING``. A build trains on
+queries handed to it by value when it starts (the prefill sample, frozen then; the rebuild ring, copied);
+its work on the builder thread returns a ``Built`` result (the index, the keys it holds, its seconds), which the
+decoding thread takes in; the builder writes no field the decoding thread reads.
 
 Owns the index and the builder thread (``_INDEX_BUILDER``). The keys live in the engine's ``KVStore``,
 handed to each call: this module reads them and never writes them. It knows nothing about the device
@@ -10,9 +19,10 @@ window, the retrieval's host buffers or the step timing, nor about transformers.
 
 from __future__ import annotations
 
+import enum
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +31,7 @@ from ..config import RetrievalConfig
 from ..index import cpu_threads, make_index, make_index_for, params_class
 from ..offload import KVStore
 
-__all__ = ["IndexLifecycle"]
+__all__ = ["IndexLifecycle", "Phase", "Built"]
 
 # Builds indexes in the background; each engine waits for its own future, so engines used from several
 # threads stay independent.
@@ -62,40 +72,61 @@ class _QuerySample:
         return torch.cat([x for _, x in self._chunks], dim=1).float().contiguous()
 
 
+class Phase(enum.Enum):
+    """Where an ``IndexLifecycle`` is (the module docstring draws the transitions)."""
+
+    SAMPLING = "sampling"
+    BUILDING = "building"
+    BUILT = "built"
+    REBUILDING = "rebuilding"
+
+
+class Built(NamedTuple):
+    """What a build returns to the decoding thread."""
+
+    index: object  # the KeyIndex
+    keys: int  # keys per group it was built over
+    seconds: float
+
+
 class IndexLifecycle:
     """The index over one layer's offloaded keys, from the first build to the background rebuilds.
 
     Parameters
     ----------
-    config : the backend (``index``, ``index_params``), ``cpu_threads``, ``rebuild_growth`` and
-        ``rebuild_queries``.
+    config : the backend (``index``, ``index_params``), ``retrieve``, ``cpu_threads``,
+        ``serve_while_building``, ``rebuild_growth`` and ``rebuild_queries``.
     """
 
     def __init__(self, config: RetrievalConfig):
         self.config = config
+        self.phase = Phase.SAMPLING
         self.index = None  # the KeyIndex in use; None until the first build
         cls = params_class(config.index)
         cap = cls.resolved_params(dict(config.index_params)).get("train_queries")
         self.train = _QuerySample(cap) if cls.uses_train_queries else None  # until the first build over keys
-        self.build_future: Future | None = None  # the background build, once started
-        self.rebuild_future: Future | None = None  # background rebuild, returning (index, keys it holds, seconds)
+        self.pending: Future | None = None  # the build (BUILDING) or rebuild (REBUILDING) in flight, -> Built
+        self.standing_in = False  # BUILDING: exact flat search serves until the build lands
         self.rebuilds = 0  # rebuilds swapped in
         self.built_n = 0  # keys per group the index in use was built over
         self.build_seconds = 0.0  # of the last build or rebuild
         self._recent_q: torch.Tensor | None = None  # [G, rebuild_queries, group, D] ring of decode queries
         self._recent_steps = 0
-        self.standing_in = False  # exact flat search serves while the background build runs
+
+    @property
+    def prompt_over(self) -> bool:
+        """A decode step ran or the build started: later prefills are turns of a conversation."""
+        return self.phase is not Phase.SAMPLING
 
     def finish_build(self) -> None:
-        """Block until the background build (if one is in flight) has finished, re-raising its error."""
-        if self.build_future is not None:
-            self.build_future.result()
+        """Block until the background first build (if one is in flight) has finished, re-raising its error."""
+        if self.phase is Phase.BUILDING:
+            self.pending.result()
 
     def wait(self) -> None:
-        """Wait for the builds in flight; their errors are dropped (of no interest once their tokens are)."""
-        for pending in (self.build_future, self.rebuild_future):
-            if pending is not None:
-                pending.exception()
+        """Wait for the build in flight; its error is dropped (of no interest once its tokens are)."""
+        if self.pending is not None:
+            self.pending.exception()
 
     def sample(self, q: torch.Tensor, start: int, num_kv_heads: int) -> None:
         """Keep prefill queries q (B, Hq, n, D), first token at position ``start``, if the backend trains on them."""
@@ -103,65 +134,70 @@ class IndexLifecycle:
             self.train.add(q, start, num_kv_heads)
 
     def start_build(self, store: KVStore, device: torch.device) -> None:
-        """Build the index over the store's keys on the builder thread; ``ready`` takes it in."""
-        self.build_future = _INDEX_BUILDER.submit(self._first_build, store, device)
+        """SAMPLING -> BUILDING: build the index over the store's keys on the builder thread, trained on the
+        sample as it is now (``_frozen_sample``); ``ready`` takes it in."""
+        self.pending = _INDEX_BUILDER.submit(self._first_build, store, store.n, self._frozen_sample(store), device)
+        self.phase = Phase.BUILDING
 
-    def _first_build(self, store: KVStore, device: torch.device | None) -> tuple:
-        """An index over every offloaded key, trained on the prefill queries (then freed): (index, keys, seconds).
+    def _frozen_sample(self, store: KVStore) -> np.ndarray | None:
+        """The training queries of the first build over the store's keys, (G, m, D) fp32, taken by value on the
+        decoding thread: later prefills (turns) cannot change what that build trains on. The sample ends
+        there; a build over no keys (a prompt shorter than sink + window) leaves it sampling for the first
+        build over keys."""
+        if self.train is None or not store.n:
+            return None
+        queries = self.train.queries().numpy()
+        self.train = None
+        return queries
 
-        Changes no state the decode thread reads."""
+    def _first_build(self, store: KVStore, n: int, train: np.ndarray | None, device: torch.device | None) -> Built:
+        """An index over the first ``n`` offloaded keys, trained on ``train`` (the frozen prefill sample)."""
         store.synchronize()
-        sample = self.train
-        built = self._built(self.config.index, store, store.n,
-                            lambda: sample.queries().numpy() if sample is not None else None, device)
-        if built[1]:
-            self.train = None  # only the first build over offloaded keys trains on prefill queries
-        return built
+        return self._built(self.config.index, store, n, train, device)
 
-    def _built(self, name: str, store: KVStore, n: int, train: Callable[[], np.ndarray | None],
-               device: torch.device | None) -> tuple:
-        """``name``'s index over the first ``n`` offloaded keys of each group, trained on ``train()`` (G, m, D)
-        fp32 when the backend uses training queries (their exact top lists computed on ``device``):
-        (index, n, seconds). Rows < n are never rewritten; appends go after them."""
+    def _built(self, name: str, store: KVStore, n: int, train: np.ndarray | None,
+               device: torch.device | None) -> Built:
+        """``name``'s index over the first ``n`` offloaded keys of each group, trained on ``train`` (G, m, D)
+        fp32 when the backend uses training queries (their exact top lists computed on ``device``).
+        Rows < n are never rewritten; appends go after them."""
         start = time.perf_counter()
         with cpu_threads(self.config.cpu_threads):
             index = make_index_for(name, self.config.index_params, n, self.config.top_k)
             if n:
-                index.build(store.key_source, train() if index.uses_train_queries else None, device=device, n=n)
-        return index, n, time.perf_counter() - start
+                index.build(store.key_source, train if index.uses_train_queries else None, device=device, n=n)
+        return Built(index, n, time.perf_counter() - start)
 
-    def _take(self, built: tuple, store: KVStore) -> None:
-        """Serve with a built (index, keys it holds, seconds), after it indexes the keys spilled meanwhile."""
-        index, n, seconds = built
-        if store.n > n:
+    def _take(self, built: Built, store: KVStore) -> None:
+        """Serve with ``built`` (-> BUILT), after it indexes the keys spilled meanwhile."""
+        if store.n > built.keys:
             store.synchronize()
-            index.add()
-        self.index, self.built_n, self.build_seconds = index, n, seconds
+            built.index.add()
+        self.index, self.built_n, self.build_seconds = built
+        self.pending, self.standing_in, self.phase = None, False, Phase.BUILT
 
-    def ready(self, store: KVStore, device: torch.device, first: bool) -> None:
-        """Make sure an index over the offloaded keys serves this decode step.
+    def ready(self, store: KVStore, device: torch.device) -> None:
+        """Make sure an index over the offloaded keys serves this decode step (the prompt is over after it).
 
-        At the ``first`` one: take the background build if it is done (or wait for it unless
-        ``serve_while_building``), else serve with exact search over the store (``flat``, nothing to
-        build) until it is; without a background build, build here. Later: take a background build
-        that finished, build an index that was empty once keys spilled, else swap in a finished
-        rebuild or start one when due.
+        SAMPLING: build here (the baseline without retrieval builds nothing). BUILDING: take the
+        build if it is done (or wait for it unless ``serve_while_building``), else serve with exact
+        search over the store (``flat``, nothing to build) until it is. BUILT: build an index that was
+        empty once keys spilled, else start a rebuild when due. REBUILDING: swap in a finished rebuild.
         """
-        if self.standing_in and self.build_future.done():  # the build the stand-in served for has landed
-            self.standing_in = False
-            self._take(self.build_future.result(), store)  # re-raises a failed build's error
-        if first:
-            if self.build_future is None:
-                self._take(self._first_build(store, device), store)
-            elif self.build_future.done() or not self.config.serve_while_building:
-                self._take(self.build_future.result(), store)
-            else:  # exact search over the store (flat: nothing to build) serves until the build lands
-                self.index, self.built_n, self.standing_in = make_index("flat"), store.n, True
-                self.index.build(store.key_source)
-        elif self.standing_in:
+        if not self.config.retrieve:
+            self.phase = Phase.BUILT
             return
-        elif store.n and not len(self.index):  # a prompt shorter than sink + window: its first spill
-            self._take(self._first_build(store, device), store)
+        if self.phase is Phase.SAMPLING:
+            self._take(self._first_build(store, store.n, self._frozen_sample(store), device), store)
+            return
+        if self.phase is Phase.BUILDING:
+            if not (self.pending.done() or not self.config.serve_while_building):
+                if not self.standing_in:  # exact search over the store serves until the build lands
+                    self.index, self.built_n, self.standing_in = make_index("flat"), store.n, True
+                    self.index.build(store.key_source)
+                return
+            self._take(self.pending.result(), store)  # re-raises a failed build's error
+        if store.n and not len(self.index):  # a prompt shorter than sink + window: its first spill
+            self._take(self._first_build(store, store.n, self._frozen_sample(store), device), store)
         else:
             self._maybe_rebuild(store, device)
 
@@ -195,22 +231,23 @@ class IndexLifecycle:
         self._recent_steps += m
 
     def _maybe_rebuild(self, store: KVStore, device: torch.device) -> None:
-        """Swap in a finished rebuild (after adding the keys spilled meanwhile), or start one when due."""
-        if self.rebuild_future is not None and self.rebuild_future.done():
-            built = self.rebuild_future.result()  # re-raises a failed rebuild's error
-            built[0].replacing(self.index)
+        """REBUILDING: swap in a finished rebuild (after adding the keys spilled meanwhile). BUILT: start a
+        rebuild when due (-> REBUILDING)."""
+        if self.phase is Phase.REBUILDING:
+            if not self.pending.done():
+                return
+            built = self.pending.result()  # re-raises a failed rebuild's error
+            built.index.replacing(self.index)
             self._take(built, store)
-            self.rebuild_future = None
             self.rebuilds += 1
         growth = self.config.rebuild_growth
         due = growth is not None and self.index.name != "flat" and len(self.index) >= (1 + growth) * self.built_n
-        if self.rebuild_future is None and due and self._recent_steps:
+        if due and self._recent_steps:
             train = None
             if self.index.uses_train_queries:  # the recent decode queries: [G, steps * group, D]
                 steps = min(self._recent_steps, self._recent_q.shape[1])
                 g, d = self._recent_q.shape[0], self._recent_q.shape[-1]
-                train = self._recent_q[:, :steps].reshape(g, -1, d).clone()
+                train = self._recent_q[:, :steps].reshape(g, -1, d).numpy().copy()  # by value
             store.synchronize()  # on the builder thread while decoding goes on with the old index
-            self.rebuild_future = _INDEX_BUILDER.submit(
-                self._built, self.index.name, store, store.n, lambda: train.numpy() if train is not None else None,
-                device)
+            self.pending = _INDEX_BUILDER.submit(self._built, self.index.name, store, store.n, train, device)
+            self.phase = Phase.REBUILDING

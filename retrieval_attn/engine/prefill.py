@@ -15,7 +15,7 @@ is merged into the result by log-sum-exp. The transient memory is one tile, what
 Why blocks move to the device rather than the queries to the CPU: a chunk of n queries costs
 4 n Hq D flops per offloaded row, which a GPU does at once while a CPU does ~1e11 flops/s; moving a
 row costs 4 Hkv D bytes (bf16 K and V), and at PCIe's ~2.5e10 bytes/s the CPU wins only for chunks
-of a few tokens (measurements: bench/README.md, "multi-turn").
+of a few tokens.
 
 Knows the window's buffers and the store's rows as tensors; nothing of the index or transformers.
 """

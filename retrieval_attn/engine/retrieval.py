@@ -1,6 +1,14 @@
 """The host side of a decode step's retrieval: preallocated host buffers (pinned on CUDA), the copy of q
-to the host, the CPU worker that searches the index and attends over the retrieved rows, and the
-return of the retrieved part to the device on a copy stream.
+to the host, the CPU worker that searches the index, and the return of the retrieved part to the
+device on a copy stream.
+
+Where the retrieved rows are attended is a *placement* (``RetrievalConfig.retrieved_attention``):
+``CpuPlacement`` attends on the CPU worker and ships out and lse of each query head;
+``DevicePlacement`` gathers the rows' values there and ships them with their scores, for the device
+to attend over. A placement owns the host buffers it ships and says how the landed copies become
+(out, lse); ``HostRetrieval`` does the rest the same way for both. The worker returns a ``Searched``
+result (counts and seconds) that the decoding thread records; it writes only the placement's host
+buffers and the search's result arrays, which the decoding thread reads after waiting for it.
 
 Owns the CPU worker thread (``_CPU_WORKER``), one layer's host buffers, the device buffers the
 retrieved part lands in, its copy stream and the counts of the last search. Everything a step uses is
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
@@ -23,15 +32,85 @@ from ..offload import KVStore, attend_rows, gather_rows
 from ..rows import kernel_array
 from .stats import StepTimer
 
-__all__ = ["HostRetrieval"]
+__all__ = ["HostRetrieval", "CpuPlacement", "DevicePlacement", "Searched"]
 
 # Runs the CPU part of decode steps (overlap); each step waits for its own future, so engines used from
 # several threads stay independent.
 _CPU_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-attn-cpu")
 
 
+class Searched(NamedTuple):
+    """What the CPU worker's search of one step returns to the decoding thread."""
+
+    scanned: int  # keys scored, summed over the query heads of the batch
+    scanned_fraction: float  # their mean per query head over the keys indexed
+    retrieved: int  # ids returned, summed over the query heads
+    search_seconds: float
+    attention_seconds: float  # the placement's CPU work: attention over the rows, or their gather
+    done: float  # perf_counter when the worker finished
+    threads: int  # the CPU threads it ran with
+
+
+class CpuPlacement:
+    """The retrieved rows are attended on the CPU worker; out [G, group, D] and lse [G, group] (fp32) ship."""
+
+    def __init__(self, groups: int, group: int, head_dim: int, top_k: int, dtype: torch.dtype, pin_memory: bool,
+                 scale: float):
+        self.scale = scale
+        self.out = torch.empty((groups, group, head_dim), dtype=torch.float32, pin_memory=pin_memory)
+        self.lse = torch.empty((groups, group), dtype=torch.float32, pin_memory=pin_memory)
+
+    def attend(self, res: SearchResult, store: KVStore, top_k: int) -> None:
+        """On the worker: attention over the rows ``res`` found into the host buffers."""
+        attend_rows(res.scores, res.ids, store.kernel_values(), self.scale, self.out.numpy(), self.lse.numpy())
+
+    def full(self) -> tuple[torch.Tensor, ...]:
+        """Every host buffer that ships, at its full size (the device buffers are made like them)."""
+        return self.out, self.lse
+
+    def shipped(self, buffers: tuple[torch.Tensor, ...], top_k: int) -> tuple[torch.Tensor, ...]:
+        """The part of ``buffers`` (the host ones, or their device copies) a step of ``top_k`` rows uses."""
+        return buffers
+
+    def finish(self, moved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The landed buffers as out [G, group, D], lse [G, group] fp32."""
+        return moved
+
+
+class DevicePlacement:
+    """The worker gathers the retrieved rows' values; scores [G, group, top_k] fp32 and values [G, group,
+    top_k, D] (the store's dtype) ship, and the device attends over them."""
+
+    def __init__(self, groups: int, group: int, head_dim: int, top_k: int, dtype: torch.dtype, pin_memory: bool,
+                 scale: float):
+        self.scale = scale
+        self.scores = torch.empty((groups, group, top_k), dtype=torch.float32, pin_memory=pin_memory)
+        self.values = torch.empty((groups, group, top_k, head_dim), dtype=dtype, pin_memory=pin_memory)
+
+    def attend(self, res: SearchResult, store: KVStore, top_k: int) -> None:
+        scores, values = self.shipped(self.full(), top_k)
+        scores.numpy()[:] = res.scores
+        gather_rows(res.ids, store.kernel_values(), kernel_array(values))
+
+    def full(self) -> tuple[torch.Tensor, ...]:
+        return self.scores, self.values
+
+    def shipped(self, buffers: tuple[torch.Tensor, ...], top_k: int) -> tuple[torch.Tensor, ...]:
+        """Contiguous views of scores, values sized for ``config.top_k`` holding ``top_k`` rows."""
+        scores, values = buffers
+        g, m, _, d = values.shape
+        return (scores.view(-1)[: g * m * top_k].view(g, m, top_k),
+                values.view(-1)[: g * m * top_k * d].view(g, m, top_k, d))
+
+    def finish(self, moved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return scored_attention(moved[0], moved[1], self.scale)  # [G, group, D], [G, group]
+
+
+PLACEMENTS = {"cpu": CpuPlacement, "device": DevicePlacement}
+
+
 class HostRetrieval:
-    """The retrieved part of one layer's decode steps: q to the host, search and attention on the CPU,
+    """The retrieved part of one layer's decode steps: q to the host, search (and the placement's CPU work),
     the result back to the device.
 
     Parameters
@@ -52,21 +131,15 @@ class HostRetrieval:
         self, config: RetrievalConfig, groups: int, group: int, head_dim: int, scale: float, pin_memory: bool,
         timer: StepTimer, dtype: torch.dtype = torch.float32, threads: int | ThreadChooser = 1,
     ):
-        self.config, self.scale, self.timer, self.threads = config, scale, timer, threads
-        # q, out: [B * Hkv, group, D], lse: [B * Hkv, group] (row j of group g is query head g % Hkv * group + j)
+        self.config, self.timer, self.threads = config, timer, threads
+        # q: [B * Hkv, group, D] (row j of group g is query head g % Hkv * group + j)
         self.q = torch.empty((groups, group, head_dim), dtype=torch.float32, pin_memory=pin_memory)
-        self.out = torch.empty((groups, group, head_dim), dtype=torch.float32, pin_memory=pin_memory)
-        self.lse = torch.empty((groups, group), dtype=torch.float32, pin_memory=pin_memory)
         self.finite = torch.empty((), dtype=torch.bool, pin_memory=pin_memory)  # the step's q, k, v had no NaN/Inf
-        self.scores: torch.Tensor | None = None  # [B * Hkv, group, top_k], retrieved_attention="device" only
-        self.values: torch.Tensor | None = None  # [B * Hkv, group, top_k, D], retrieved_attention="device" only
-        if config.retrieved_attention == "device":
-            top_k = config.top_k
-            self.scores = torch.empty((groups, group, top_k), dtype=torch.float32, pin_memory=pin_memory)
-            self.values = torch.empty((groups, group, top_k, head_dim), dtype=dtype, pin_memory=pin_memory)
+        self.placement = PLACEMENTS[config.retrieved_attention](groups, group, head_dim, config.top_k, dtype,
+                                                                pin_memory, scale)
         self.stream: torch.cuda.Stream | None = None  # host -> device copies, made at the first fetch on CUDA
         self._order: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (readers done, copies landed)
-        self._landing: tuple[torch.Tensor, ...] | None = None  # device copies of the shipped host buffers
+        self._landing: tuple[torch.Tensor, ...] | None = None  # device copies of the placement's host buffers
         self._result: SearchResult | None = None  # the search's output arrays, reused while top_k stays
         self._result_ids: torch.Tensor | None = None  # _result.ids as a tensor (the same memory), for telemetry
         self._done = 0.0  # perf_counter when the worker finished its last search
@@ -99,28 +172,31 @@ class HostRetrieval:
                 stream.synchronize()  # q is on the host before the CPU reads it
         return bool(self.finite)
 
+    def _threads(self) -> int:
+        """The thread count of the next search (picked on the decoding thread)."""
+        return self.threads.pick() if isinstance(self.threads, ThreadChooser) else self.threads
+
     def start(self, index, store: KVStore, top_k: int) -> Future:
         """``search`` on the CPU worker thread; the caller attends on the device meanwhile, then ``wait``s."""
-        return _CPU_WORKER.submit(self.search, index, store, top_k)
+        return _CPU_WORKER.submit(self.search, index, store, top_k, self._threads())
 
     def wait(self, cpu_part: Future, cuda: bool) -> None:
-        """Wait for the worker's ``search`` (re-raising its error); on a CPU-only machine, time the wait as
-        the device side's idle time and the worker's lead as the CPU side's."""
+        """Wait for the worker's ``search`` (re-raising its error) and record it; on a CPU-only machine, time
+        the wait as the device side's idle time and the worker's lead as the CPU side's."""
         t0 = time.perf_counter()
-        cpu_part.result()
+        searched = cpu_part.result()
         if not cuda:
-            t1 = time.perf_counter()
-            self.timer.seconds["device_idle"] += t1 - t0
-            self.timer.seconds["cpu_idle"] += max(0.0, t0 - self._done)
+            self.timer.seconds["device_idle"] += time.perf_counter() - t0
+            self.timer.seconds["cpu_idle"] += max(0.0, t0 - searched.done)
+        self.record(searched)
 
-    def search(self, index, store: KVStore, top_k: int) -> None:
-        """Search all heads of the layer for the query in the host buffer, then attend over what was found.
+    def run(self, index, store: KVStore, top_k: int) -> None:
+        """``search`` on this thread, recorded."""
+        self.record(self.search(index, store, top_k, self._threads()))
 
-        ``retrieved_attention="cpu"``: writes out and lse to the host buffers; ``"device"``: writes the
-        scores and gathers the values of the retrieved rows for the device to attend over.
-        """
-        chooser = self.threads if isinstance(self.threads, ThreadChooser) else None
-        threads = chooser.pick() if chooser is not None else self.threads
+    def search(self, index, store: KVStore, top_k: int, threads: int) -> Searched:
+        """Search all heads of the layer for the query in the host buffer, then the placement's CPU work over
+        what was found (into its host buffers), on ``threads`` CPU threads."""
         with cpu_threads(threads):
             t0 = time.perf_counter()
             if self._result is None or self._result.ids.shape[2] != top_k:
@@ -128,46 +204,25 @@ class HostRetrieval:
                 self._result_ids = torch.from_numpy(self._result.ids)
             res = index.search(self.q.numpy(), top_k, out=self._result)  # ids, scores: [B * Hkv, group, top_k]
             t1 = time.perf_counter()
-            if self.config.retrieved_attention == "cpu":
-                attend_rows(res.scores, res.ids, store.kernel_values(), self.scale, self.out.numpy(), self.lse.numpy())
-            else:
-                scores, values = self._host_inputs(top_k)
-                scores.numpy()[:] = res.scores
-                gather_rows(res.ids, store.kernel_values(), kernel_array(values))
+            self.placement.attend(res, store, top_k)
             t2 = time.perf_counter()
-        self.timer.seconds["cpu_search"], self.timer.seconds["cpu_attention"] = t1 - t0, t2 - t1
-        self._done = t2
-        if chooser is not None:
-            chooser.record(threads, t2 - t0)
-        self.scanned = int(res.scored.sum())
-        self.scanned_fraction = res.scored_fraction(len(index))
-        self.retrieved = int(res.ids.size)
+        return Searched(int(res.scored.sum()), res.scored_fraction(len(index)), int(res.ids.size), t1 - t0, t2 - t1,
+                        t2, threads)
+
+    def record(self, searched: Searched) -> None:
+        """Take in a finished search's counts and times (on the decoding thread)."""
+        self.timer.seconds["cpu_search"] = searched.search_seconds
+        self.timer.seconds["cpu_attention"] = searched.attention_seconds
+        if isinstance(self.threads, ThreadChooser):
+            self.threads.record(searched.threads, searched.search_seconds + searched.attention_seconds)
+        self.scanned, self.scanned_fraction, self.retrieved = searched[:3]
         self.ids = self._result_ids
-
-    @staticmethod
-    def _views(scores: torch.Tensor, values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous views of buffers sized for ``config.top_k`` holding ``top_k`` rows: scores (G, group,
-        top_k), values (G, group, top_k, D)."""
-        g, m, _, d = values.shape
-        return (scores.view(-1)[: g * m * top_k].view(g, m, top_k),
-                values.view(-1)[: g * m * top_k * d].view(g, m, top_k, d))
-
-    def _host_inputs(self, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The host buffers of ``retrieved_attention="device"`` for ``top_k`` rows."""
-        return self._views(self.scores, self.values, top_k)
-
-    def _shipped(self, top_k: int) -> tuple[torch.Tensor, ...]:
-        """The host buffers that go to the device: out and lse, or scores and values of ``top_k`` rows."""
-        return (self.out, self.lse) if self.config.retrieved_attention == "cpu" else self._host_inputs(top_k)
 
     def _landing_buffers(self, device: torch.device, top_k: int) -> tuple[torch.Tensor, ...]:
         """Device buffers the shipped host buffers are copied into, made at the first fetch and reused."""
         if self._landing is None:
-            full = (self.out, self.lse) if self.config.retrieved_attention == "cpu" else (self.scores, self.values)
-            self._landing = tuple(torch.empty_like(x, device=device) for x in full)
-        if self.config.retrieved_attention == "cpu":
-            return self._landing
-        return self._views(*self._landing, top_k)
+            self._landing = tuple(torch.empty_like(x, device=device) for x in self.placement.full())
+        return self.placement.shipped(self._landing, top_k)
 
     def fetch(self, q: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The retrieved part of the step, after ``search``, on q's device: out (B, Hq, 1, D), lse (B, Hq, 1),
@@ -178,7 +233,7 @@ class HostRetrieval:
         which the compute stream then waits for (nothing reads them before they land). Elsewhere the
         host buffers are used as they are.
         """
-        shipped = self._shipped(top_k)
+        shipped = self.placement.shipped(self.placement.full(), top_k)
         if q.is_cuda:
             main = torch.cuda.current_stream(q.device)
             if self.stream is None:  # made once: the copy stream and the events that order it with ``main``
@@ -196,8 +251,5 @@ class HostRetrieval:
         else:
             with self.timer.span("host_to_device"):
                 moved = tuple(x.to(q.device) for x in shipped)  # the host buffers themselves on a CPU device
-        if self.config.retrieved_attention == "cpu":
-            out, lse = moved
-        else:
-            out, lse = scored_attention(moved[0], moved[1], self.scale)  # [G, group, D], [G, group]
+        out, lse = self.placement.finish(moved)
         return out.reshape(q.shape), lse.reshape(q.shape[:3])

@@ -71,16 +71,17 @@ class _Padding:
     another device receives a copy, read again)."""
 
     def __init__(self) -> None:
-        self._last: tuple[Any, int, int, int, torch.Tensor] | None = None  # (mask, batch, past, n, pads)
+        self._last: tuple[Any, int, int, int, torch.Tensor, bool] | None = None  # (mask, batch, past, n, pads, any)
 
-    def of(self, mask: torch.Tensor | None, batch: int, past: int, n: int) -> torch.Tensor:
-        """``left_padding(mask, batch, past, n)``, computed once per mask object and step."""
+    def of(self, mask: torch.Tensor | None, batch: int, past: int, n: int) -> tuple[torch.Tensor, bool]:
+        """``left_padding(mask, batch, past, n)`` and whether any sequence is padded, computed once per mask
+        object and step."""
         last = self._last
         if last is not None and last[0] is mask and last[1:4] == (batch, past, n):
-            return last[4]
+            return last[4], last[5]
         pads = left_padding(mask, batch, past, n)
-        self._last = (mask, batch, past, n, pads)  # holds the mask: its id cannot be reused meanwhile
-        return pads
+        self._last = (mask, batch, past, n, pads, bool(pads.any()))  # holds the mask: its id is not reused meanwhile
+        return self._last[4], self._last[5]
 
     def clear(self) -> None:
         self._last = None
@@ -142,8 +143,7 @@ class RetrievalLayer(CacheLayerMixin):
         past = self.cumulative_length - n
         if self._sequences is None and self.engine.seen != past:
             raise ValueError(_out_of_step(self.layer_idx, self.engine.seen, past))
-        pads = self.padding.of(mask, b, past, n)  # [B] leading padding tokens of each sequence
-        padded = bool(pads.any())
+        pads, padded = self.padding.of(mask, b, past, n)  # [B] leading padding tokens of each sequence
         if past == 0 and self._sequences is None and padded:
             e = self.engine
             self._sequences = [
@@ -290,6 +290,7 @@ class RetrievalCache(Cache):
         ]
         super().__init__(layers=layers)
         self.retrieval_config = config
+        self._attention_config = getattr(attn_modules[0], "config", model.config)  # what the layers dispatch on
         if max_context is not None:
             for layer in layers:
                 layer.engine.reserve(max_context)
@@ -300,7 +301,7 @@ class RetrievalCache(Cache):
         """Within the block (the forward pass of the prompt's last chunk), each layer on a GPU starts building
         its index on a background thread right after its prefill, overlapping the following layers; layers
         on the CPU start theirs when the block ends (a build next to the prefill would take the cores the
-        following layers compute on: +48% time to first token at 32K on 2 cores, bench/README.md).
+        following layers compute on).
         Decoding does not wait for the builds (``RetrievalConfig.serve_while_building``)."""
         for layer in self.layers:
             layer.build_after_prefill = True
@@ -315,7 +316,18 @@ class RetrievalCache(Cache):
                     engine.start_index_build()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        """Hand the new k, v of layer ``layer_idx`` to its engine's next attention call."""
+        """Hand the new k, v of layer ``layer_idx`` to its engine's next attention call.
+
+        Refuses, before any engine runs, a model whose attention implementation was switched away from
+        ``"retrieval_attn"`` after the cache was made (its layers would attend over the new tokens only)."""
+        impl = getattr(self._attention_config, "_attn_implementation", ATTN_IMPLEMENTATION)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"RetrievalCache needs the model's attention implementation {ATTN_IMPLEMENTATION!r}, but it was "
+                f"switched to {impl!r} after the cache was made (model.set_attn_implementation or "
+                f"config._attn_implementation); switch it back with model.set_attn_implementation("
+                f"{ATTN_IMPLEMENTATION!r}), or generate with another cache"
+            )
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:

@@ -259,6 +259,12 @@ class KeyIndex(ABC):
         return 0
 
     @classmethod
+    def estimate_add_nbytes(cls, groups: int, dim: int, params: dict[str, Any], queries: int = 1, k: int = 100) -> int:
+        """Bytes ``add`` holds while it inserts keys, beyond ``estimate_nbytes``: the transient of one insert,
+        bounded whatever the number of keys added (for searches of ``queries`` queries per group, ``k`` results)."""
+        return 0
+
+    @classmethod
     def estimate_build_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], train: int = 0) -> int:
         """Bytes a build over ``n`` keys per group (``train`` training queries per group) holds while it
         runs, beyond ``estimate_nbytes``: the transient peak of one build in flight."""

@@ -30,9 +30,20 @@ from .graph_kernels import (
     search_own, span, to_arena,
 )
 
-__all__ = ["Graph", "SearchScratch", "GraphIndex"]
+__all__ = ["Graph", "SearchScratch", "GraphIndex", "DEGREE_CAP"]
 
-_INSERT_CHUNK = 64  # keys linked per insert_nodes call (bounds the arena room reserved for one call)
+_INSERT_CHUNK = 64  # keys linked per add() step: bounds the arena room reserved for one insert_nodes call and
+# the transient of the co-occurrence candidates of the keys inserted (``estimate_add_nbytes``)
+
+# the dtypes of a ``Graph``'s arrays (made by ``graph_kernels.to_arena``/``compact_arena``; tests/test_index.py
+# checks a built graph against them): the planner's byte figures are derived from them
+NODE_DTYPES = (np.int32, np.uint8, np.uint8)  # start, count, room: one entry per node
+EDGE_DTYPE = np.int32  # one arena slot per edge
+GROUP_DTYPES = (np.int64, np.int64)  # fill, garbage: one entry per group
+NODE_BYTES = sum(np.dtype(t).itemsize for t in NODE_DTYPES)
+EDGE_BYTES = np.dtype(EDGE_DTYPE).itemsize
+GROUP_BYTES = sum(np.dtype(t).itemsize for t in GROUP_DTYPES)
+DEGREE_CAP = int(np.iinfo(NODE_DTYPES[1]).max)  # a list's count and room are uint8: the cap of every degree
 _SPAN_EF = 16  # beam of span's searches: a near reached node with room is all it needs
 
 
@@ -97,10 +108,10 @@ class GraphIndex(KeyIndex):
     link_metric: ClassVar[int]
     search_params = ("ef",)
     params: ClassVar[dict[str, Param]] = {
-        "M": Param(32, 2, 255, doc="out-degree cap of the pruned candidate lists"),
+        "M": Param(32, 2, DEGREE_CAP, doc="out-degree cap of the pruned candidate lists"),
         "build_ef": Param(64, 1, None, doc="beam width of add()'s search for a new key's neighbours"),
         "ef": Param(128, 1, None, doc="search beam width (queue length); must be >= k"),
-        "max_degree": Param(64, 2, 255, doc="cap of every neighbour list (reverse and connectivity edges "
+        "max_degree": Param(64, 2, DEGREE_CAP, doc="cap of every neighbour list (reverse and connectivity edges "
                             "stop there; a full list prunes)"),
         "ef_growth": Param(0.5, 0.0, 2.0, kind=float, doc="search effort follows the keys added since the "
                            "build: ef x (keys / keys built) ** ef_growth (0: a fixed ef)"),
@@ -142,14 +153,14 @@ class GraphIndex(KeyIndex):
             slots, nodes = arena_capacity(int(degree * n)), n
         ef = min(config["ef"], max(n, 1))
         scratch = numba.config.NUMBA_NUM_THREADS * (ef * 9 + ((grown_capacity(n) + 63) >> 6) * 8)
-        return groups * slots * 4 + groups * (nodes * 6 + 8) + scratch
+        return groups * slots * EDGE_BYTES + groups * (nodes * NODE_BYTES + GROUP_BYTES) + scratch
 
     @classmethod
     def estimate_build_nbytes(cls, groups: int, n: int, dim: int, params: dict[str, Any], train: int = 0) -> int:
         """The fixed-width build adjacency (max_degree) and its degrees, the candidate lists (CSR and
         work items), and one group's keys in fp32."""
         config = cls.resolved_params(params)
-        return groups * n * (config["max_degree"] * 4 + 4 + 16 + 8 + 16 * 4) + n * dim * 4
+        return groups * n * (config["max_degree"] * EDGE_BYTES + 4 + 16 + 8 + 16 * 4) + n * dim * 4
 
     def replacing(self, previous: KeyIndex) -> None:
         """Keep the search effort of the index this rebuild replaces: the beam widens from the keys the first
@@ -233,11 +244,10 @@ class GraphIndex(KeyIndex):
             self._graph = g._replace(start=grown[0], count=grown[1], room=grown[2])
         width, cap = self._insert_width(self.config), self.config["max_degree"]
         ef = min(self.config["build_ef"], n_old + t)
-        cooc = self._insert_candidates(n_old, t)  # [G, t, E]
         for first in range(n_old, n_old + t, _INSERT_CHUNK):
             chunk = min(_INSERT_CHUNK, n_old + t - first)
             self._reserve_arena(first, chunk * width * (1 + cap))  # each new run, and each neighbour's move
-            cands = cooc[:, first - n_old : first - n_old + chunk]  # [G, chunk, E]
+            cands = self._insert_candidates(first, chunk)  # [G, chunk, E]
             insert_nodes(self.rows(), first, chunk, self._graph, self._entries, ef, self.config["M"], width, cap,
                          self.link_metric, cands, self.conn_degree(self.config), *self._scratch.get(ef, first + chunk))
         if self._graph.garbage.max() * 4 > self._graph.fill.max():
@@ -251,8 +261,9 @@ class GraphIndex(KeyIndex):
             start, edges, fill, garbage = compact_arena(g, n, slots)
             self._graph = g._replace(start=start, edges=edges, fill=fill, garbage=garbage)
 
-    def _insert_candidates(self, n_old: int, t: int) -> np.ndarray:
-        """Given candidates of each new key (groups, t, E) int32, -1 padded; none by default."""
+    def _insert_candidates(self, first: int, t: int) -> np.ndarray:
+        """Given candidates of new keys ``first .. first + t - 1`` (groups, t, E) int32, -1 padded; none by
+        default. ``add`` asks for one chunk of at most ``_INSERT_CHUNK`` keys at a time."""
         return np.full((self.groups, t, 0), -1, np.int32)
 
     def _own_nbytes(self) -> int:

@@ -48,12 +48,14 @@ by that search alone. Neighbours link back to it, in row order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit, prange
 
 from .base import Param, SearchResult
 from .dense import exact_top_keys, fp32_rows
-from .graph import GraphIndex
+from .graph import DEGREE_CAP, _INSERT_CHUNK, GraphIndex
 from .graph_kernels import L2, in_edges, link
 from .registry import register_index
 
@@ -153,7 +155,7 @@ class RoarIndex(GraphIndex):
     link_metric = L2
     params = {
         **GraphIndex.params,
-        "M": Param(20, 2, 255, doc="out-degree cap of the pruned candidate lists; 20 scored fewer keys at the "
+        "M": Param(20, 2, DEGREE_CAP, doc="out-degree cap of the pruned candidate lists; 20 scored fewer keys at the "
                    "0.95 operating point than 24 or 32 on the embedded model at 8K and 32K, and holds less"),
         "ef": Param(200, 1, None, doc="search beam width (queue length); must be >= k. 200: the smallest on the "
                     "sweep's grid reaching recall@100 >= 0.95 on every sampled head of the embedded model at 16K-32K"),
@@ -244,28 +246,38 @@ class RoarIndex(GraphIndex):
     def _own_nbytes(self) -> int:
         return super()._own_nbytes() + (sum(b.nbytes for b in self._ring) if self._ring is not None else 0)
 
-    def _insert_candidates(self, n_old: int, t: int) -> np.ndarray:
-        """Co-occurrence candidates of new keys (groups, t, E) from the results of the last ``recent`` searches.
+    @classmethod
+    def estimate_add_nbytes(cls, groups: int, dim: int, params: dict[str, Any], queries: int = 1, k: int = 100) -> int:
+        """One insert chunk's candidates (``_insert_candidates``): per new key and ring query its score and
+        rank, the comparison with the k results, and 2 x window positions, flags and picks; the keys in fp32."""
+        c = cls.resolved_params(params)
+        m, w = c["recent"] * queries, c["window"]
+        per_pair = 4 + 8 + k + 2 * w * (8 + 1 + 8 + 8 + 4)  # score, rank, comparison, pos/valid/clip/pick/int32
+        return groups * _INSERT_CHUNK * (m * per_pair + dim * 4)
+
+    def _insert_candidates(self, first: int, t: int) -> np.ndarray:
+        """Co-occurrence candidates of new keys ``first .. first + t - 1`` (groups, t, E) from the results of
+        the last ``recent`` searches.
 
         The queries served last are the freshest training queries there are: a new key that would
         rank r-th in a query's result list gets the keys ranked within ``window`` of r as candidates,
-        the rule the build applies to the prefill queries' top lists.
+        the rule the build applies to the prefill queries' top lists. The temporaries are
+        ``[G, t, m', k]`` and ``[G, t, m', 2 window]`` for the ``m'`` ring queries: ``add`` bounds them
+        by asking for one insert chunk at a time.
         """
         groups = self.groups
         if self._ring is None:
             return np.full((groups, t, 0), -1, np.int32)
-        keys = fp32_rows(self.rows()[:, n_old : n_old + t], "cpu").numpy()  # [G, t, D]
+        keys = fp32_rows(self.rows()[:, first : first + t], "cpu").numpy()  # [G, t, D]
         filled = min(self._ring_calls, self._ring[0].shape[1])
         queries, scores, ids = (b[:, :filled].reshape(groups, -1, b.shape[3]) for b in self._ring)  # [G, m', D|k]
         k, w = ids.shape[2], self.config["window"]
-        new_scores = np.einsum("gmd,gtd->gtm", queries, keys)  # [G, t, m]
-        rank = (scores[:, None, :, :] > new_scores[..., None]).sum(axis=3)  # [G, t, m], its place in each list
+        new_scores = np.einsum("gmd,gtd->gtm", queries, keys)  # [G, t, m']
+        rank = (scores[:, None, :, :] > new_scores[..., None]).sum(axis=3)  # [G, t, m'], its place in each list
         offsets = np.arange(-w, w)  # the w ranks above and the w below its place
-        pos = rank[..., None] + offsets  # [G, t, m, 2w]
+        pos = rank[..., None] + offsets  # [G, t, m', 2w]
         valid = (rank[..., None] < k) & (pos >= 0) & (pos < k)
         g_idx = np.arange(groups)[:, None, None, None]
         m_idx = np.arange(queries.shape[1])[None, None, :, None]
-        picked = np.where(valid, ids[g_idx, m_idx, np.clip(pos, 0, k - 1)], -1)  # [G, t, m, 2w]
+        picked = np.where(valid, ids[g_idx, m_idx, np.clip(pos, 0, k - 1)], -1)  # [G, t, m', 2w]
         return picked.reshape(groups, t, -1).astype(np.int32)
-
-
