@@ -14,9 +14,10 @@ from typing import Any, Mapping
 
 from .index.registry import AUTO, available_indexes, index_params_for, missing_library, params_class
 
-__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION"]
+__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION", "TAIL_METHODS"]
 
 RETRIEVED_ATTENTION = ("cpu", "device")
+TAIL_METHODS = ("mean", "moment", "sample")
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -80,6 +81,19 @@ class RetrievalConfig:
         window + retrieved keys, both computed exactly on the side (an extra scan of every offloaded
         key: for measuring and tuning ``top_k`` and ``ef``, not for production). See
         ``retrieval_attn.engine.telemetry``.
+    estimate_tail : True adds, at every decode step, an estimate of the attention over the offloaded
+        keys the step did not retrieve, as a third partial attention merged by log-sum-exp with the
+        device part and the retrieved one (``retrieval_attn.engine.tail``); False (default) renormalises
+        over what was retrieved, as if the rest had zero weight.
+    tail_method : how the estimate is made: ``"mean"`` (per block of ``tail_block`` consecutive
+        offloaded positions: count, mean key, mean value, the retrieved rows taken out exactly),
+        ``"moment"`` (the same, with the block's per-dimension key variance correcting each block's
+        log-weight by its second moment), or ``"sample"`` (one row drawn per ``tail_stride`` offloaded
+        positions, the retrieved ones skipped, weighted by unretrieved rows over rows drawn).
+    tail_block : offloaded positions per block summary (>= 1): host memory 2/tail_block ("mean") or
+        3/tail_block ("moment") of the bf16 K+V; 1 summarises every row exactly.
+    tail_stride : offloaded positions per sampled row of ``"sample"`` (>= 1); 1 samples every row (exact).
+    tail_seed : seed of ``"sample"``'s draws (>= 0): the same seed gives the same steps.
     """
 
     sink_tokens: int = 128
@@ -97,13 +111,18 @@ class RetrievalConfig:
     rebuild_growth: float | None = None
     rebuild_queries: int = 1024
     serve_while_building: bool = True
+    estimate_tail: bool = False
+    tail_method: str = "mean"
+    tail_block: int = 64
+    tail_stride: int = 16
+    tail_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("window_tokens", self.window_tokens, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("prefill_block", self.prefill_block, 1)
-        for name in ("retrieve", "telemetry", "serve_while_building"):
+        for name in ("retrieve", "telemetry", "serve_while_building", "estimate_tail"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetrievalConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.overlap is not None and not isinstance(self.overlap, bool):
@@ -115,6 +134,11 @@ class RetrievalConfig:
                 f"RetrievalConfig.retrieved_attention must be one of {list(RETRIEVED_ATTENTION)}, "
                 f"got {self.retrieved_attention!r}"
             )
+        if self.tail_method not in TAIL_METHODS:
+            raise ValueError(f"RetrievalConfig.tail_method must be one of {list(TAIL_METHODS)}, got {self.tail_method!r}")
+        _check_int("tail_block", self.tail_block, 1)
+        _check_int("tail_stride", self.tail_stride, 1)
+        _check_int("tail_seed", self.tail_seed, 0, 2**63 - 1)
         growth = self.rebuild_growth
         if growth is not None and (isinstance(growth, bool) or not isinstance(growth, (int, float))
                                    or not 0 < growth < float("inf")):

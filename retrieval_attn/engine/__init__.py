@@ -28,6 +28,9 @@ concern:
   return of only out and lse of each query head to the device.
 - ``stats``: ``EngineStats`` and the step timer.
 
+``RetrievalConfig(estimate_tail=True)`` adds a third part to every step: ``tail.TailEstimate``, an
+estimate of the attention over the offloaded rows the step did not retrieve, merged by lse like the
+other two (with ``retrieve=False``, over every offloaded row).
 ``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
 ``RetrievalConfig(telemetry=True)`` makes every decode step also measure, exactly, what retrieval
 missed (``self.telemetry``, see ``retrieval_attn.engine.telemetry``). ``fork(config)`` copies an engine
@@ -48,12 +51,13 @@ from ..attention import merge_state
 from ..config import RetrievalConfig
 from ..index import ThreadChooser, cpu_threads, params_class, thread_budget
 from ..offload import KVStore
-from .telemetry import LayerTelemetry, step_recall_and_mass
+from .telemetry import LayerTelemetry, step_recall_and_mass, step_tail_error
 from .checks import check_construction, check_finite, check_qkv, finite_flag
 from .indexing import IndexLifecycle
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
 from .stats import STEP_PARTS, EngineStats, StepTimer
+from .tail import TailEstimate
 from .window import DeviceWindow
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
@@ -87,6 +91,7 @@ class RetrievalAttention:
         self.window: DeviceWindow | None = None
         self.store: KVStore | None = None  # the offloaded rows, [B * Hkv, n, D] per K and V
         self.retrieval: HostRetrieval | None = None
+        self.tail: TailEstimate | None = None  # estimate_tail: the third part of a step, made with the store
         self.indexing = IndexLifecycle(self.config)
         self.timer = StepTimer()
         self._decoding = False  # the prompt is over (a decode step ran, or start_index_build): prefills are turns
@@ -100,6 +105,11 @@ class RetrievalAttention:
         self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
                                        pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype,
                                        threads=threads)
+        # --- estimate_tail (issue 22): the estimate of the unretrieved rows, beside the store
+        if self.config.estimate_tail:
+            self.tail = TailEstimate(self.config, store.groups, self.group, self.head_dim, self.scale,
+                                     pin_memory=window.k.is_cuda)
+            self.tail.reserve(store.capacity)
 
     @property
     def seen(self) -> int:
@@ -113,6 +123,8 @@ class RetrievalAttention:
         self._reserved = max(0, tokens - self.config.sink_tokens - self.config.window_tokens)
         if self.store is not None:
             self.store.reserve(self._reserved)
+        if self.tail is not None:  # estimate_tail (issue 22)
+            self.tail.reserve(self._reserved)
 
     def reset(self) -> None:
         """Forget every token: wait for an index build in flight, drop the device buffers, the (pinned) CPU
@@ -229,10 +241,11 @@ class RetrievalAttention:
         self.timer.start_step()
         n_off = self.store.n
         searching = bool(n_off) and self.config.retrieve
+        tail = self.tail if n_off else None  # estimate_tail (issue 22): the estimate of what retrieval leaves out
         spilled = self.window.outgoing()  # the oldest window token, spilled at the end of the step
         if spilled is not None:  # copied now so that it lands with q; it joins the store once the step is done
             staged = self.store.stage(*(x.reshape(-1, 1, self.head_dim) for x in spilled))  # [B * Hkv, 1, D]
-        if not self.retrieval.to_host(q if searching else None, finite_flag(q, k, v)):
+        if not self.retrieval.to_host(q if searching or tail is not None else None, finite_flag(q, k, v)):
             self.timer.cancel_step()  # the stats still report the last step
             check_finite(q, k, v)  # names the culprit; nothing was stored
         self.retrieval.clear()
@@ -246,17 +259,28 @@ class RetrievalAttention:
                 self.indexing.remember(self.retrieval.q)
             if self.config.overlap or (self.config.overlap is None and q.is_cuda):
                 cpu_part = self.retrieval.start(self.indexing.index, self.store, top_k)
-                o, lse_device = self._device_attention(q)  # [B, Hq, 1, D], [B, Hq, 1]
+                o_device, lse_device = self._device_attention(q)  # [B, Hq, 1, D], [B, Hq, 1]
                 self.retrieval.wait(cpu_part, q.is_cuda)
             else:
                 self.retrieval.search(self.indexing.index, self.store, top_k)
-                o, lse_device = self._device_attention(q)
+                o_device, lse_device = self._device_attention(q)
             with self._small_ops(q):
-                o, _ = merge_state(o, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
+                o, lse = merge_state(o_device, lse_device, *self.retrieval.fetch(q, top_k), validate=False)
         else:
-            o, lse_device = self._device_attention(q)
+            o_device, lse_device = self._device_attention(q)
+            o, lse = o_device, lse_device
+        top_k_part = (o, lse)
+        if tail is not None:  # --- estimate_tail (issue 22): the third part, merged like the other two
+            with cpu_threads(self.retrieval.thread_count):
+                tail.estimate(self.retrieval.q, self.retrieval.ids, self.store)
+            with self._small_ops(q):
+                o_tail, lse_tail = tail.fetch(q)  # [B, Hq, 1, D], [B, Hq, 1]
+                o, lse = merge_state(o, lse, o_tail, lse_tail, validate=False)
+                tail.record(lse_tail, lse)
         if self.telemetry is not None and n_off:
             self._record_telemetry(q, lse_device, min(self.config.top_k, n_off))
+            if tail is not None:
+                self._record_tail_telemetry((o_device, lse_device), top_k_part, lse_tail, o)
         self._dirty = True  # everything above only computed; from here on the state changes
         if spilled is not None:
             self.store.commit(staged)
@@ -286,6 +310,22 @@ class RetrievalAttention:
         qg = self.retrieval.q if ids is not None else q.reshape(g, self.group, self.head_dim).float().cpu()
         lse_d = lse_device.reshape(g, self.group).float().cpu()  # [G, group]
         self.telemetry.record(*step_recall_and_mass(qg, self.store.keys, ids, lse_d, self.scale, k))
+
+    def _record_tail_telemetry(self, device_part: tuple[torch.Tensor, torch.Tensor],
+                               top_k_part: tuple[torch.Tensor, torch.Tensor], lse_tail: torch.Tensor,
+                               out: torch.Tensor) -> None:
+        """The estimate against exact attention this step (``telemetry.step_tail_error``) into ``self.telemetry``;
+        the parts are (B, Hq, 1, D) outs and (B, Hq, 1) lses on the device."""
+        g = self.store.groups
+
+        def host(x: torch.Tensor, *shape: int) -> torch.Tensor:  # [G, group, ...] fp32 on the CPU
+            return x.reshape(g, self.group, *shape).float().cpu()
+
+        d = self.head_dim
+        self.telemetry.record_tail(step_tail_error(
+            self.retrieval.q, self.store.keys, self.store.values, self.retrieval.ids, self.scale,
+            (host(device_part[0], d), host(device_part[1])), (host(top_k_part[0], d), host(top_k_part[1])),
+            host(lse_tail), host(out, d)))
 
     def fork(self, config: RetrievalConfig) -> RetrievalAttention:
         """A copy of this engine, after prefill and before any decode, that decodes with ``config``.
@@ -331,7 +371,8 @@ class RetrievalAttention:
             keys_scanned_last_step=retrieval.scanned if retrieval is not None else 0,
             keys_scanned_fraction=retrieval.scanned_fraction if retrieval is not None else 0.0,
             retrieved_last_step=retrieval.retrieved if retrieval is not None else 0,
-            cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0),
+            cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0)
+            + (self.tail.nbytes if self.tail is not None else 0),  # estimate_tail (issue 22)
             device_bytes=window.nbytes if window is not None else 0,
             index_build_seconds=self.indexing.build_seconds,
             index_rebuilds=self.indexing.rebuilds,
