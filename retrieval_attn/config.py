@@ -17,7 +17,7 @@ from .index.registry import AUTO, available_indexes, index_params_for, missing_l
 __all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION", "TAIL_METHODS"]
 
 RETRIEVED_ATTENTION = ("cpu", "device")
-TAIL_METHODS = ("mean", "moment", "sample")
+TAIL_METHODS = ("mean", "sample")
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -86,12 +86,11 @@ class RetrievalConfig:
         device part and the retrieved one (``retrieval_attn.engine.tail``); False (default) renormalises
         over what was retrieved, as if the rest had zero weight.
     tail_method : how the estimate is made: ``"mean"`` (per block of ``tail_block`` consecutive
-        offloaded positions: count, mean key, mean value, the retrieved rows taken out exactly),
-        ``"moment"`` (the same, with the block's per-dimension key variance correcting each block's
-        log-weight by its second moment), or ``"sample"`` (one row drawn per ``tail_stride`` offloaded
-        positions, the retrieved ones skipped, weighted by unretrieved rows over rows drawn).
-    tail_block : offloaded positions per block summary (>= 1): host memory 2/tail_block ("mean") or
-        3/tail_block ("moment") of the bf16 K+V; 1 summarises every row exactly.
+        offloaded positions: count, mean key, mean value, the retrieved rows taken out exactly) or
+        ``"sample"`` (one row drawn per ``tail_stride`` offloaded positions, the retrieved ones
+        skipped, weighted by unretrieved rows over rows drawn).
+    tail_block : offloaded positions per block summary of ``"mean"`` (>= 1): host memory about
+        2/tail_block of the bf16 K+V; 1 summarises every row exactly.
     tail_stride : offloaded positions per sampled row of ``"sample"`` (>= 1); 1 samples every row (exact).
     tail_seed : seed of ``"sample"``'s draws (>= 0): the same seed gives the same steps.
     """

@@ -190,7 +190,7 @@ def eval_command(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             methods=tuple(args.methods), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
             depths=tuple(args.depths), samples=args.samples, fidelity_tokens=args.fidelity_tokens,
-            fidelity_prefix=args.fidelity_prefix, retrieval=retrieval, seed=args.seed,
+            fidelity_prefix=args.fidelity_prefix, text=args.text, retrieval=retrieval, seed=args.seed,
             prefill_chunk=args.prefill_chunk,
         )
     _cpu_threads(args.cpu_threads)
@@ -218,6 +218,7 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     from ..evaluation.evaluate import EvalSettings
     from ..evaluation.methods import DEFAULT_METHODS
     from ..evaluation.needle import TASKS
+    from ..evaluation.texts import BOOKS
 
     d = EvalSettings()
     ev.add_argument("--model", default=None, metavar="GGUF_OR_FOLDER",
@@ -235,6 +236,7 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
                     help="teacher-forced decode steps compared with full attention (0: skip)")
     ev.add_argument("--fidelity-prefix", type=int, default=d.fidelity_prefix, metavar="N",
                     help="tokens prefilled before them")
+    ev.add_argument("--text", default=d.text, choices=list(BOOKS), help="the fidelity task's book")
     ev.add_argument("--top-k", type=int, default=d.retrieval.top_k, metavar="K",
                     help="keys retrieved per query head per step")
     ev.add_argument("--sink", type=int, default=d.retrieval.sink_tokens, metavar="S",

@@ -5,7 +5,7 @@ computes, for every query head of the layer, a partial attention ``(out, lse)`` 
 offloaded rows that head did not retrieve (with ``retrieve=False``: over every offloaded row), on the
 CPU, with one numba call over all heads (``retrieval_attn.offload.summaries``):
 
-- ``tail_method="mean"`` / ``"moment"``: from ``BlockSummaries`` of ``tail_block`` consecutive
+- ``tail_method="mean"``: from ``BlockSummaries`` of ``tail_block`` consecutive
   offloaded positions, kept beside the store and folded in as rows spill (the rows the store gained
   since the last step, at the start of each step's estimate);
 - ``tail_method="sample"``: from one row drawn per ``tail_stride`` positions, the draws from a
@@ -53,8 +53,7 @@ class TailEstimate:
     def __init__(self, config: RetrievalConfig, groups: int, group: int, head_dim: int, scale: float,
                  pin_memory: bool):
         self.method, self.stride, self.scale = config.tail_method, config.tail_stride, scale
-        self.summaries = None if self.method == "sample" else BlockSummaries(
-            groups, head_dim, config.tail_block, moments=self.method == "moment")
+        self.summaries = None if self.method == "sample" else BlockSummaries(groups, head_dim, config.tail_block)
         self.rng = np.random.default_rng(config.tail_seed)
         # out: [B * Hkv, group, D], lse: [B * Hkv, group], as HostRetrieval's (row j of group g: query head g % Hkv * group + j)
         self.out = torch.empty((groups, group, head_dim), dtype=torch.float32, pin_memory=pin_memory)
@@ -106,7 +105,7 @@ class TailEstimate:
             s = self.summaries
             s.update(keys, values, n)
             work = self._work(s.blocks)
-            estimate_blocks(qn, rows, keys, values, n, s.block, s.sum_k, s.sum_v, s.sq_k, s.count, self.scale,
+            estimate_blocks(qn, rows, keys, values, n, s.block, s.sum_k, s.sum_v, s.count, self.scale,
                             work[0], work[1], out, lse)
         else:
             strata = -(-n // self.stride)

@@ -4,7 +4,7 @@ from them (or from a sample of the rows) the attention over the rows a decode st
 ``BlockSummaries`` splits each group's offloaded positions into blocks of ``block`` consecutive rows
 (row ``i`` is in block ``i // block``: blocks are positions, so a spilled row always lands in the last
 block and no summary is ever rebuilt) and keeps, per (group, block), the row count and the fp32 sums
-of the keys and of the values, and with ``moments`` the per-dimension sums of squared keys. ``update``
+of the keys and of the values. ``update``
 folds in the rows the store gained since the last call, all groups in one numba call.
 
 Estimators, one numba ``prange`` over every (group, query) pair of a layer, GIL released, writing into
@@ -13,12 +13,11 @@ buffers the caller made once; each returns a partial attention ``(out, lse)`` (f
 
 - ``estimate_blocks``: each block stands for its unretrieved rows by their count ``c``, mean key and
   mean value, the retrieved rows' keys and values taken out of the sums exactly. Log-weight of a
-  block: ``log c + scale * q . mean_key`` (+ with ``moments``, ``scale^2 / 2 * sum_d q_d^2 var_d``, the
-  Gaussian second-moment correction with the block's per-dimension key variance, shrunk by
-  ``(c - 1) / (count - 1)`` so a block with one row left is exact). A block of one row is that row: the
-  estimate is exact at ``block = 1``. Without ``moments`` a block's weight is a lower bound of the
-  mass its rows hold (Jensen: mean of exp >= exp of mean); the gap grows with the spread of the
-  block's logits, so with block size.
+  block: ``log c + scale * q . mean_key``. A block of one row is that row: the estimate is exact at
+  ``block = 1``. A block's weight is a lower bound of the mass its rows hold (Jensen: mean of exp >=
+  exp of mean), short by the factor ``mean_j exp(s_j - mean s)`` of its logits' spread, which grows
+  with block size (a second-moment correction from per-dimension key variances overshot by orders of
+  magnitude on the embedded model, whose key dimensions are strongly correlated: bench/README.md).
 - ``estimate_sample``: one row drawn uniformly in each stratum of ``stride`` consecutive positions
   (the draws ``u`` in [0, 1) come from the caller's seeded generator), skipped for a query that
   retrieved it; the kept rows weigh ``unretrieved / kept`` each (importance weights of a uniform
@@ -41,29 +40,25 @@ __all__ = ["BlockSummaries", "estimate_blocks", "estimate_sample"]
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _fold_rows(keys, values, start, stop, block, sum_k, sum_v, sq_k, count):
+def _fold_rows(keys, values, start, stop, block, sum_k, sum_v, count):
     """Add rows [start, stop) of keys/values [G, cap, D] into their blocks' sums [G, nb, D] and counts [G, nb]."""
     groups, _, dim = keys.shape
-    moments = sq_k.shape[1] > 0
     for g in prange(groups):
         for r in range(start, stop):
             b = r // block
             count[g, b] += 1
             for d in range(dim):
-                x = f32(keys[g, r, d])
-                sum_k[g, b, d] += x
+                sum_k[g, b, d] += f32(keys[g, r, d])
                 sum_v[g, b, d] += f32(values[g, r, d])
-                if moments:
-                    sq_k[g, b, d] += x * x
 
 
 class BlockSummaries:
-    """Count, key sum, value sum (and squared-key sums with ``moments``) per block of ``block`` offloaded
-    positions, for ``groups`` key sets of dimension ``head_dim``: sum_k, sum_v, sq_k (groups, blocks,
-    head_dim) fp32, count (groups, blocks) int32. Grown by a quarter like the store, or ``reserve``d."""
+    """Count, key sum and value sum per block of ``block`` offloaded positions, for ``groups`` key sets of
+    dimension ``head_dim``: sum_k, sum_v (groups, blocks, head_dim) fp32, count (groups, blocks) int32.
+    Grown by a quarter like the store, or ``reserve``d."""
 
-    def __init__(self, groups: int, head_dim: int, block: int, moments: bool):
-        self.groups, self.head_dim, self.block, self.moments = groups, head_dim, block, moments
+    def __init__(self, groups: int, head_dim: int, block: int):
+        self.groups, self.head_dim, self.block = groups, head_dim, block
         self.n = 0  # rows folded in
         self._alloc(0)
 
@@ -71,7 +66,6 @@ class BlockSummaries:
         g, d = self.groups, self.head_dim
         self.sum_k = np.zeros((g, blocks, d), np.float32)
         self.sum_v = np.zeros((g, blocks, d), np.float32)
-        self.sq_k = np.zeros((g, blocks if self.moments else 0, d), np.float32)
         self.count = np.zeros((g, blocks), np.int32)
 
     @property
@@ -84,10 +78,10 @@ class BlockSummaries:
         need = -(-rows // self.block)
         if need <= self.count.shape[1]:
             return
-        old = (self.sum_k, self.sum_v, self.sq_k, self.count)
+        old = (self.sum_k, self.sum_v, self.count)
         self._alloc(need)
         used = self.blocks
-        for new, was in zip((self.sum_k, self.sum_v, self.sq_k, self.count), old):
+        for new, was in zip((self.sum_k, self.sum_v, self.count), old):
             new[:, :used] = was[:, :used]
 
     def update(self, keys, values, n: int) -> None:
@@ -96,35 +90,33 @@ class BlockSummaries:
             return
         if -(-n // self.block) > self.count.shape[1]:
             self.reserve(max(keys.shape[1], grown_capacity(n)))
-        _fold_rows(keys, values, self.n, n, self.block, self.sum_k, self.sum_v, self.sq_k, self.count)
+        _fold_rows(keys, values, self.n, n, self.block, self.sum_k, self.sum_v, self.count)
         self.n = n
 
     @property
     def nbytes(self) -> int:
         """Bytes held (allocated capacity)."""
-        return self.sum_k.nbytes + self.sum_v.nbytes + self.sq_k.nbytes + self.count.nbytes
+        return self.sum_k.nbytes + self.sum_v.nbytes + self.count.nbytes
 
     @staticmethod
-    def estimate_nbytes(groups: int, rows: int, head_dim: int, block: int, moments: bool) -> int:
+    def estimate_nbytes(groups: int, rows: int, head_dim: int, block: int) -> int:
         """Bytes of the summaries of ``rows`` rows per group (what ``nbytes`` is after ``reserve(rows)``)."""
-        return groups * math.ceil(rows / block) * ((3 if moments else 2) * head_dim * 4 + 4)
+        return groups * math.ceil(rows / block) * (2 * head_dim * 4 + 4)
 
     def __repr__(self) -> str:
-        return f"BlockSummaries(groups={self.groups}, block={self.block}, moments={self.moments}, rows={self.n})"
+        return f"BlockSummaries(groups={self.groups}, block={self.block}, rows={self.n})"
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "nsz"})
-def estimate_blocks(q, ids, keys, values, n, block, sum_k, sum_v, sq_k, count, scale, logit, left, out, lse):
+def estimate_blocks(q, ids, keys, values, n, block, sum_k, sum_v, count, scale, logit, left, out, lse):
     """Block-summary estimate of the attention of each query over its unretrieved rows (module docstring).
 
     q [G, m, D] fp32; ids [G, m, k] int64 retrieved rows (k may be 0); keys/values [G, cap, D] kernel
-    rows; n rows; summaries sum_k, sum_v [G, nb, D], sq_k [G, nb or 0, D] (empty: no moments), count
-    [G, nb]; scratch logit, left [G, m, >= blocks] fp64; writes out [G, m, D] fp32, lse [G, m] fp32.
+    rows; n rows; summaries sum_k, sum_v [G, nb, D], count [G, nb]; scratch logit, left [G, m, >= blocks] fp64; writes out [G, m, D] fp32, lse [G, m] fp32.
     """
     groups, m, dim = q.shape
     k = ids.shape[2]
     nb = (n + block - 1) // block
-    moments = sq_k.shape[1] > 0
     for t in prange(groups * m):
         g = t // m
         i = t - g * m
@@ -152,12 +144,6 @@ def estimate_blocks(q, ids, keys, values, n, block, sum_k, sum_v, sq_k, count, s
                 lg[b] = -np.inf
                 continue
             w = scale * lg[b] / c[b] + np.log(c[b])
-            if moments and count[g, b] > 1:
-                var = 0.0
-                for d in range(dim):
-                    mu = sum_k[g, b, d] / count[g, b]
-                    var += q[g, i, d] * q[g, i, d] * max(sq_k[g, b, d] / count[g, b] - mu * mu, 0.0)
-                w += 0.5 * scale * scale * var * (c[b] - 1.0) / (count[g, b] - 1.0)
             lg[b] = w
             top = max(top, w)
         for d in range(dim):
