@@ -109,7 +109,7 @@ class RetrievalAttention:
         if self.config.estimate_tail:
             self.tail = TailEstimate(self.config, store.groups, self.group, self.head_dim, self.scale,
                                      pin_memory=window.k.is_cuda)
-            self.tail.reserve(store.capacity)
+            self.tail.reserve(self._reserved)
 
     @property
     def seen(self) -> int:

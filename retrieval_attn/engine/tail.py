@@ -58,7 +58,8 @@ class TailEstimate:
         # out: [B * Hkv, group, D], lse: [B * Hkv, group], as HostRetrieval's (row j of group g: query head g % Hkv * group + j)
         self.out = torch.empty((groups, group, head_dim), dtype=torch.float32, pin_memory=pin_memory)
         self.lse = torch.empty((groups, group), dtype=torch.float32, pin_memory=pin_memory)
-        self._scratch = np.empty((2, groups, group, 0))  # per query head and block (or stratum): fp64 work rows
+        # per query head and block (or stratum): fp64 work rows, two for "mean", one for "sample"
+        self._scratch = np.empty((1 if self.summaries is None else 2, groups, group, 0))
         self._draws = np.empty(0)  # flat [G * strata] uniform draws of "sample"
         self._no_ids = np.empty((groups, group, 0), np.int64)  # the ids of a step that retrieved nothing
         self.seconds = 0.0  # the last estimate's wall time
@@ -76,7 +77,7 @@ class TailEstimate:
         return own + (self.summaries.nbytes if self.summaries is not None else 0)
 
     def _work(self, width: int) -> np.ndarray:
-        """Scratch (2, G, group, >= width) fp64, made once and grown by a quarter."""
+        """Scratch (1 or 2, G, group, >= width) fp64, made once and grown by a quarter."""
         if self._scratch.shape[3] < width:
             self._scratch = np.empty((*self._scratch.shape[:3], grown_capacity(width)))
         return self._scratch

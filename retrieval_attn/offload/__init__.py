@@ -3,6 +3,7 @@ block summaries (and estimators) of the rows a step did not retrieve."""
 
 from .kernels import attend_rows, gather_rows
 from .store import KVStore
-from .summaries import BlockSummaries, estimate_blocks, estimate_sample
+from .summaries import BlockSummaries, estimate_blocks, estimate_sample, tail_nbytes
 
-__all__ = ["KVStore", "attend_rows", "gather_rows", "BlockSummaries", "estimate_blocks", "estimate_sample"]
+__all__ = ["KVStore", "attend_rows", "gather_rows", "BlockSummaries", "estimate_blocks", "estimate_sample",
+           "tail_nbytes"]

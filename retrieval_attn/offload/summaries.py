@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from ..rows import f32, grown_capacity
 
-__all__ = ["BlockSummaries", "estimate_blocks", "estimate_sample"]
+__all__ = ["BlockSummaries", "estimate_blocks", "estimate_sample", "tail_nbytes"]
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -105,6 +105,16 @@ class BlockSummaries:
 
     def __repr__(self) -> str:
         return f"BlockSummaries(groups={self.groups}, block={self.block}, rows={self.n})"
+
+
+def tail_nbytes(method: str, groups: int, group: int, rows: int, head_dim: int, block: int, stride: int) -> int:
+    """Host bytes of one layer's tail estimate over ``rows`` offloaded rows per group: the summaries of
+    ``"mean"`` (``BlockSummaries.estimate_nbytes``), or the draws of ``"sample"``, plus the fp64 scratch of
+    the estimators and the fp32 out and lse (``engine.tail.TailEstimate``)."""
+    width = math.ceil(rows / (block if method == "mean" else stride))  # blocks or strata
+    own = BlockSummaries.estimate_nbytes(groups, rows, head_dim, block) if method == "mean" else groups * width * 8
+    scratch = (2 if method == "mean" else 1) * groups * group * width * 8
+    return own + scratch + groups * group * (head_dim + 1) * 4
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "nsz"})
