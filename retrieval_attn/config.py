@@ -85,10 +85,11 @@ class RetrievalConfig:
         keys the step did not retrieve, as a third partial attention merged by log-sum-exp with the
         device part and the retrieved one (``retrieval_attn.engine.tail``); False (default) renormalises
         over what was retrieved, as if the rest had zero weight.
-    tail_method : how the estimate is made: ``"mean"`` (per block of ``tail_block`` consecutive
-        offloaded positions: count, mean key, mean value, the retrieved rows taken out exactly) or
-        ``"sample"`` (one row drawn per ``tail_stride`` offloaded positions, the retrieved ones
-        skipped, weighted by unretrieved rows over rows drawn).
+    tail_method : how the estimate is made: ``"sample"`` (default, measured the better of the two in
+        bench/README.md, "tail.py and eval": one row drawn per ``tail_stride`` offloaded positions,
+        the retrieved ones skipped, weighted by unretrieved rows over rows drawn) or ``"mean"`` (per
+        block of ``tail_block`` consecutive offloaded positions: count, mean key, mean value, the
+        retrieved rows taken out exactly).
     tail_block : offloaded positions per block summary of ``"mean"`` (>= 1): host memory about
         2/tail_block of the bf16 K+V; 1 summarises every row exactly.
     tail_stride : offloaded positions per sampled row of ``"sample"`` (>= 1); 1 samples every row (exact).
@@ -111,7 +112,7 @@ class RetrievalConfig:
     rebuild_queries: int = 1024
     serve_while_building: bool = True
     estimate_tail: bool = False
-    tail_method: str = "mean"
+    tail_method: str = "sample"
     tail_block: int = 64
     tail_stride: int = 16
     tail_seed: int = 0

@@ -169,7 +169,7 @@ def test_estimates_are_deterministic_under_a_seed(device):
     runs = [_decode_all(_engine(device, top_k=5, tail_method="sample", tail_stride=8, tail_seed=s), q, k, v)
             for s in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-    means = [_decode_all(_engine(device, top_k=5, tail_block=8), q, k, v) for _ in range(2)]
+    means = [_decode_all(_engine(device, top_k=5, tail_method="mean", tail_block=8), q, k, v) for _ in range(2)]
     assert torch.equal(means[0], means[1])
 
 
@@ -194,8 +194,8 @@ def test_no_nan_with_an_empty_store_all_keys_retrieved_or_extreme_logits(device,
 
 def test_telemetry_measures_the_estimate_against_exact_attention(device):
     q, k, v = (x.to(device) for x in random_qkv(1, 6, 2, TOTAL, D, seed=10))
-    exact = _engine(device, top_k=5, tail_block=1, telemetry=True)
-    rough = _engine(device, top_k=5, tail_block=16, telemetry=True)
+    exact = _engine(device, top_k=5, tail_method="mean", tail_block=1, telemetry=True)
+    rough = _engine(device, top_k=5, tail_method="mean", tail_block=16, telemetry=True)
     _decode_all(exact, q * 2, k, v)
     _decode_all(rough, q * 2, k, v)
     steps = TOTAL - PROMPT
@@ -227,7 +227,7 @@ def test_the_planner_counts_the_summaries_within_five_percent_of_the_bf16_kv():
 
 def test_the_engine_holds_what_the_planner_counts():
     q, k, v = random_qkv(1, 6, 2, TOTAL, D, seed=11)
-    engine = _engine("cpu", top_k=5, tail_block=8)
+    engine = _engine("cpu", top_k=5, tail_method="mean", tail_block=8)
     engine.reserve(TOTAL)
     _decode_all(engine, q, k, v)
     summaries = engine.tail.summaries
@@ -240,7 +240,7 @@ def test_config_refuses_bad_tail_settings():
                 dict(tail_seed=-1), dict(tail_block=2.0)):
         with pytest.raises(ValueError, match=f"RetrievalConfig.{next(iter(bad))}"):
             RetrievalConfig(**bad)
-    assert RetrievalConfig().estimate_tail is False
+    assert RetrievalConfig().estimate_tail is False and RetrievalConfig().tail_method == "sample"
 
 
 def test_eval_method_names_set_the_estimate_and_top_k():
@@ -251,6 +251,8 @@ def test_eval_method_names_set_the_estimate_and_top_k():
     sw = method_config("sink+window+mean", base)
     assert sw.retrieve is False and sw.estimate_tail and sw.tail_method == "mean"
     assert dataclasses.replace(method_config("flat:top_k=400", base)).top_k == 400
+    c = method_config("flat+mean:tail_block=16:tail_stride=4", base)
+    assert (c.tail_block, c.tail_stride, c.index_params) == (16, 4, {})
     for bad in ("flat+nope", "nope+mean"):
         with pytest.raises(ValueError):
             method_config(bad, base)

@@ -9,8 +9,9 @@
 - either with ``+TAIL`` after the name (``roar+mean``, ``flat+sample:top_k=400``, ``sink+window+mean``):
   the same with ``estimate_tail=True``, ``TAIL`` one of ``TAIL_METHODS`` (``tail``: the run's
   ``tail_method``), the estimate of the unretrieved attention (``retrieval_attn.engine.tail``);
-- the parameter ``top_k=N`` of any retrieval method sets that method's ``top_k`` instead of the run's
-  (``flat:top_k=400``), so one run compares several.
+- the parameters ``CONFIG_PARAMS`` (``top_k=N``, ``tail_block=N``, ``tail_stride=N``, ``tail_seed=N``)
+  of any retrieval method set that method's ``RetrievalConfig`` field instead of the run's
+  (``flat:top_k=400``, ``flat+mean:tail_block=16``), so one run compares several.
 
 ``method_config`` derives each method's ``RetrievalConfig`` from the one config of the run with
 ``dataclasses.replace`` (its index and parameters, or ``retrieve=False``). ``Methods`` runs one
@@ -35,7 +36,9 @@ from ..index import AUTO, available_indexes, missing_library, params_class
 from ..engine.telemetry import LayerTelemetry, summarise
 from .backends import parse_backend_spec
 
-__all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "method_config", "Methods"]
+__all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "CONFIG_PARAMS", "method_config", "Methods"]
+
+CONFIG_PARAMS = ("top_k", "tail_block", "tail_stride", "tail_seed")  # method parameters that are config fields
 
 FULL, SINK_WINDOW = "full", "sink+window"
 # every method, less an index backend whose library is not installed here (``index.available_indexes``)
@@ -75,11 +78,11 @@ def method_config(method: str, retrieval: RetrievalConfig) -> RetrievalConfig | 
     multi = [p for p, vs in spec.params.items() if len(vs) != 1]
     if multi:
         raise ValueError(f"method {method!r}: give one value per parameter, got several for {multi}")
-    params = {p: vs[0] for p, vs in spec.params.items()}
-    top_k = params.pop("top_k", retrieval.top_k)
+    params = {p: vs[0] for p, vs in spec.params.items() if p not in CONFIG_PARAMS}
+    fields = {p: vs[0] for p, vs in spec.params.items() if p in CONFIG_PARAMS}
     # an evaluation measures the index: the first token waits for its build instead of exact search
-    return dataclasses.replace(retrieval, index=base, index_params=params, top_k=top_k, serve_while_building=False,
-                               **tail)
+    return dataclasses.replace(retrieval, index=base, index_params=params, serve_while_building=False,
+                               **{**tail, **fields})
 
 
 def _source_config(configs: list[RetrievalConfig]) -> RetrievalConfig | None:
