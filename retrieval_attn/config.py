@@ -15,9 +15,10 @@ from typing import Any, Mapping
 from .checks import ConfigError, check_bool, check_choice, check_int, check_number, missing_library_message
 from .index.registry import AUTO, available_indexes, index_params_for, missing_library, params_class
 
-__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION", "ConfigError"]
+__all__ = ["RetrievalConfig", "RETRIEVED_ATTENTION", "TAIL_METHODS", "ConfigError"]
 
 RETRIEVED_ATTENTION = ("cpu", "device")
+TAIL_METHODS = ("mean", "sample")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,19 @@ class RetrievalConfig:
         window + retrieved keys, both computed exactly on the side (an extra scan of every offloaded
         key: for measuring and tuning ``top_k`` and ``ef``, not for production). See
         ``retrieval_attn.engine.telemetry``.
+    estimate_tail : True adds, at every decode step, an estimate of the attention over the offloaded
+        keys the step did not retrieve, as a third partial attention merged by log-sum-exp with the
+        device part and the retrieved one (``retrieval_attn.engine.tail``); False (default) renormalises
+        over what was retrieved, as if the rest had zero weight.
+    tail_method : how the estimate is made: ``"sample"`` (default, measured the better of the two in
+        bench/README.md, "tail.py and eval": one row drawn per ``tail_stride`` offloaded positions,
+        the retrieved ones skipped, weighted by unretrieved rows over rows drawn) or ``"mean"`` (per
+        block of ``tail_block`` consecutive offloaded positions: count, mean key, mean value, the
+        retrieved rows taken out exactly).
+    tail_block : offloaded positions per block summary of ``"mean"`` (>= 1): host memory about
+        2/tail_block of the bf16 K+V; 1 summarises every row exactly.
+    tail_stride : offloaded positions per sampled row of ``"sample"`` (>= 1); 1 samples every row (exact).
+    tail_seed : seed of ``"sample"``'s draws (>= 0): the same seed gives the same steps.
     """
 
     sink_tokens: int = 128
@@ -90,6 +104,11 @@ class RetrievalConfig:
     rebuild_growth: float | None = None
     rebuild_queries: int = 1024
     serve_while_building: bool = True
+    estimate_tail: bool = False
+    tail_method: str = "sample"
+    tail_block: int = 64
+    tail_stride: int = 16
+    tail_seed: int = 0
 
     def __post_init__(self) -> None:
         own = type(self).__name__
@@ -97,11 +116,15 @@ class RetrievalConfig:
         check_int(own, "window_tokens", self.window_tokens, 1)
         check_int(own, "top_k", self.top_k, 1)
         check_int(own, "prefill_block", self.prefill_block, 1)
-        for name in ("retrieve", "telemetry", "serve_while_building"):
+        for name in ("retrieve", "telemetry", "serve_while_building", "estimate_tail"):
             check_bool(own, name, getattr(self, name))
         check_bool(own, "overlap", self.overlap, none_allowed=True, none_means="auto")
         check_int(own, "cpu_threads", self.cpu_threads, 1, none_allowed=True)
         check_choice(own, "retrieved_attention", self.retrieved_attention, RETRIEVED_ATTENTION)
+        check_choice(own, "tail_method", self.tail_method, TAIL_METHODS)
+        check_int(own, "tail_block", self.tail_block, 1)
+        check_int(own, "tail_stride", self.tail_stride, 1)
+        check_int(own, "tail_seed", self.tail_seed, 0, 2**63 - 1)
         check_number(own, "rebuild_growth", self.rebuild_growth, 0, low_open=True, none_allowed=True)
         check_int(own, "rebuild_queries", self.rebuild_queries, 1)
         check_number(own, "gpu_memory_gib", self.gpu_memory_gib, 0, low_open=True, none_allowed=True, unit="GiB")

@@ -46,6 +46,7 @@ import torch
 
 from .config import RetrievalConfig
 from .index import backend_for, index_class
+from .offload import tail_nbytes
 
 __all__ = [
     "ModelShape", "MemoryPlan", "MemoryBudgetError", "plan_memory", "available_cpu_bytes", "resident_bytes", "GIB",
@@ -279,6 +280,9 @@ def plan_memory(
         "index insert, one chunk of keys (transient)": backend.estimate_add_nbytes(groups, d, params, group,
                                                                                    config.top_k) if n_off else 0,
     }
+    if config.estimate_tail and n_off:  # estimate_tail (issue 22): summaries or draws, scratch, result
+        cpu[f"tail estimate ({config.tail_method})"] = shape.num_layers * tail_nbytes(
+            config.tail_method, groups, group, n_off, d, config.tail_block, config.tail_stride)
     if config.rebuild_growth is not None and n_off:
         ring = shape.num_layers * groups * config.rebuild_queries * group * d * 4  # [G, steps, group, D] fp32
         cpu["rebuild training ring (fp32)"] = ring

@@ -168,7 +168,8 @@ def eval_command(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             methods=tuple(args.methods), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
             depths=tuple(args.depths), samples=args.samples, fidelity_tokens=args.fidelity_tokens,
-            fidelity_prefix=args.fidelity_prefix, retrieval=retrieval_config(args, index="flat"), seed=args.seed,
+            fidelity_prefix=args.fidelity_prefix, text=args.text, retrieval=retrieval_config(args, index="flat"),
+            seed=args.seed,
             prefill_chunk=args.prefill_chunk,
         )  # every method sets its index; flat's leaves top_k unbounded here
     _cpu_threads(args.cpu_threads)
@@ -196,6 +197,7 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     from ..evaluation.evaluate import EvalSettings
     from ..evaluation.methods import DEFAULT_METHODS
     from ..evaluation.needle import TASKS
+    from ..evaluation.texts import BOOKS
 
     d = EvalSettings()
     ev.add_argument("--model", default=None, metavar="GGUF_OR_FOLDER",
@@ -213,6 +215,7 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
                     help="teacher-forced decode steps compared with full attention (0: skip)")
     ev.add_argument("--fidelity-prefix", type=int, default=d.fidelity_prefix, metavar="N",
                     help="tokens prefilled before them")
+    ev.add_argument("--text", default=d.text, choices=list(BOOKS), help="the fidelity task's book")
     add_retrieval_flags(ev, ("top_k", "sink_tokens", "window_tokens", "telemetry"), d.retrieval)
     ev.add_argument("--seed", type=int, default=d.seed, metavar="N", help="base seed of the needle generators")
     ev.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, metavar="N",

@@ -30,6 +30,9 @@ list of partial attentions (``_partials``: the device window's, then the retriev
   ``DevicePlacement`` ships them for the device to attend over.
 - ``stats``: ``EngineStats`` and the step timer.
 
+``RetrievalConfig(estimate_tail=True)`` adds a third part to every step: ``tail.TailEstimate``, an
+estimate of the attention over the offloaded rows the step did not retrieve, merged by lse like the
+other two (with ``retrieve=False``, over every offloaded row).
 ``RetrievalConfig(retrieve=False)`` skips the index and the retrieval (the sink + window baseline);
 ``RetrievalConfig(telemetry=True)`` makes every decode step also measure, exactly, what retrieval
 missed (``self.telemetry``, see ``retrieval_attn.engine.telemetry``). ``fork(config)`` copies an engine
@@ -55,7 +58,8 @@ from .indexing import IndexLifecycle, Phase
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
 from .stats import STEP_PARTS, EngineStats, StepTimer
-from .telemetry import LayerTelemetry, step_recall_and_mass
+from .tail import TailEstimate
+from .telemetry import LayerTelemetry, step_recall_and_mass, step_tail_error
 from .window import DeviceWindow
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
@@ -91,6 +95,7 @@ class RetrievalAttention:
         self.window: DeviceWindow | None = None
         self.store: KVStore | None = None  # the offloaded rows, [B * Hkv, n, D] per K and V
         self.retrieval: HostRetrieval | None = None
+        self.tail: TailEstimate | None = None  # estimate_tail: the third part of a step, made with the store
         self.indexing = IndexLifecycle(self.config)
         self.timer = StepTimer()
         self._dirty = False  # True while a call updates the state: an interruption there leaves it set
@@ -103,6 +108,11 @@ class RetrievalAttention:
         self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
                                        pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype,
                                        threads=threads)
+        # the estimate of the unretrieved rows, beside the store
+        if self.config.estimate_tail:
+            self.tail = TailEstimate(self.config, store.groups, self.group, self.head_dim, self.scale,
+                                     pin_memory=window.k.is_cuda)
+            self.tail.reserve(self._reserved)
 
     @property
     def seen(self) -> int:
@@ -116,6 +126,8 @@ class RetrievalAttention:
         self._reserved = max(0, tokens - self.config.sink_tokens - self.config.window_tokens)
         if self.store is not None:
             self.store.reserve(self._reserved)
+        if self.tail is not None:
+            self.tail.reserve(self._reserved)
 
     def reset(self) -> None:
         """Forget every token: wait for an index build in flight, drop the device buffers, the (pinned) CPU
@@ -213,10 +225,11 @@ class RetrievalAttention:
         self._check(q, k, v, decode=True)
         self.timer.start_step()
         top_k = min(self.config.top_k, self.store.n) if self.config.retrieve else 0  # 0: nothing to retrieve
+        tail = self.tail if self.store.n else None  # the estimate of the offloaded rows retrieval leaves out
         spilled = self.window.outgoing()  # the oldest window token, spilled at the end of the step
         if spilled is not None:  # copied now so that it lands with q; it joins the store once the step is done
             staged = self.store.stage(*(x.reshape(-1, 1, self.head_dim) for x in spilled))  # [B * Hkv, 1, D]
-        if not self.retrieval.to_host(q if top_k else None, finite_flag(q, k, v)):
+        if not self.retrieval.to_host(q if top_k or tail is not None else None, finite_flag(q, k, v)):
             self.timer.cancel_step()  # the stats still report the last step
             check_finite(q, k, v)  # names the culprit; nothing was stored
         self.retrieval.clear()
@@ -227,8 +240,18 @@ class RetrievalAttention:
         with self._small_ops(q):
             for part in parts[1:]:
                 o, lse = merge_state(o, lse, *part, validate=False)
+        top_k_part = (o, lse)  # sink + window + the retrieved rows
+        if tail is not None:  # the third part: the estimate of the unretrieved rows, merged like the other two
+            with cpu_threads(self.retrieval.thread_count):
+                tail.estimate(self.retrieval.q, self.retrieval.ids, self.store)
+            with self._small_ops(q):
+                o_tail, lse_tail = tail.fetch(q)  # [B, Hq, 1, D], [B, Hq, 1]
+                o, lse = merge_state(o, lse, o_tail, lse_tail, validate=False)
+                tail.record(lse_tail, lse)
         if self.telemetry is not None and self.store.n:
             self._record_telemetry(q, parts[0][1], min(self.config.top_k, self.store.n))
+            if tail is not None:
+                self._record_tail_telemetry(parts[0], top_k_part, lse_tail, o)
         self._dirty = True  # everything above only computed; from here on the state changes
         if spilled is not None:
             self.store.commit(staged)
@@ -276,6 +299,22 @@ class RetrievalAttention:
         lse_d = lse_device.reshape(g, self.group).float().cpu()  # [G, group]
         self.telemetry.record(*step_recall_and_mass(qg, self.store.keys, ids, lse_d, self.scale, k))
 
+    def _record_tail_telemetry(self, device_part: tuple[torch.Tensor, torch.Tensor],
+                               top_k_part: tuple[torch.Tensor, torch.Tensor], lse_tail: torch.Tensor,
+                               out: torch.Tensor) -> None:
+        """The estimate against exact attention this step (``telemetry.step_tail_error``) into ``self.telemetry``;
+        the parts are (B, Hq, 1, D) outs and (B, Hq, 1) lses on the device."""
+        g = self.store.groups
+
+        def host(x: torch.Tensor, *shape: int) -> torch.Tensor:  # [G, group, ...] fp32 on the CPU
+            return x.reshape(g, self.group, *shape).float().cpu()
+
+        d = self.head_dim
+        self.telemetry.record_tail(step_tail_error(
+            self.retrieval.q, self.store.keys, self.store.values, self.retrieval.ids, self.scale,
+            (host(device_part[0], d), host(device_part[1])), (host(top_k_part[0], d), host(top_k_part[1])),
+            host(lse_tail), host(out, d)))
+
     def fork(self, config: RetrievalConfig) -> RetrievalAttention:
         """A copy of this engine, after prefill and before any decode, that decodes with ``config``.
 
@@ -319,7 +358,8 @@ class RetrievalAttention:
             keys_scanned_last_step=retrieval.scanned if retrieval is not None else 0,
             keys_scanned_fraction=retrieval.scanned_fraction if retrieval is not None else 0.0,
             retrieved_last_step=retrieval.retrieved if retrieval is not None else 0,
-            cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0),
+            cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0)
+            + (self.tail.nbytes if self.tail is not None else 0),
             device_bytes=window.nbytes if window is not None else 0,
             index_build_seconds=self.indexing.build_seconds,
             index_rebuilds=self.indexing.rebuilds,

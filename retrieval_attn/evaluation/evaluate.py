@@ -34,7 +34,7 @@ from .report import (
     write_csv,
     write_json,
 )
-from .texts import BOOK
+from .texts import BOOK, BOOKS
 
 __all__ = ["EvalSettings", "EvalReport", "run_eval", "write_results", "format_eval_table"]
 
@@ -53,6 +53,7 @@ class EvalSettings:
     samples : needle samples per grid cell (seeds ``seed .. seed + samples - 1``).
     fidelity_tokens : decode steps of the teacher-forced fidelity task (0: skip it).
     fidelity_prefix : tokens of the text prefilled before them.
+    text : the fidelity task's book, one of ``texts.BOOKS``.
     retrieval : what every retrieval method shares (``sink_tokens``, ``window_tokens``, ``top_k``,
         ``telemetry``: per-layer recall@k and attention mass, ...); each method replaces its ``index`` and
         ``index_params`` (``methods.method_config``). Its ``cpu_threads`` also bounds the threads of the
@@ -70,6 +71,7 @@ class EvalSettings:
     samples: int = 1
     fidelity_tokens: int = 1000
     fidelity_prefix: int = 1024
+    text: str = BOOK
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     seed: int = 0
     prefill_chunk: int = 1024
@@ -81,6 +83,8 @@ class EvalSettings:
             raise ConfigError(own, "methods", "one or more distinct methods", self.methods)
         for task in self.tasks:
             check_choice(own, "tasks", task, TASKS)
+        if self.text not in BOOKS:
+            raise ConfigError(own, "text", f"one of {', '.join(BOOKS)}", self.text)
         device = self.retrieval.sink_tokens + self.retrieval.window_tokens
         if self.tasks:  # a needle context must offload something
             check_ints(own, "lengths", self.lengths, max(64, device + 1), why=f"longer than sink + window = {device}, "
@@ -124,6 +128,7 @@ class EvalReport:
     fidelity_bins : the same per position bin (``FIDELITY_BINS`` equal bins of the decoded positions).
     telemetry : per (method, layer) recall@k and attention mass (empty without ``settings.telemetry``).
     seconds : wall seconds per method (shared prefills split evenly), and ``total``.
+    seconds_per_step : mean wall seconds of one decode step per method (NaN: it ran none).
     """
 
     settings: EvalSettings
@@ -134,10 +139,12 @@ class EvalReport:
     fidelity_bins: list[dict[str, Any]]
     telemetry: list[dict[str, Any]]
     seconds: dict[str, float]
+    seconds_per_step: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the whole report."""
         return {"model": self.model, "settings": settings_dict(self.settings), "seconds": self.seconds,
+                "seconds_per_step": self.seconds_per_step,
                 "needle_cells": self.needle_cells, "fidelity": self.fidelity, "fidelity_bins": self.fidelity_bins, "telemetry": self.telemetry,
                 "needle": self.needle}
 
@@ -181,7 +188,8 @@ def run_eval(
                 res = stop.partial
     fidelity, bins = fidelity_tables(res, settings.fidelity_prefix) if res else ([], [])
     seconds = {**methods.seconds, "total": time.perf_counter() - start}
-    report = EvalReport(settings, name, needle, needle_cells(needle), fidelity, bins, methods.telemetry_rows(), seconds)
+    report = EvalReport(settings, name, needle, needle_cells(needle), fidelity, bins, methods.telemetry_rows(), seconds,
+                        methods.seconds_per_step())
     if stopped:
         raise Interrupted(report)
     return report
@@ -195,8 +203,8 @@ def write_results(report: EvalReport, folder: str | Path) -> list[Path]:
     for name, records in (("needle", report.needle), ("needle_cells", report.needle_cells),
                           ("fidelity", report.fidelity), ("fidelity_bins", report.fidelity_bins),
                           ("telemetry", report.telemetry)):
-        if records:
-            paths.append(write_csv(folder / f"{name}.csv", records))
+        if records:  # every record's columns (telemetry: methods with a tail estimate have more)
+            paths.append(write_csv(folder / f"{name}.csv", records, list(dict.fromkeys(k for r in records for k in r))))
     if report.needle_cells:
         paths += plot_needle(report.needle_cells, report.settings, folder)
     if report.fidelity_bins:
@@ -208,6 +216,27 @@ def write_results(report: EvalReport, folder: str | Path) -> list[Path]:
         paths.append(plot_telemetry(series, folder / "telemetry.png", f"retrieval telemetry, {report.model}",
                                     report.settings.retrieval.top_k))
     return paths
+
+
+def tail_rows(telemetry: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method with a tail estimate, its telemetry rows reduced over layers: the mass sink + window +
+    retrieved hold (mean, worst (layer, head)), the exact mass of the unretrieved rows, the mass the
+    estimate adds, the merged total over the exact total (mean, worst (layer, head): farthest from 1),
+    and the merged output's relative error with and without the estimate (``engine.telemetry``)."""
+    out = []
+    for m in dict.fromkeys(r["method"] for r in telemetry if "tail_exact_mean" in r):
+        rows = [r for r in telemetry if r["method"] == m]
+
+        def mean(f: str) -> float:
+            return sum(r[f] for r in rows) / len(rows)
+
+        out.append({"method": m, "mass_mean": mean("mass_mean"), "mass_worst_head": min(r["mass_worst_head"] for r in rows),
+                    "tail_exact_mean": mean("tail_exact_mean"), "tail_added_mean": mean("tail_added_mean"),
+                    "tail_mass_ratio_mean": mean("tail_mass_ratio_mean"),
+                    "tail_mass_ratio_worst_head": max((r["tail_mass_ratio_worst_head"] for r in rows),
+                                                      key=lambda x: abs(x - 1)),
+                    "out_err_mean": mean("out_err_mean"), "out_err_top_k_mean": mean("out_err_top_k_mean")})
+    return out
 
 
 def format_eval_table(report: EvalReport) -> str:
@@ -231,11 +260,20 @@ def format_eval_table(report: EvalReport) -> str:
                   "answer decoded through the cache)", format_columns(header, rows)]
     if report.fidelity:
         parts += [f"\nteacher-forced fidelity: {s.fidelity_tokens} decode steps after a {s.fidelity_prefix}-token "
-                  f"prefix of {BOOK}",
+                  f"prefix of {s.text}",
                   format_columns(["method", "KL mean", "KL p99", "KL max", "top-1 agree", "ppl"],
                                  [[r["method"], f"{r['kl_mean']:.5f}", f"{r['kl_p99']:.4f}", f"{r['kl_max']:.3f}",
                                    f"{100 * r['top1_agreement']:.2f}%", f"{r['ppl']:.3f}"] for r in report.fidelity])]
     for m in dict.fromkeys(r["method"] for r in report.telemetry):
         parts += [f"\ntelemetry: {m}", format_telemetry_table([r for r in report.telemetry if r["method"] == m])]
+    tails = tail_rows(report.telemetry)
+    if tails:
+        parts += ["\ntail estimate against exact attention (over layers and steps; worst: the worst (layer, head)'s mean "
+                  "over steps)",
+                  format_columns(["method", "held (dev+top-k)", "held worst", "tail exact", "tail added",
+                                  "total/exact", "total/exact worst", "out err", "out err w/o"],
+                                 [[r["method"], *(f"{r[f]:.4f}" for f in list(r)[1:])] for r in tails])]
     parts += ["\nseconds: " + ", ".join(f"{m} {v:.1f}" for m, v in report.seconds.items())]
+    if report.seconds_per_step:
+        parts += ["seconds per decode step: " + ", ".join(f"{m} {v:.4f}" for m, v in report.seconds_per_step.items())]
     return "\n".join(parts)

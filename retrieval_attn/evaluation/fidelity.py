@@ -1,7 +1,8 @@
-"""Teacher-forced fidelity against full attention on the shipped book.
+"""Teacher-forced fidelity against full attention on a shipped book.
 
-The text is ``data/alice.txt`` (Lewis Carroll, *Alice's Adventures in Wonderland*, 1865, public
-domain, the Millennium Fulcrum Edition 2.9 text). ``fidelity_prefix`` tokens are prefilled, then
+The text is ``EvalSettings.text``: ``data/alice.txt`` (Lewis Carroll, *Alice's Adventures in
+Wonderland*, 1865, public domain, the Millennium Fulcrum Edition 2.9 text) by default, or
+``data/frankenstein.txt`` (Mary Shelley, 1831 edition, public domain; ``texts.BOOKS``). ``fidelity_prefix`` tokens are prefilled, then
 ``fidelity_tokens`` more are fed one decode step each, where retrieval acts; at every step each
 method's next-token distribution is compared with full attention's (exact forwards over the text
 through a ``DynamicCache``, chunk by chunk in lockstep with the decode steps): KL(full || method) in
@@ -46,7 +47,7 @@ def run_fidelity(
     from ..hf import Decoder, dynamic_cache
 
     p, n = settings.fidelity_prefix, settings.fidelity_tokens
-    ids = torch.tensor([token_ids(tokenizer, book_text())])
+    ids = torch.tensor([token_ids(tokenizer, book_text(settings.text))])
     if ids.shape[1] < p + n + 1:
         raise ValueError(f"fidelity_prefix + fidelity_tokens must be < {ids.shape[1]} (the text's tokens), got {p + n}")
     ids = ids[:, : p + n + 1]

@@ -6,6 +6,12 @@
 - ``sink+window``: a ``RetrievalCache`` with ``retrieve=False`` (StreamingLLM-style: decode attends
   over the sink and the recent window only). If it matches ``full``, the task does not depend on what
   lies outside the window and says nothing about retrieval.
+- either with ``+TAIL`` after the name (``roar+mean``, ``flat+sample:top_k=400``, ``sink+window+mean``):
+  the same with ``estimate_tail=True``, ``TAIL`` one of ``TAIL_METHODS`` (``tail``: the run's
+  ``tail_method``), the estimate of the unretrieved attention (``retrieval_attn.engine.tail``);
+- the parameters ``CONFIG_PARAMS`` (``top_k=N``, ``tail_block=N``, ``tail_stride=N``, ``tail_seed=N``)
+  of any retrieval method set that method's ``RetrievalConfig`` field instead of the run's
+  (``flat:top_k=400``, ``flat+mean:tail_block=16``), so one run compares several.
 
 ``method_config`` derives each method's ``RetrievalConfig`` from the one config of the run with
 ``dataclasses.replace`` (its index and parameters, or ``retrieve=False``). ``Methods`` runs one
@@ -26,12 +32,14 @@ from typing import Any, Mapping
 import torch
 
 from ..checks import ConfigError, missing_library_message
-from ..config import RetrievalConfig
+from ..config import TAIL_METHODS, RetrievalConfig
 from ..index import AUTO, available_indexes, missing_library, params_class
 from ..engine.telemetry import LayerTelemetry, summarise
 from .backends import parse_backend_spec
 
-__all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "method_config", "Methods"]
+__all__ = ["FULL", "SINK_WINDOW", "DEFAULT_METHODS", "CONFIG_PARAMS", "method_config", "Methods"]
+
+CONFIG_PARAMS = ("top_k", "tail_block", "tail_stride", "tail_seed")  # method parameters that are config fields
 
 FULL, SINK_WINDOW = "full", "sink+window"
 # every method, less an index backend whose library is not installed here (``index.available_indexes``)
@@ -39,25 +47,43 @@ DEFAULT_METHODS = tuple(m for m in (FULL, "roar", "flat", "hnsw", "ivf", SINK_WI
                         if m in (FULL, SINK_WINDOW) or m in available_indexes())
 
 
+def _tail(method: str, name: str, retrieval: RetrievalConfig) -> dict[str, Any]:
+    """The ``RetrievalConfig`` fields a method name's ``+TAIL`` suffix sets (none without one)."""
+    _, plus, tail = name.partition("+")
+    if not plus:
+        return {}
+    if tail != "tail" and tail not in TAIL_METHODS:
+        raise ValueError(f"method {method!r}: the estimate after '+' must be one of {['tail', *TAIL_METHODS]}, "
+                         f"got {tail!r}")
+    return {"estimate_tail": True, "tail_method": retrieval.tail_method if tail == "tail" else tail}
+
+
 def method_config(method: str, retrieval: RetrievalConfig) -> RetrievalConfig | None:
     """The ``RetrievalConfig`` of a method (None for ``full``): ``retrieval`` with the method's index and
-    parameters (``retrieve=False`` for ``sink+window``); ValueError for an unknown method."""
+    parameters (``retrieve=False`` for ``sink+window``), its ``top_k`` and tail estimate; ValueError for
+    an unknown method."""
     if method == FULL:
         return None
-    if method == SINK_WINDOW:  # no index is built; flat has no ef bound on top_k
-        return dataclasses.replace(retrieval, retrieve=False, index="flat", index_params={})
+    if method.split(":")[0].startswith(SINK_WINDOW) and not method.startswith(SINK_WINDOW + ":"):
+        # no index is built; flat has no ef bound on top_k
+        tail = _tail(method, method.removeprefix(SINK_WINDOW).replace("+", "x+", 1), retrieval)
+        return dataclasses.replace(retrieval, retrieve=False, index="flat", index_params={}, **tail)
     spec = parse_backend_spec(method)
+    base = spec.name.partition("+")[0]
     names = [FULL, SINK_WINDOW, AUTO, *available_indexes()]
-    if spec.name not in names:
-        lacking = missing_library(spec.name)
-        raise ConfigError("", "methods", f"one or more of {', '.join(names)} (an index with optional :param=value)",
-                          method, hint=f" (it {missing_library_message(lacking)})" if lacking else "")
+    if base not in names:
+        lacking = missing_library(base)
+        raise ConfigError("", "methods", f"one or more of {', '.join(names)} (an index with optional +TAIL and "
+                          ":param=value)", method, hint=f" (it {missing_library_message(lacking)})" if lacking else "")
+    tail = _tail(method, spec.name, retrieval)
     multi = [p for p, vs in spec.params.items() if len(vs) != 1]
     if multi:
         raise ValueError(f"method {method!r}: give one value per parameter, got several for {multi}")
+    params = {p: vs[0] for p, vs in spec.params.items() if p not in CONFIG_PARAMS}
+    fields = {p: vs[0] for p, vs in spec.params.items() if p in CONFIG_PARAMS}
     # an evaluation measures the index: the first token waits for its build instead of exact search
-    return dataclasses.replace(retrieval, index=spec.name, index_params={p: vs[0] for p, vs in spec.params.items()},
-                               serve_while_building=False)
+    return dataclasses.replace(retrieval, index=base, index_params=params, serve_while_building=False,
+                               **{**tail, **fields})
 
 
 def _source_config(configs: list[RetrievalConfig]) -> RetrievalConfig | None:
@@ -71,7 +97,8 @@ def _source_config(configs: list[RetrievalConfig]) -> RetrievalConfig | None:
     if not configs:
         return None
     trainer = next((c.index for c in configs if c.retrieve and params_class(c.index).uses_train_queries), "flat")
-    return dataclasses.replace(configs[0], top_k=1, index=trainer, index_params={}, telemetry=False, retrieve=False)
+    return dataclasses.replace(configs[0], top_k=1, index=trainer, index_params={}, telemetry=False, retrieve=False,
+                               estimate_tail=False)
 
 
 class Methods:
@@ -88,6 +115,8 @@ class Methods:
     def __init__(self, model: torch.nn.Module, configs: Mapping[str, RetrievalConfig | None], prefill_chunk: int):
         self.model, self.configs, self.prefill_chunk = model, dict(configs), prefill_chunk
         self.seconds = {m: 0.0 for m in self.configs}
+        self.decode_seconds = {m: 0.0 for m in self.configs}  # decode steps only (no prefill)
+        self.steps = {m: 0 for m in self.configs}  # decode steps run
         self.telemetry: dict[str, list[list[LayerTelemetry]]] = {m: [] for m in self.configs}
         self.source_config = _source_config([c for c in self.configs.values() if c is not None])
 
@@ -116,7 +145,10 @@ class Methods:
         """Feed ``token`` to ``method``'s decoder: logits (vocab,) of the next token, fp32 on the CPU."""
         start = time.perf_counter()
         logits = decoder.step(token)[0].float().cpu()
-        self.seconds[method] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds[method] += seconds
+        self.decode_seconds[method] += seconds
+        self.steps[method] += 1
         return logits
 
     def greedy(
@@ -126,6 +158,8 @@ class Methods:
 
         def count(step: int, seconds: float) -> None:
             self.seconds[method] += seconds
+            self.decode_seconds[method] += seconds
+            self.steps[method] += 1
 
         return decoder.decode(logits, max_new_tokens, stop=stop, on_step=count)
 
@@ -135,6 +169,10 @@ class Methods:
             config = self.configs[m]
             if config is not None and config.telemetry:
                 self.telemetry[m].append([layer.engine.telemetry for layer in decoder.cache.layers])
+
+    def seconds_per_step(self) -> dict[str, float]:
+        """Per method, the mean wall seconds of one decode step (NaN: none ran)."""
+        return {m: self.decode_seconds[m] / n if n else float("nan") for m, n in self.steps.items()}
 
     def telemetry_rows(self) -> list[dict[str, Any]]:
         """Per method and layer, ``telemetry.summarise`` over every sequence of the run."""

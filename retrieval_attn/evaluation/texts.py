@@ -1,8 +1,9 @@
 """The texts the tools run models on, and their token ids.
 
 ``builtin_text``: ~465 KB of English prose shipped with CPython, the sweep's long context;
-``book_text``: the public-domain book shipped with the package (``data/alice.txt``), eval's needle
-filler and fidelity text. Tokenizers come from the caller (any transformers tokenizer); this module
+``book_text``: a public-domain book shipped with the package (``BOOKS``): ``data/alice.txt``, eval's
+needle filler and default fidelity text, and ``data/frankenstein.txt`` (Mary Shelley, *Frankenstein*,
+1831 edition, public domain), a second fidelity text that nothing was tuned on. Tokenizers come from the caller (any transformers tokenizer); this module
 loads no model and imports no transformers.
 """
 
@@ -14,9 +15,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["BOOK", "builtin_text", "builtin_token_ids", "book_text", "token_ids"]
+__all__ = ["BOOK", "BOOKS", "builtin_text", "builtin_token_ids", "book_text", "token_ids"]
 
 BOOK = "alice.txt"
+BOOKS = (BOOK, "frankenstein.txt")
 
 
 def builtin_text() -> str:
@@ -34,9 +36,12 @@ def builtin_token_ids(tokenizer: Any, n: int) -> torch.Tensor:
     return ids[:n].unsqueeze(0)
 
 
-def book_text() -> str:
-    """The shipped public-domain text (Alice's Adventures in Wonderland, ~143 KB, ~37K SmolLM2 tokens)."""
-    return resources.files("retrieval_attn").joinpath("data", BOOK).read_text()
+def book_text(name: str = BOOK) -> str:
+    """A shipped public-domain text of ``BOOKS``: Alice's Adventures in Wonderland (default; ~143 KB, ~37K
+    SmolLM2 tokens) or Frankenstein (~438 KB)."""
+    if name not in BOOKS:
+        raise ValueError(f"text must be one of {list(BOOKS)}, got {name!r}")
+    return resources.files("retrieval_attn").joinpath("data", name).read_text()
 
 
 def token_ids(tokenizer: Any, text: str) -> list[int]:
