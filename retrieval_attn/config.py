@@ -140,4 +140,10 @@ class RetrievalConfig:
                 f"RetrievalConfig.top_k ({self.top_k}) must be <= the search queue ef ({ef}) of index "
                 f"{cls.name!r}: raise index_params['ef'] or lower top_k"
             )
+        candidates = cls.resolved_params(index_params_for(self.index, self.index_params, self.top_k)).get("candidates")
+        if candidates is not None and self.top_k > candidates:  # sketch: its second stage ranks the candidates
+            raise ValueError(
+                f"RetrievalConfig.top_k ({self.top_k}) must be <= the candidates ({candidates}) of index "
+                f"{cls.name!r}: raise index_params['candidates'] or lower top_k"
+            )
         object.__setattr__(self, "index_params", MappingProxyType(dict(self.index_params)))

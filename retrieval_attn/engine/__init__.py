@@ -53,6 +53,7 @@ from .checks import check_construction, check_finite, check_qkv, finite_flag
 from .indexing import IndexLifecycle
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
+from .selection import DeviceSelection
 from .stats import STEP_PARTS, EngineStats, StepTimer
 from .window import DeviceWindow
 
@@ -97,9 +98,10 @@ class RetrievalAttention:
         """Keep tokens in ``window`` and ``store``, with host buffers to retrieve from the store."""
         self.window, self.store = window, store
         threads = self.config.cpu_threads or ThreadChooser(thread_budget(window.k.device))
-        self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
-                                       pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype,
-                                       threads=threads)
+        # issue 21 hook: an index that selects on the layer's device (sketch) gets the device selection
+        part = DeviceSelection if getattr(params_class(self.config.index), "selects_on_device", False) else HostRetrieval
+        self.retrieval = part(self.config, store.groups, self.group, self.head_dim, self.scale,
+                              pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype, threads=threads)
 
     @property
     def seen(self) -> int:
@@ -332,7 +334,8 @@ class RetrievalAttention:
             keys_scanned_fraction=retrieval.scanned_fraction if retrieval is not None else 0.0,
             retrieved_last_step=retrieval.retrieved if retrieval is not None else 0,
             cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0),
-            device_bytes=window.nbytes if window is not None else 0,
+            device_bytes=(window.nbytes if window is not None else 0)
+            + getattr(index, "device_nbytes", 0),  # issue 21 hook: sketch's codes live on the layer's device
             index_build_seconds=self.indexing.build_seconds,
             index_rebuilds=self.indexing.rebuilds,
             step_seconds=MappingProxyType(self.timer.measured()),
