@@ -180,7 +180,7 @@ class SketchIndex(KeyIndex):
 
     def _build(self, train_queries: np.ndarray | None) -> None:
         if self.dim % self.planes:
-            raise ValueError(f"index 'sketch': head dim {self.dim} must be a multiple of {self.planes} "
+            raise ValueError(f"index 'sketch': the keys' dim {self.dim} must be a multiple of {self.planes} "
                              f"(channels per byte at bits={self.bits})")
         if self.build_device is not None:
             self.device = torch.device(self.build_device)
