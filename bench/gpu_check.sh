@@ -13,9 +13,11 @@
 #               missing is skipped, with a line saying so (nothing on the core path needs them)
 #   tests       the test suite's device tests on CUDA (pytest -m 'device and cuda'; on the CPU with --cpu)
 #   device_map  bench/device_map.py: the layers split between cuda:0 and the CPU with accelerate
-#   bench_32k   retrieval-attn bench, Llama-3-8B shape in bf16, --gpu-memory-gib 24, 32K tokens: roar,
-#               full attention (uncapped), transformers' offloaded cache, flat (in that order: each
-#               measurement is written as it ends, so a time box cuts the least wanted)
+#   bench_32k   retrieval-attn bench, Llama-3-8B shape in bf16, --gpu-memory-gib 24, 32K tokens: sketch
+#               (first stage on the GPU, exact second stage on the CPU from pinned rows), sketch-gather
+#               (the candidates' rows gathered to the GPU), roar, full attention (uncapped),
+#               transformers' offloaded cache, flat (in that order: each measurement is written as it
+#               ends, so a time box cuts the least wanted)
 #   bench_128k  the same at 128K, in what is left of the run's time box
 # Then OUT_DIR/summary.txt (a table), OUT_DIR/summary.json and OUT_DIR/gpu_check.tar.gz (every log,
 # table and JSON); the exit status is 0 when every stage passed. With --bundle-only the logs are
@@ -71,7 +73,7 @@ else
     bench_32k=(--contexts 1024 --steps 4 --warmup 1)
     bench_128k=(--contexts 2048 --steps 4 --warmup 1)
     dm_args=(--device cpu --shape tiny --context 512)
-    caps=(env:20 wheels:20 tests:240 device_map:60 bench_32k:90)
+    caps=(env:20 wheels:20 tests:240 device_map:60 bench_32k:120)  # six methods at 1K tokens
 fi
 
 cap_of() {  # cap_of STAGE: the stage's own time box, in seconds
@@ -174,7 +176,9 @@ else
     run_stage tests "$python" -m pytest -m "$tests_m" -q -rs -p no:cacheprovider \
         --junitxml="$out/tests.xml" ${GPU_CHECK_PYTEST_ARGS:-} tests
     run_stage device_map "$python" bench/device_map.py "${dm_args[@]}" --out "$out/device_map"
-    methods=(roar full offloaded flat)  # roar first: its figures are the targets, should a time box cut a stage
+    # sketch first: its figures are the targets (and its two placements are to be chosen between),
+    # should a time box cut a stage; roar, the CPU-search design, next
+    methods=(sketch sketch-gather roar full offloaded flat)
     run_stage bench_32k "$python" bench/decode.py "${bench_common[@]}" "${bench_32k[@]}" --methods "${methods[@]}" \
         --out "$out/bench_32k"
     run_stage bench_128k "$python" bench/decode.py "${bench_common[@]}" "${bench_128k[@]}" --methods "${methods[@]}" \

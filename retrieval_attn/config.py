@@ -142,4 +142,8 @@ class RetrievalConfig:
         if ef is not None and self.top_k > ef:
             raise ConfigError(own, "top_k", f"<= the search queue ef ({ef}) of index {cls.name!r}", self.top_k,
                               hint=": raise the index's ef or lower top_k")
+        candidates = cls.resolved_params(index_params_for(self.index, self.index_params, self.top_k)).get("candidates")
+        if candidates is not None and self.top_k > candidates:  # sketch: its second stage ranks the candidates
+            raise ConfigError(own, "top_k", f"<= the candidates ({candidates}) of index {cls.name!r}", self.top_k,
+                              hint=": raise the index's candidates or lower top_k")
         object.__setattr__(self, "index_params", MappingProxyType(dict(self.index_params)))

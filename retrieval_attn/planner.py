@@ -10,6 +10,8 @@
   one tile of the turns' attention (``engine.prefill.turn_attention``: a block of offloaded rows on
   the device, fp32 scores of ``prefill_block`` queries by as many keys, the chunk's merged output);
   and, when roar trains on the device, its block of keys and scores;
+- device, for an index that selects on the device (``sketch``): each layer's key codes and ranges, and the
+  first stage's buffers its searches share (``estimate_device_nbytes``, ``estimate_shared_device_nbytes``);
 - host: each layer's offloaded K and V in the model's dtype (exactly: the store is reserved for the
   context), each layer's index structures (``KeyIndex.estimate_nbytes``: what the backend holds
   besides the store's rows, which graphs and flat read in place; faiss and hnswlib count their own
@@ -264,6 +266,16 @@ def plan_memory(
         kept = min(t, backend.resolved_params(params)["train_queries"])
         if device.type != "cpu":
             dev["roar training top lists (build, transient)"] = min(n_off * d * 4, 1 << 28) + (1 << 26)
+    if n_off and hasattr(backend, "estimate_device_nbytes"):  # issue 21 hook: sketch's codes on the device
+        capacity = max(n_off, _STORE_INITIAL_ROWS)  # the codes follow the store's rows
+        dev[f"index ({name}) codes, all layers"] = shape.num_layers * backend.estimate_device_nbytes(
+            groups, n_off, d, params, capacity)
+        dev[f"index ({name}) first-stage buffers (shared)"] = backend.estimate_shared_device_nbytes(
+            groups, n_off, d, params, group)
+    gathered = 0  # sketch with retrieved_attention="device": each layer's candidates' K, V rows, host and device
+    if n_off and hasattr(backend, "estimate_device_nbytes") and config.retrieved_attention == "device":
+        gathered = shape.num_layers * 2 * groups * group * backend.resolved_params(params)["candidates"] * d * es
+        dev[f"index ({name}) candidates' rows, all layers"] = gathered
     dev_items = list(dev)
     for item in dev_items:  # the prefill's activations and copies are freed when it ends
         if item.startswith("prefill"):
@@ -280,9 +292,11 @@ def plan_memory(
         "index insert, one chunk of keys (transient)": backend.estimate_add_nbytes(groups, d, params, group,
                                                                                    config.top_k) if n_off else 0,
     }
-    if config.estimate_tail and n_off:  # estimate_tail (issue 22): summaries or draws, scratch, result
+    if config.estimate_tail and n_off:  # summaries or draws, scratch, result
         cpu[f"tail estimate ({config.tail_method})"] = shape.num_layers * tail_nbytes(
             config.tail_method, groups, group, n_off, d, config.tail_block, config.tail_stride)
+    if gathered:
+        cpu[f"index ({name}) candidates' rows, pinned, all layers"] = gathered
     if config.rebuild_growth is not None and n_off:
         ring = shape.num_layers * groups * config.rebuild_queries * group * d * 4  # [G, steps, group, D] fp32
         cpu["rebuild training ring (fp32)"] = ring

@@ -84,7 +84,7 @@ def test_a_backend_whose_library_is_missing_is_left_out_and_refused_by_name(monk
     for module in ("faiss", "hnswlib"):
         monkeypatch.setitem(sys.modules, module, None)  # import fails, find_spec finds nothing
     assert (missing_library("hnsw"), missing_library("ivf"), missing_library("roar")) == ("hnswlib", "faiss-cpu", None)
-    assert available_indexes() == ["flat", "keygraph", "roar"]
+    assert available_indexes() == ["flat", "keygraph", "roar", "sketch"]
     with pytest.raises(ValueError, match=r"got 'hnsw' \(it needs the hnswlib package, which is not installed here: pip install hnswlib\)"):
         RetrievalConfig(index="hnsw")
     with pytest.raises(ValueError, match=r"index 'ivf' needs the faiss-cpu package, which is not installed here"):

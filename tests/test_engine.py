@@ -15,7 +15,7 @@ from retrieval_attn.engine.indexing import Phase
 from .conftest import gathered_reference, random_qkv
 
 STEP_PARTS = {"q_wait", "device_to_host", "cpu_search", "cpu_attention", "host_to_device", "device_attention",
-              "device_idle", "cpu_idle"}
+              "device_idle", "cpu_idle", "device_scoring", "cpu_gather", "device_exact"}
 
 FP32_TOL = 1e-5  # the bound for fp32 inputs
 BF16_TOL = 2e-2  # bf16 inputs: the output itself is rounded to bf16 (8 bits of mantissa)

@@ -35,13 +35,15 @@ def test_gpu_check_cpu_mode_runs_every_stage_and_writes_the_summary(tmp_path):
     assert "[cpu]" in tests and "[cuda]" not in tests  # the cpu cases of the device tests, collected
     for bench in ("bench_32k", "bench_128k"):
         results = json.loads((out / bench / "decode.json").read_text())["results"]
-        assert [r["method"] for r in results] == ["roar", "full", "offloaded", "flat"]
-        assert all(r["layers_s"] for r in results if r["method"] in ("flat", "roar"))
+        assert [r["method"] for r in results] == ["sketch", "sketch-gather", "roar", "full", "offloaded", "flat"]
+        assert all(r["layers_s"] for r in results if r["method"] in ("flat", "roar", "sketch", "sketch-gather"))
+        sketch = next(r for r in results if r["method"] == "sketch")
+        assert sum(layer["device_scoring"] for layer in sketch["layers_s"]) > 0  # the first stage, timed apart
         assert (out / bench / "layers.csv").is_file()
     assert json.loads((out / "device_map" / "device_map.json").read_text())["ok"]
     wheels = (out / "wheels.log").read_text()
     for line in ("ivf: skipped: the faiss library is missing", "hnsw: skipped: the hnswlib library is missing",
                  "GGUF model loading: skipped: the gguf library is missing",
-                 "index backends available: ['flat', 'keygraph', 'roar']", "exit status: 0"):
+                 "index backends available: ['flat', 'keygraph', 'roar', 'sketch']", "exit status: 0"):
         assert line in wheels, wheels
     assert (out / "gpu_check.tar.gz").is_file() and "== bench_128k.log" in run.stdout

@@ -57,6 +57,7 @@ from .checks import check_call, check_construction, check_finite, finite_flag
 from .indexing import IndexLifecycle, Phase
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
+from .selection import DeviceSelection
 from .stats import STEP_PARTS, EngineStats, StepTimer
 from .tail import TailEstimate
 from .telemetry import LayerTelemetry, step_recall_and_mass, step_tail_error
@@ -105,9 +106,10 @@ class RetrievalAttention:
         """Keep tokens in ``window`` and ``store``, with host buffers to retrieve from the store."""
         self.window, self.store = window, store
         threads = self.config.cpu_threads or ThreadChooser(thread_budget(window.k.device))
-        self.retrieval = HostRetrieval(self.config, store.groups, self.group, self.head_dim, self.scale,
-                                       pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype,
-                                       threads=threads)
+        # an index that selects on the layer's device (sketch) gets the device selection
+        part = DeviceSelection if getattr(params_class(self.config.index), "selects_on_device", False) else HostRetrieval
+        self.retrieval = part(self.config, store.groups, self.group, self.head_dim, self.scale,
+                              pin_memory=window.k.is_cuda, timer=self.timer, dtype=store.dtype, threads=threads)
         # the estimate of the unretrieved rows, beside the store
         if self.config.estimate_tail:
             self.tail = TailEstimate(self.config, store.groups, self.group, self.head_dim, self.scale,
@@ -360,7 +362,8 @@ class RetrievalAttention:
             retrieved_last_step=retrieval.retrieved if retrieval is not None else 0,
             cpu_bytes=(store.nbytes if store is not None else 0) + (index.nbytes if index is not None else 0)
             + (self.tail.nbytes if self.tail is not None else 0),
-            device_bytes=window.nbytes if window is not None else 0,
+            device_bytes=(window.nbytes if window is not None else 0)
+            + getattr(index, "device_nbytes", 0),  # sketch's codes live on the layer's device
             index_build_seconds=self.indexing.build_seconds,
             index_rebuilds=self.indexing.rebuilds,
             step_seconds=MappingProxyType(self.timer.measured()),

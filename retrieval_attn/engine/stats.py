@@ -22,7 +22,7 @@ __all__ = ["EngineStats", "STEP_PARTS", "StepTimer"]
 # Parts of one layer's decode step timed in ``EngineStats.step_seconds`` (see ``StepTimer``).
 STEP_PARTS = (
     "q_wait", "device_to_host", "cpu_search", "cpu_attention", "host_to_device", "device_attention",
-    "device_idle", "cpu_idle",
+    "device_idle", "cpu_idle", "device_scoring", "cpu_gather", "device_exact",
 )
 
 
@@ -68,6 +68,10 @@ class StepTimer:
       attention until the retrieved part's copy starts; elsewhere the decoding thread's wait for the worker.
     - ``cpu_idle``: the CPU side waiting for the device side: on CUDA the host's wait for q (q_wait and
       the copy); elsewhere the worker's time between finishing and the device attention finishing.
+    - ``device_scoring``, ``cpu_gather``, ``device_exact``: a device-selecting index's (``sketch``,
+      ``engine.selection``) first stage over every key's code on the device; the gather of its
+      candidates' rows on the CPU and their exact scores, top-k and attention on the device
+      (``retrieved_attention="device"``). Zero for the other indexes.
 
     Device-side parts are timed between CUDA events on a GPU (read by ``measured``, so the step never
     waits for them), by the wall clock elsewhere. Two sets of seconds and events take turns, one step

@@ -31,6 +31,7 @@ __all__ = [
 GRAPH_EF_GRID = (100, 150, 200, 300, 500, 800)
 HNSW_EF_GRID = (100, 200, 400, 800, 1600)
 IVF_NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SKETCH_CANDIDATES_GRID = (100, 200, 400, 800)  # 1, 2, 4, 8 x the default top_k
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ DEFAULT_BACKENDS = tuple(spec for spec in (  # those whose library is installed 
     BackendSpec("keygraph", {"ef": GRAPH_EF_GRID}),
     BackendSpec("hnsw", {"ef": HNSW_EF_GRID, "M": (32,)}),
     BackendSpec("ivf", {"nprobe": IVF_NPROBE_GRID}),
+    BackendSpec("sketch", {"candidates": SKETCH_CANDIDATES_GRID}),
 ) if missing_library(spec.name) is None)
 
 

@@ -2,14 +2,18 @@
 
 For a randomly initialised Llama of a given shape and each context length, it measures side by side
 in one run: transformers with the full KV cache on the device (``full``), transformers' offloaded
-cache (``offloaded``, CUDA only), and retrieval-attn with the ``flat`` and ``roar`` indexes. For each:
+cache (``offloaded``, CUDA only), and retrieval-attn with the ``flat`` and ``roar`` indexes and
+``sketch`` (the first stage over compact key codes on the device; its exact second stage on the CPU from
+the pinned rows, ``sketch``, or over the candidates' rows gathered to the device, ``sketch-gather``:
+``retrieved_attention`` "cpu" and "device", the two placements the first GPU run chooses between). For each:
 time to first token (chunked prefill + the first decode step, which does not wait for the index
 builds: exact search serves a layer until its build lands), when every layer's index is ready
 (``index_ready_s``, from the start of prefill: the bench waits for the builds after the first
 token, so the timed steps measure the index, not its stand-in), seconds per decoded token (median over ``steps`` steps after ``warmup``, the device synchronised
 around each step), peak device memory, the process's resident CPU memory, and for retrieval-attn the
 breakdown of a step (``engine.STEP_PARTS``: the host's wait for q, the copies each way, the CPU
-search and attention, the device attention, and the idle time of each side), summed over layers and
+search and attention, the device attention, the idle time of each side, and sketch's scoring of the
+codes on the device, its gather of the candidates' rows and their exact part on the device), summed over layers and
 per layer, with the rest of the model. A layer is bound by the side the other one waits for: by
 the CPU when the device idles longer than the CPU does. A method whose request does not fit is
 reported as such, with the reason (the memory planner's message for retrieval-attn), not skipped
@@ -55,7 +59,10 @@ __all__ = [
     "format_bench_table",
 ]
 
-METHODS = ("full", "offloaded", "flat", "roar")
+METHODS = ("full", "offloaded", "flat", "roar", "sketch", "sketch-gather")
+# retrieval-attn methods: name -> (index, retrieved_attention; None: the settings' own)
+RETRIEVAL_METHODS = {"flat": ("flat", None), "roar": ("roar", None), "sketch": ("sketch", "cpu"),
+                     "sketch-gather": ("sketch", "device")}
 
 
 @dataclass(frozen=True)
@@ -160,9 +167,11 @@ def _measure(
 
 def _critical(layer: dict[str, float]) -> float:
     """A layer's critical path: the host waits for q, then the longer of the device attention and the CPU
-    search + attention (they overlap), then the copy back."""
-    return (layer["q_wait"] + layer["device_to_host"] + layer["host_to_device"]
-            + max(layer["device_attention"], layer["cpu_search"] + layer["cpu_attention"]))
+    search + attention (they overlap), then the copy back; for sketch the first stage (scoring the codes)
+    before, the gather of the candidates' rows with the CPU side, and their exact part on the device after."""
+    cpu_side = layer["cpu_search"] + layer["cpu_attention"] + layer["cpu_gather"]
+    return (layer["q_wait"] + layer["device_to_host"] + layer["host_to_device"] + layer["device_scoring"]
+            + max(layer["device_attention"], cpu_side) + layer["device_exact"])
 
 
 def _breakdown(parts: list[list[dict[str, float]]], s_per_token: float) -> dict[str, float]:
@@ -238,7 +247,9 @@ def _run_method(model: torch.nn.Module, ids: torch.Tensor, method: str, settings
             model.set_attn_implementation("sdpa")
             cache = dynamic_cache(offloading=method == "offloaded")
         else:
-            config = dataclasses.replace(settings.retrieval, index=method)
+            index, placement = RETRIEVAL_METHODS[method]
+            config = dataclasses.replace(settings.retrieval, index=index,
+                                         retrieved_attention=placement or settings.retrieval.retrieved_attention)
             total = ids.shape[1] + 1 + settings.warmup + settings.steps
             cache = RetrievalCache(model, config, max_context=total, prefill_chunk=settings.prefill_chunk)
         parts = _measure(Decoder(model, cache, settings.prefill_chunk), ids, settings, result)
@@ -263,7 +274,7 @@ def ratio_rows(results: list[MethodResult]) -> list[dict[str, Any]]:
     rows = []
     by = {(r.context, r.method): r for r in results if r.status == "ok"}
     for (context, method), r in sorted(by.items()):
-        if method not in ("flat", "roar"):
+        if method not in RETRIEVAL_METHODS:
             continue
         row: dict[str, Any] = {"context": context, "method": method}
         for base in ("full", "offloaded"):
@@ -301,7 +312,8 @@ def _num(x: float | None, digits: int) -> str:
 
 
 _SHORT = {"q_wait": "q wait", "device_to_host": "D2H", "cpu_search": "search", "cpu_attention": "CPU attn",
-          "host_to_device": "H2D", "device_attention": "dev attn", "device_idle": "dev idle", "cpu_idle": "CPU idle"}
+          "host_to_device": "H2D", "device_attention": "dev attn", "device_idle": "dev idle", "cpu_idle": "CPU idle",
+          "device_scoring": "code score", "cpu_gather": "gather", "device_exact": "dev exact"}
 
 
 def format_bench_table(results: list[MethodResult]) -> str:

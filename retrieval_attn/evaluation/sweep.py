@@ -226,8 +226,9 @@ def evaluate_layer(
             index.build(prob.keys_mid, prob.train if index.uses_train_queries else None)
             for kk in settings.ks:
                 for value in plan.grid:
-                    if plan.grid_param == "ef" and value < kk:
-                        notes.add(f"{plan.name}: ef={value} skipped for k={kk} (ef must be >= k)")
+                    if plan.grid_param in ("ef", "candidates") and value < kk:
+                        notes.add(f"{plan.name}: {plan.grid_param}={value} skipped for k={kk} "
+                                  f"({plan.grid_param} must be >= k)")
                         continue
                     params = {} if value is None else {plan.grid_param: value}
                     ids, scored, call_s, best_s = _search_steps(index, prob.steps, kk, params)

@@ -15,7 +15,9 @@ one place that applies this rule.
 
 ``ef`` follows ``top_k``: a graph backend's search queue ``ef`` must hold at least the ``top_k`` keys a
 search returns, so where the caller set no ``ef`` an index is made with ``max(default ef, top_k)``
-(``index_params_for``, which ``RetrievalConfig`` and ``backend_for`` apply).
+(``index_params_for``, which ``RetrievalConfig`` and ``backend_for`` apply). ``sketch``'s
+``candidates`` follow ``top_k`` the same way, at ``CANDIDATES_PER_K`` per key retrieved:
+``max(default, 4 * top_k)``.
 
 This module knows nothing about torch models, caches or the engine.
 """
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from .base import KeyIndex
 
 __all__ = [
-    "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "register_index", "available_indexes", "missing_library", "index_class",
+    "AUTO", "AUTO_GRAPH", "AUTO_FLAT_BELOW", "CANDIDATES_PER_K", "register_index", "available_indexes", "missing_library", "index_class",
     "make_index", "params_class", "resolve_index", "backend_for", "make_index_for", "index_params_for",
     "parse_index_param",
 ]
@@ -40,9 +42,10 @@ __all__ = [
 AUTO = "auto"
 AUTO_GRAPH = "roar"
 AUTO_FLAT_BELOW = 16384  # keys per group; measured on the embedded model, see bench/README.md
+CANDIDATES_PER_K = 4  # sketch's candidates per key retrieved where unset (its recall on real keys, bench/README.md)
 
 # built-in backends: name -> module of this package that registers it
-_MODULES = {"flat": "flat", "roar": "roar", "keygraph": "keygraph", "hnsw": "hnsw", "ivf": "ivf"}
+_MODULES = {"flat": "flat", "roar": "roar", "keygraph": "keygraph", "hnsw": "hnsw", "ivf": "ivf", "sketch": "sketch"}
 # built-in backends that need a library of their own: name -> (module, package that installs it)
 _LIBRARIES = {"hnsw": ("hnswlib", "hnswlib"), "ivf": ("faiss", "faiss-cpu")}
 _REGISTRY: dict[str, type[KeyIndex]] = {}
@@ -108,9 +111,13 @@ def index_params_for(name: str, params: Mapping[str, Any], top_k: int) -> dict[s
     ``ef = top_k`` where ``top_k`` exceeds the default ``ef``. So any ``top_k`` works without tuning
     ``ef``; an ``ef`` the caller set is kept as given (and must be >= ``top_k``)."""
     out = dict(params)
-    ef = params_class(name).params.get("ef")
+    declared = params_class(name).params
+    ef = declared.get("ef")
     if ef is not None and "ef" not in out and top_k > ef.default:
         out["ef"] = top_k
+    candidates = declared.get("candidates")  # sketch: its second stage's candidates follow top_k too
+    if candidates is not None and "candidates" not in out and CANDIDATES_PER_K * top_k > candidates.default:
+        out["candidates"] = CANDIDATES_PER_K * top_k
     return out
 
 
