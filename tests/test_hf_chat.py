@@ -124,7 +124,7 @@ def test_chat_command_answers_two_facts_in_two_piped_turns(tmp_path):
     (["--document", "missing.txt"], "--document: missing.txt does not exist"),
     (["--max-context", "1"], "--max-context must be >= 2, got 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-    (["--top-k", "0"], "--top-k must be an int in [1, inf], got 0"),
+    (["--top-k", "0"], "--top-k must be an int >= 1, got 0"),
 ])
 def test_chat_command_refuses_bad_arguments_in_one_line_before_loading_the_model(argv, message, monkeypatch, capsys):
     import retrieval_attn.hf
