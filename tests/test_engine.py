@@ -258,8 +258,8 @@ def test_exact_search_serves_while_the_background_build_runs(monkeypatch):
     built_all, gate = threading.Event(), threading.Event()
     first_build = indexing.IndexLifecycle._first_build
 
-    def held(self, store, device):  # roar's build lands only when the test lets it (flat's at once)
-        built = first_build(self, store, device)
+    def held(self, store, n, train, device):  # roar's build lands only when the test lets it (flat's at once)
+        built = first_build(self, store, n, train, device)
         if self.config.index == "roar":
             built_all.set()
             gate.wait()
@@ -271,7 +271,7 @@ def test_exact_search_serves_while_the_background_build_runs(monkeypatch):
     engine.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])
     exact.prefill(q[:, :, :500], k[:, :, :500], v[:, :, :500])
     engine.start_index_build()
-    built_all.wait()  # over the 460 keys offloaded by prefill
+    assert built_all.wait(timeout=120)  # over the 460 keys offloaded by prefill
     for t in range(500, 520):  # the build is held: these steps are served by exact search
         step = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
         assert torch.equal(engine.decode(*step), exact.decode(*step))
