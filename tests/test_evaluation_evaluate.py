@@ -22,7 +22,7 @@ def test_bad_settings_raise_before_any_work(tokenizer):
         EvalSettings(methods=("full", "annoy"))
     with pytest.raises(ValueError, match="ivf's nlist \\(256\\) must be <="):
         EvalSettings(methods=("ivf",), lengths=(800,), fidelity_tokens=0)
-    with pytest.raises(ValueError, match=r"depths must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"depths must be one or more numbers in \[0, 1\]"):
         EvalSettings(depths=(-0.1,))
     with pytest.raises(ValueError, match="nothing to run"):
         EvalSettings(tasks=(), fidelity_tokens=0)
