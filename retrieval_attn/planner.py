@@ -266,7 +266,7 @@ def plan_memory(
         kept = min(t, backend.resolved_params(params)["train_queries"])
         if device.type != "cpu":
             dev["roar training top lists (build, transient)"] = min(n_off * d * 4, 1 << 28) + (1 << 26)
-    if n_off and hasattr(backend, "estimate_device_nbytes"):  # issue 21 hook: sketch's codes on the device
+    if n_off and hasattr(backend, "estimate_device_nbytes"):  # an index that keeps codes on the device (sketch)
         capacity = max(n_off, _STORE_INITIAL_ROWS)  # the codes follow the store's rows
         dev[f"index ({name}) codes, all layers"] = shape.num_layers * backend.estimate_device_nbytes(
             groups, n_off, d, params, capacity)

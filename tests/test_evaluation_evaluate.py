@@ -8,7 +8,8 @@ import pytest
 
 from retrieval_attn import RetrievalConfig
 from retrieval_attn.evaluation import FULL, SINK_WINDOW, make_needle
-from retrieval_attn.evaluation.evaluate import EvalSettings, format_eval_table, run_eval, write_results
+from retrieval_attn.evaluation.evaluate import format_eval_table, run_eval, write_results
+from retrieval_attn.evaluation.settings import EvalSettings
 
 
 def test_bad_settings_raise_before_any_work(tokenizer):

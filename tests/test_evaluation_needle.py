@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from retrieval_attn import RetrievalConfig
-from retrieval_attn.evaluation.evaluate import EvalSettings
-from retrieval_attn.evaluation.needle import TASKS, make_needle, plot_needle
+from retrieval_attn.evaluation.needle import make_needle, plot_needle
+from retrieval_attn.evaluation.settings import TASKS, EvalSettings
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -161,8 +161,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import EMBEDDED_NAME, EvalSettings, format_eval_table, run_eval, write_results
+    from ..evaluation.evaluate import EMBEDDED_NAME, format_eval_table, run_eval, write_results
     from ..evaluation.report import Interrupted
+    from ..evaluation.settings import EvalSettings
 
     with _user_errors():
         settings = EvalSettings(
@@ -194,9 +195,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     """The options of ``eval``."""
-    from ..evaluation.evaluate import EvalSettings
     from ..evaluation.methods import DEFAULT_METHODS
-    from ..evaluation.needle import TASKS
+    from ..evaluation.settings import TASKS, EvalSettings
     from ..evaluation.texts import BOOKS
 
     d = EvalSettings()

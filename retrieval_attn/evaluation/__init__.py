@@ -14,9 +14,10 @@ so the CLI reads their defaults without loading transformers. Nothing here print
     sweep.py         recall versus cost of every backend on captured q/k: settings, runs, results files
     drift.py         recall of an index while decoding adds keys, against a rebuild
     methods.py       eval's methods (full, index backends, sink+window) and one sequence run through each
+    settings.py      the eval run's settings, checked whole, and the needle tasks they name
     needle.py        needle prompts (passkey, number, multikey) and the needle grid
     fidelity.py      teacher-forced KL, top-1 agreement and perplexity against full attention
-    evaluate.py      the eval run: settings, report, results files, table
+    evaluate.py      the eval run: its report, results files, table
     decode_bench.py  decode speed and memory against transformers' full and offloaded caches
     report.py        the one table writer, CSV and JSON writers, the telemetry table and plot
 
@@ -28,10 +29,11 @@ from .backends import DEFAULT_BACKENDS, BackendSpec, parse_backend_spec
 from .capture import CapturedQK, capture_layers, default_layers, load_or_capture, model_and_tokens
 from .decode_bench import METHODS, BenchSettings, MethodResult, format_bench_table, run_decode_bench
 from .drift import insertion_drift, turn_drift
-from .evaluate import EvalReport, EvalSettings, format_eval_table, run_eval
+from .evaluate import EvalReport, format_eval_table, run_eval
 from .methods import DEFAULT_METHODS, FULL, SINK_WINDOW
-from .needle import TASKS, NeedleSample, make_needle
+from .needle import NeedleSample, make_needle
 from .report import format_columns, write_csv, write_json
+from .settings import TASKS, EvalSettings
 from .sweep import SweepReport, SweepSettings, format_sweep_table, run_sweep
 from .texts import book_text, builtin_text, builtin_token_ids
 

@@ -18,17 +18,15 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .methods import FULL, Methods
 from .report import Interrupted, pyplot
+from .settings import EvalSettings
 from .texts import book_text, token_ids
-
-if TYPE_CHECKING:
-    from .evaluate import EvalSettings
 
 __all__ = ["FIDELITY_BINS", "run_fidelity", "fidelity_tables", "plot_fidelity"]
 

@@ -23,21 +23,18 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .methods import Methods
 from .report import Interrupted, pyplot
+from .settings import TASKS, EvalSettings
 from .texts import book_text, token_ids
 
-if TYPE_CHECKING:
-    from .evaluate import EvalSettings
+__all__ = ["NeedleSample", "make_needle", "run_needle", "needle_cells", "plot_needle"]
 
-__all__ = ["TASKS", "NeedleSample", "make_needle", "run_needle", "needle_cells", "plot_needle"]
-
-TASKS = ("passkey", "number", "multikey")
 MULTIKEY_DISTRACTORS = 3
 HEADER = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "

@@ -1,4 +1,4 @@
-"""Recall versus cost of the index backends on real attention queries and keys (issue 3).
+"""Recall versus cost of the index backends on real attention queries and keys.
 
 A *sweep* captures post-RoPE queries and keys of a few layers of a model on a long text, then, for
 each context length ``n``, each sampled layer and each backend and search parameter, replays the
