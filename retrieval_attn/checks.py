@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 __all__ = [
     "ConfigError", "DTYPE_NAMES", "check_bool", "check_choice", "check_int", "check_ints", "check_number",
-    "dtype_named", "missing_library_message", "shown",
+    "check_numbers", "dtype_named", "missing_library_message", "shown",
 ]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the weight and row dtypes, as flags and settings name them
@@ -106,6 +106,13 @@ def check_number(owner: str, field: str, value: Any, low: float, high: float = m
         else:
             span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ConfigError(owner, field, f"a finite number {span}{f' ({unit})' if unit else ''}", value, none_allowed)
+
+
+def check_numbers(owner: str, field: str, values: Any, low: float, high: float) -> None:
+    """``values`` is a non-empty sequence of finite real numbers (not bools) in [low, high]."""
+    if (not isinstance(values, Sequence) or isinstance(values, str) or not values
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high for v in values)):
+        raise ConfigError(owner, field, f"one or more numbers in [{low:g}, {high:g}]", values)
 
 
 def check_bool(owner: str, field: str, value: Any, none_allowed: bool = False, none_means: str = "") -> None:

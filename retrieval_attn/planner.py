@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_int
 from .config import RetrievalConfig
 from .index import backend_for, index_class
 from .offload import tail_nbytes
@@ -231,8 +232,7 @@ def plan_memory(
     prompt_tokens = context_tokens if prompt_tokens is None else prompt_tokens
     for name, value in (("context_tokens", context_tokens), ("batch", batch), ("prefill_chunk", prefill_chunk),
                         ("prompt_tokens", prompt_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("", name, value, 1)
     if prompt_tokens > context_tokens:
         raise ValueError(f"prompt_tokens ({prompt_tokens}) must be <= context_tokens ({context_tokens})")
     device = torch.device(device)

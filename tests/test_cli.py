@@ -120,7 +120,7 @@ KIN = [
     (["bench", "--device", "cpu", "--steps", "0"], "--steps must be an int >= 1, got 0"),
     (["bench", "--device", "cpu", "--contexts", "10"], "--contexts must be one or more ints >= 641 (longer than sink + window = 640"),
     (["generate", "--gpu-memory-gib", "-1"], "--gpu-memory-gib must be a finite number > 0 (GiB), got -1"),
-    (["sweep", "--lengths", "100"], "--lengths must be one or more token counts >= 804"),
+    (["sweep", "--lengths", "100"], "--lengths must be one or more ints >= 804 (sink + window + n_test"),
     (["sweep", "--target-recall", "2"], "--target-recall must be a finite number in (0, 1], got 2"),
     (["eval", "--fidelity-tokens", "-1"], "--fidelity-tokens must be an int >= 0, got -1"),
     (["eval", "--depths", "2"], "--depths must be one or more numbers in [0, 1], got 2"),

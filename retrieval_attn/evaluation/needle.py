@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import check_int, check_number
 from .methods import Methods
 from .report import Interrupted, pyplot
 from .settings import TASKS, EvalSettings
@@ -86,10 +87,8 @@ def make_needle(tokenizer: Any, task: str, length: int, depth: float, seed: int)
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 64:
-        raise ValueError(f"length must be an int >= 64, got {length!r}")
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
+    check_int("", "length", length, 64)
+    check_number("", "depth", depth, 0.0, 1.0)
     rng = random.Random(f"{seed}:{task}:{length}:{depth}")
     answer = str(rng.randint(10000, 99999))
     if task == "passkey":

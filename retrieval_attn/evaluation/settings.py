@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checks import ConfigError, check_choice, check_int, check_ints
+from ..checks import ConfigError, check_choice, check_int, check_ints, check_numbers
 from ..config import RetrievalConfig
 from ..index import backend_for, index_class
 from .methods import DEFAULT_METHODS, method_config
@@ -67,19 +67,14 @@ class EvalSettings:
         if self.tasks:  # a needle context must offload something
             check_ints(own, "lengths", self.lengths, max(64, device + 1), why=f"longer than sink + window = {device}, "
                        "so that something is offloaded")
-            if not self.depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
-                                      for d in self.depths):
-                raise ConfigError(own, "depths", "one or more numbers in [0, 1]", self.depths)
+            check_numbers(own, "depths", self.depths, 0.0, 1.0)
         check_int(own, "samples", self.samples, 1)
         check_int(own, "fidelity_tokens", self.fidelity_tokens, 0)
         check_int(own, "prefill_chunk", self.prefill_chunk, 2)
         if not self.tasks and self.fidelity_tokens == 0:
             raise ConfigError(own, "fidelity_tokens", "> 0 when no needle task is given (nothing to run)", 0)
         if self.fidelity_tokens:
-            if isinstance(self.fidelity_prefix, bool) or not isinstance(self.fidelity_prefix, int) \
-                    or self.fidelity_prefix <= device:
-                raise ConfigError(own, "fidelity_prefix", f"an int > sink + window = {device}, so that something is "
-                                  "offloaded", self.fidelity_prefix)
+            check_int(own, "fidelity_prefix", self.fidelity_prefix, device + 1)
         configs = {m: method_config(m, self.retrieval) for m in self.methods}
         builds = ([min(self.lengths)] if self.tasks else []) + ([self.fidelity_prefix] if self.fidelity_tokens else [])
         offloaded = min(builds) - device  # keys the first decode indexes, at the least

@@ -119,9 +119,8 @@ class SweepSettings:
                 raise ValueError(f"backend {spec.name!r}: unknown parameter(s) {unknown}; allowed: "
                                  f"{sorted(index_class(spec.name).params) or 'none'}")
         need = self.retrieval.sink_tokens + self.retrieval.window_tokens + self.n_test + max(self.ks)
-        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < need for n in self.lengths):
-            raise ConfigError(own, "lengths", f"one or more token counts >= {need} (sink + window + n_test + the "
-                              "largest top-k: the keys a test position can retrieve)", self.lengths)
+        check_ints(own, "lengths", self.lengths, need, why="sink + window + n_test + the largest top-k: the keys a "
+                   "test position can retrieve")
 
 
 def operating_point(scanned: Sequence[float], min_recall: Sequence[float], target: float) -> int | None:

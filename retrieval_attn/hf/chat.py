@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import check_int
 from .generate import Decoder, greedy
 
 __all__ = ["Chat", "TurnStats", "chat_opening"]
@@ -79,11 +80,8 @@ class Chat:
         self, model: torch.nn.Module, tokenizer: Any, cache: Any, documents: str = "", *,
         max_context: int | None = None, prefill_chunk: int = 512, max_new_tokens: int = 256,
     ):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
-                                        or max_context < 2):
-            raise ValueError(f"max_context must be an int >= 2 or None, got {max_context!r}")
+        check_int("", "max_new_tokens", max_new_tokens, 1)
+        check_int("", "max_context", max_context, 2, none_allowed=True)
         self.tokenizer, self.cache, self.documents = tokenizer, cache, documents
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.decoder = Decoder(model, cache, prefill_chunk)

@@ -28,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import math
 import time
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..checks import check_int, check_number
 
 __all__ = [
     "Decoder", "cache_argument", "cache_kwargs", "dynamic_cache", "greedy", "prefill_spans", "prompt_ids", "sampler",
@@ -91,12 +92,9 @@ def sampler(temperature: float, top_p: float = 1.0, seed: int | None = None) -> 
     draws come from a generator seeded with ``seed`` (None: a random seed), so a seed repeats a run."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
+    check_number("", "temperature", temperature, 0.0, low_open=True)
+    check_number("", "top_p", top_p, 0.0, 1.0, low_open=True)
+    check_int("", "seed", seed, 0, none_allowed=True)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(float(temperature))])
     if top_p < 1:
         warpers.append(TopPLogitsWarper(float(top_p)))
@@ -143,8 +141,7 @@ class Decoder:
     """
 
     def __init__(self, model: torch.nn.Module, cache: Any, prefill_chunk: int = 512):
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 2:
-            raise ValueError(f"prefill_chunk must be an int >= 2, got {prefill_chunk!r}")
+        check_int("", "prefill_chunk", prefill_chunk, 2)
         self.model, self.cache, self.prefill_chunk = model, cache, prefill_chunk
         self.device = next(model.parameters()).device
         self._cache = cache_kwargs(model, cache)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..checks import check_int
 from ..planner import MemoryBudgetError, available_cpu_bytes
 
 __all__ = ["Conversation", "ConversationPool", "PoolFull", "conversation_bytes"]
@@ -79,8 +80,7 @@ class ConversationPool:
 
     def __init__(self, new_cache: Callable[[int], Any], max_kept: int,
                  available: Callable[[], int] = available_cpu_bytes):
-        if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 0:
-            raise ValueError(f"max_kept must be an int >= 0, got {max_kept!r}")
+        check_int("", "max_kept", max_kept, 0)
         self.new_cache, self.max_kept, self.available = new_cache, max_kept, available
         self.lock = threading.RLock()  # held by the caller around find, open and give_back
         self.conversations: list[Conversation] = []

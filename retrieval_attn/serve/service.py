@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import ConfigError, check_choice, check_int
 from ..config import RetrievalConfig
 from ..planner import resident_bytes
 from .pool import ConversationPool, PoolFull, held_bytes
@@ -30,11 +31,6 @@ from .protocol import APIError, GenerationRequest, parse_chat, parse_completion
 from .scheduler import SCHEDULES, Job, Scheduler
 
 __all__ = ["ServeSettings", "Service"]
-
-
-def _positive(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,19 +57,17 @@ class ServeSettings:
     api_key: str | None = None
 
     def __post_init__(self) -> None:
+        own = type(self).__name__
         if not isinstance(self.model_name, str) or not self.model_name:
-            raise ValueError(f"model_name must be a non-empty string, got {self.model_name!r}")
-        _positive("max_context", self.max_context, 2)
-        _positive("max_new_tokens", self.max_new_tokens)
-        if self.max_new_tokens >= self.max_context:
-            raise ValueError(f"max_new_tokens must be < max_context ({self.max_context}), got {self.max_new_tokens}")
-        _positive("prefill_chunk", self.prefill_chunk, 2)
-        _positive("max_conversations", self.max_conversations, 0)
-        _positive("max_concurrent", self.max_concurrent)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+            raise ConfigError(own, "model_name", "a non-empty string", self.model_name)
+        check_int(own, "max_context", self.max_context, 2)
+        check_int(own, "max_new_tokens", self.max_new_tokens, 1, self.max_context - 1)
+        check_int(own, "prefill_chunk", self.prefill_chunk, 2)
+        check_int(own, "max_conversations", self.max_conversations, 0)
+        check_int(own, "max_concurrent", self.max_concurrent, 1)
+        check_choice(own, "schedule", self.schedule, SCHEDULES)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
-            raise ValueError("api_key must be a non-empty string or None")
+            raise ConfigError(own, "api_key", "a non-empty string", "(blank)", none_allowed=True)
 
 
 class Service:
