@@ -103,7 +103,7 @@ def test_reset_starts_over():
     [
         (lambda: RetrievalAttention(RetrievalConfig(), 6, 4, 8), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
         (lambda: RetrievalAttention(RetrievalConfig(), 0, 1, 8), r"num_heads must be an int >= 1"),
-        (lambda: RetrievalAttention(RetrievalConfig(), 4, 2, 8, scale=-1.0), r"scale must be a finite float > 0"),
+        (lambda: RetrievalAttention(RetrievalConfig(), 4, 2, 8, scale=-1.0), r"scale must be a finite number > 0"),
         (lambda: RetrievalAttention({"top_k": 3}, 4, 2, 8), r"config must be a RetrievalConfig"),
         (lambda: RetrievalConfig(top_k=-1), r"top_k must be an int >= 1, got -1"),
         (lambda: RetrievalConfig(window_tokens=0), r"window_tokens must be an int >= 1, got 0"),

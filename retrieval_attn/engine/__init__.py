@@ -50,17 +50,18 @@ from types import MappingProxyType
 import torch
 
 from ..attention import merge_state
+from ..checks import check_int
 from ..config import RetrievalConfig
 from ..index import ThreadChooser, cpu_threads, params_class, thread_budget
 from ..offload import KVStore
-from .checks import check_call, check_construction, check_finite, finite_flag
+from .checks import check_call, check_construction, check_finite, check_fork, finite_flag
 from .indexing import IndexLifecycle, Phase
 from .prefill import prompt_attention, turn_attention
 from .retrieval import HostRetrieval
 from .selection import DeviceSelection
 from .stats import STEP_PARTS, EngineStats, StepTimer
 from .tail import TailEstimate
-from .telemetry import LayerTelemetry, step_recall_and_mass, step_tail_error
+from .telemetry import LayerTelemetry, record_step
 from .window import DeviceWindow
 
 __all__ = ["RetrievalAttention", "EngineStats", "STEP_PARTS"]
@@ -123,8 +124,7 @@ class RetrievalAttention:
 
     def reserve(self, tokens: int) -> None:
         """Size the CPU store for a context of ``tokens`` tokens per sequence at the first prefill (memory planning)."""
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+        check_int("", "tokens", tokens, 1)
         self._reserved = max(0, tokens - self.config.sink_tokens - self.config.window_tokens)
         if self.store is not None:
             self.store.reserve(self._reserved)
@@ -251,9 +251,13 @@ class RetrievalAttention:
                 o, lse = merge_state(o, lse, o_tail, lse_tail, validate=False)
                 tail.record(lse_tail, lse)
         if self.telemetry is not None and self.store.n:
-            self._record_telemetry(q, parts[0][1], min(self.config.top_k, self.store.n))
-            if tail is not None:
-                self._record_tail_telemetry(parts[0], top_k_part, lse_tail, o)
+            self.store.synchronize()
+            ids = self.retrieval.ids
+            # qg: [G, group, D] fp32 on the CPU: the host copy when this step retrieved, else q itself
+            qg = self.retrieval.q if ids is not None else q.reshape(-1, self.group, self.head_dim).float().cpu()
+            record_step(self.telemetry, qg, self.store.keys, self.store.values, ids, self.scale,
+                        min(self.config.top_k, self.store.n), parts[0],
+                        (top_k_part, lse_tail, o) if tail is not None else None)
         self._dirty = True  # everything above only computed; from here on the state changes
         if spilled is not None:
             self.store.commit(staged)
@@ -292,31 +296,6 @@ class RetrievalAttention:
         with self._small_ops(q), self.timer.span("device_attention", torch.cuda.current_stream(q.device) if q.is_cuda else None):
             return self.window.attend(q, self.scale)
 
-    def _record_telemetry(self, q: torch.Tensor, lse_device: torch.Tensor, k: int) -> None:
-        """Exact recall@k and mass held of this step (``telemetry.step_recall_and_mass``) into ``self.telemetry``."""
-        self.store.synchronize()
-        g, ids = self.store.groups, self.retrieval.ids
-        # qg: [G, group, D] fp32 on the CPU: the host copy when this step retrieved, else q itself
-        qg = self.retrieval.q if ids is not None else q.reshape(g, self.group, self.head_dim).float().cpu()
-        lse_d = lse_device.reshape(g, self.group).float().cpu()  # [G, group]
-        self.telemetry.record(*step_recall_and_mass(qg, self.store.keys, ids, lse_d, self.scale, k))
-
-    def _record_tail_telemetry(self, device_part: tuple[torch.Tensor, torch.Tensor],
-                               top_k_part: tuple[torch.Tensor, torch.Tensor], lse_tail: torch.Tensor,
-                               out: torch.Tensor) -> None:
-        """The estimate against exact attention this step (``telemetry.step_tail_error``) into ``self.telemetry``;
-        the parts are (B, Hq, 1, D) outs and (B, Hq, 1) lses on the device."""
-        g = self.store.groups
-
-        def host(x: torch.Tensor, *shape: int) -> torch.Tensor:  # [G, group, ...] fp32 on the CPU
-            return x.reshape(g, self.group, *shape).float().cpu()
-
-        d = self.head_dim
-        self.telemetry.record_tail(step_tail_error(
-            self.retrieval.q, self.store.keys, self.store.values, self.retrieval.ids, self.scale,
-            (host(device_part[0], d), host(device_part[1])), (host(top_k_part[0], d), host(top_k_part[1])),
-            host(lse_tail), host(out, d)))
-
     def fork(self, config: RetrievalConfig) -> RetrievalAttention:
         """A copy of this engine, after prefill and before any decode, that decodes with ``config``.
 
@@ -325,21 +304,7 @@ class RetrievalAttention:
         trains on prefill queries (roar) needs an engine whose own index kept them (prefill with such
         an index). Device window, CPU store and query sample are copied; this engine is unchanged.
         """
-        if not isinstance(config, RetrievalConfig):
-            raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
-        if self.indexing.prompt_over:
-            raise ValueError("fork is only possible before the first decode and before start_index_build()")
-        if any(getattr(config, f) != getattr(self.config, f) for f in ("sink_tokens", "window_tokens")):
-            raise ValueError(
-                f"fork: config must keep sink_tokens={self.config.sink_tokens} and window_tokens="
-                f"{self.config.window_tokens}, got {config.sink_tokens} and {config.window_tokens}"
-            )
-        trains = params_class(config.index).uses_train_queries
-        if trains and self.indexing.train is None and self.seen:
-            raise ValueError(
-                f"fork: index {config.index!r} trains on prefill queries, which this engine's index "
-                f"{self.config.index!r} did not keep; prefill with a config whose index trains (e.g. roar)"
-            )
+        trains = check_fork(config, self.config, self.indexing.prompt_over, self.indexing.train is not None or not self.seen)
         twin = RetrievalAttention(config, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
         twin._reserved, twin._dirty = self._reserved, self._dirty
         if self.window is not None:

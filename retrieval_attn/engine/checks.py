@@ -12,9 +12,11 @@ import os
 import numba
 import torch
 
+from ..checks import check_int, check_number
 from ..config import RetrievalConfig
+from ..index import params_class
 
-__all__ = ["check_call", "check_construction", "check_cpu_threads", "check_finite", "check_qkv", "finite_flag"]
+__all__ = ["check_call", "check_construction", "check_cpu_threads", "check_finite", "check_fork", "check_qkv", "finite_flag"]
 
 
 def check_construction(
@@ -24,13 +26,33 @@ def check_construction(
     if not isinstance(config, RetrievalConfig):
         raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
     for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("", name, value, 1)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and scale != float("inf")):
-        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    check_number("", "scale", scale, 0.0, low_open=True, none_allowed=True)
     check_cpu_threads(config.cpu_threads)
+
+
+def check_fork(config: RetrievalConfig, held: RetrievalConfig, prompt_over: bool, sample_kept: bool) -> bool:
+    """The ``config`` of ``RetrievalAttention.fork`` on an engine configured with ``held``, whose prompt is
+    over or not, that kept a sample of prefill queries (or has seen nothing yet) or not. Returns whether
+    ``config``'s index trains on prefill queries (the fork copies the sample only then)."""
+    if not isinstance(config, RetrievalConfig):
+        raise ValueError(f"config must be a RetrievalConfig, got {type(config).__name__}")
+    if prompt_over:
+        raise ValueError("fork is only possible before the first decode and before start_index_build()")
+    if any(getattr(config, f) != getattr(held, f) for f in ("sink_tokens", "window_tokens")):
+        raise ValueError(
+            f"fork: config must keep sink_tokens={held.sink_tokens} and window_tokens={held.window_tokens}, "
+            f"got {config.sink_tokens} and {config.window_tokens}"
+        )
+    trains = params_class(config.index).uses_train_queries
+    if trains and not sample_kept:
+        raise ValueError(
+            f"fork: index {config.index!r} trains on prefill queries, which this engine's index "
+            f"{held.index!r} did not keep; prefill with a config whose index trains (e.g. roar)"
+        )
+    return trains
 
 
 def check_cpu_threads(n: int | None, name: str = "RetrievalConfig.cpu_threads") -> None:

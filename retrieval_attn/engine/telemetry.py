@@ -32,7 +32,8 @@ import torch
 from ..metrics import attention_mass, recall_at_k
 from ..rows import grown_capacity
 
-__all__ = ["LayerTelemetry", "TAIL_FIELDS", "TailMassRecord", "step_recall_and_mass", "step_tail_error", "summarise"]
+__all__ = ["LayerTelemetry", "TAIL_FIELDS", "TailMassRecord", "record_step", "step_recall_and_mass", "step_tail_error",
+           "summarise"]
 
 TAIL_FIELDS = ("tail_exact", "tail_added", "tail_mass_ratio", "out_err", "out_err_top_k")
 
@@ -105,6 +106,32 @@ def step_tail_error(
 
     return {"tail_exact": (p * unretrieved).sum(-1), "tail_added": torch.exp(lse_tail.double() - lse_total),
             "tail_mass_ratio": torch.exp(lse_total - lse_exact), "out_err": err(out), "out_err_top_k": err(top_k_part[0])}
+
+
+def record_step(
+    telemetry: LayerTelemetry, qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None,
+    scale: float, k: int, device_part: tuple[torch.Tensor, torch.Tensor],
+    tail: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """One decode step of one layer measured into ``telemetry``: ``step_recall_and_mass`` and, with a tail
+    estimate, ``step_tail_error``.
+
+    qg, keys, values, ids, scale, k : as ``step_recall_and_mass``; qg's G = batch * kv_heads.
+    device_part : out (B, Hq, 1, D) and lse (B, Hq, 1) of the device part, on the layer's device.
+    tail : the step's top-k part (out, lse), the estimate's lse and the merged out, shaped as
+        ``device_part``; None without an estimate.
+    """
+    g, group, d = qg.shape
+
+    def host(x: torch.Tensor, *shape: int) -> torch.Tensor:  # [G, group, ...] fp32 on the CPU
+        return x.reshape(g, group, *shape).float().cpu()
+
+    telemetry.record(*step_recall_and_mass(qg, keys, ids, host(device_part[1]), scale, k))
+    if tail is not None:
+        (o_top, lse_top), lse_tail, out = tail
+        telemetry.record_tail(step_tail_error(
+            qg, keys, values, ids, scale, (host(device_part[0], d), host(device_part[1])),
+            (host(o_top, d), host(lse_top)), host(lse_tail), host(out, d)))
 
 
 def _retrieved_mask(ids: torch.Tensor, n: int) -> torch.Tensor:
