@@ -15,7 +15,7 @@ from retrieval_attn.evaluation.settings import EvalSettings
 def test_bad_settings_raise_before_any_work(tokenizer):
     with pytest.raises(ValueError, match="task must be one of"):
         make_needle(tokenizer, "haystack", 1024, 0.5, 0)
-    with pytest.raises(ValueError, match=r"depth must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"depth must be a finite number in \[0, 1\]"):
         make_needle(tokenizer, "passkey", 1024, 1.5, 0)
     with pytest.raises(ValueError, match=r"lengths must be one or more ints >= 641 \(longer than sink \+ window = 640"):
         EvalSettings(lengths=(512,))
@@ -91,3 +91,49 @@ def test_ctrl_c_keeps_what_finished(small_model_with_the_embedded_vocabulary, to
 
 def _interrupt():
     raise KeyboardInterrupt
+
+
+def test_a_fidelity_run_longer_than_the_text_is_refused_before_the_needle_grid(
+        small_model_with_the_embedded_vocabulary, tokenizer, monkeypatch):
+    """The one check that needs the tokenizer (the text holds prefix + tokens + 1) runs before any task."""
+    from retrieval_attn.checks import ConfigError
+    from retrieval_attn.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "run_needle", lambda *a, **k: pytest.fail("the needle grid ran"))
+    settings = EvalSettings(methods=(FULL, "flat"), tasks=("passkey",), lengths=(200,), depths=(0.5,),
+                            fidelity_tokens=10**6, fidelity_prefix=100,
+                            retrieval=RetrievalConfig(sink_tokens=8, window_tokens=16, top_k=1000, index="flat"))
+    with pytest.raises(ConfigError, match=r"fidelity_tokens must be an int in \[1, \d+\] \(what alice.txt's \d+ "
+                                          r"tokens hold after fidelity_prefix = 100\), got 1000000") as err:
+        run_eval(settings, model=small_model_with_the_embedded_vocabulary, tokenizer=tokenizer, progress=False)
+    assert err.value.field == "fidelity_tokens"
+
+
+def test_eval_ctrl_c_writes_the_results_that_finished(tmp_path, monkeypatch, capsys):
+    """``retrieval-attn eval`` interrupted writes its results files (telemetry included) for what
+    finished, prints its table and exits 130."""
+    import torch
+
+    from retrieval_attn import cli
+    from retrieval_attn.engine.telemetry import LayerTelemetry, summarise
+    from retrieval_attn.evaluation import evaluate
+    from retrieval_attn.evaluation.report import Interrupted
+
+    layer = LayerTelemetry()
+    layer.record(torch.full((2, 3), 0.9), torch.full((2, 3), 0.95))
+
+    def stopped(settings, **kwargs):
+        raise Interrupted(evaluate.EvalReport(
+            settings, "m", [], [], [{"method": "flat", "tokens": 3, "kl_mean": 0.01, "kl_max": 0.02, "kl_p99": 0.02,
+                                     "top1_agreement": 1.0, "ppl": 2.0}], [],
+            [{"method": "flat", "layer": 0, **summarise(layer)}], {"flat": 1.0, "total": 1.0}, {"flat": 0.1}))
+
+    monkeypatch.setattr(evaluate, "run_eval", stopped)
+    monkeypatch.setattr("retrieval_attn.hf.load_model", lambda path: (None, None))
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--tasks", "--methods", "full", "flat", "--out", str(out)]) == 130
+    printed, err = capsys.readouterr()
+    assert "teacher-forced fidelity" in printed
+    assert err.strip().splitlines()[-1] == f"interrupted (Ctrl-C): the table above and the files in {out}/ cover what ran"
+    assert json.loads((out / "eval.json").read_text())["fidelity"][0]["method"] == "flat"
+    assert (out / "telemetry.csv").read_text().startswith("method,layer,steps,recall_mean")

@@ -186,7 +186,10 @@ def _stage(text: str) -> Iterator[None]:
         print(f"warning: {w.message}", file=sys.stderr)
 
 
-def _interrupted() -> int:
-    print("interrupted (Ctrl-C): the table above covers what ran", file=sys.stderr)
+def _interrupted(results: Path | None = None) -> int:
+    """Exit status 130 after Ctrl-C, saying what covers the work that finished: the table, and the files in
+    ``results`` where the command keeps them."""
+    kept = "the table above covers" if results is None else f"the table above and the files in {results}/ cover"
+    print(f"interrupted (Ctrl-C): {kept} what ran", file=sys.stderr)
     return INTERRUPTED
 

@@ -49,9 +49,10 @@ def sweep_command(args: argparse.Namespace) -> int:
     quiet_transformers()
     try:
         report = run_sweep(settings, model_path=args.model, cache_dir=None if args.no_cache else args.cache_dir)
-    except Interrupted as stop:
+    except Interrupted as stop:  # what finished is kept: its files and its table
+        write_results(stop.partial, out)
         print(format_sweep_table(stop.partial))
-        return _interrupted()
+        return _interrupted(out)
     write_results(report, out)
     print(format_sweep_table(report))
     print(f"results: {out}/ (rows.csv, summary.csv, sweep.json, recall_vs_scanned.png, recall_vs_latency.png)")
@@ -124,9 +125,9 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         results = run_decode_bench(settings, progress=lambda msg: print(msg, file=sys.stderr),
                                    on_result=lambda done: write_results(done, settings, out, machine))
-    except Interrupted as stop:
+    except Interrupted as stop:  # on_result wrote every finished measurement
         print(format_bench_table(stop.partial))
-        return _interrupted()
+        return _interrupted(out)
     folder = write_results(results, settings, out, machine)
     print(format_bench_table(results))
     print(f"results: {folder}/ (decode.json, decode.csv, layers.csv)")
@@ -184,9 +185,10 @@ def eval_command(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
     try:
         report = run_eval(settings, model=model, tokenizer=tokenizer, model_name=args.model or EMBEDDED_NAME)
-    except Interrupted as stop:
+    except Interrupted as stop:  # what finished is kept: its files (telemetry too) and its table
+        write_results(stop.partial, out)
         print(format_eval_table(stop.partial))
-        return _interrupted()
+        return _interrupted(out)
     paths = write_results(report, out)
     print(format_eval_table(report))
     print(f"results: {out}/ ({', '.join(p.name for p in paths)})")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..index import cpu_threads
-from .fidelity import fidelity_tables, plot_fidelity, run_fidelity
+from .fidelity import fidelity_ids, fidelity_tables, plot_fidelity, run_fidelity
 from .methods import Methods
 from .needle import needle_cells, plot_needle, run_needle
 from .report import (
@@ -49,7 +49,7 @@ class EvalReport:
     fidelity_bins : the same per position bin (``FIDELITY_BINS`` equal bins of the decoded positions).
     telemetry : per (method, layer) recall@k and attention mass (empty without ``settings.telemetry``).
     seconds : wall seconds per method (shared prefills split evenly), and ``total``.
-    seconds_per_step : mean wall seconds of one decode step per method (NaN: it ran none).
+    seconds_per_step : mean wall seconds of one decode step per method that ran any.
     """
 
     settings: EvalSettings
@@ -95,12 +95,13 @@ def run_eval(
         model, tokenizer = load_model(model_path)
     elif tokenizer is None:
         raise ValueError("give a tokenizer with the model")
+    text_ids = fidelity_ids(tokenizer, settings) if settings.fidelity_tokens else None
     methods = Methods(model, settings.method_configs, settings.prefill_chunk)
     needle, res, stopped = [], {}, False
     with cpu_threads(settings.retrieval.cpu_threads):
         try:
             needle = run_needle(methods, tokenizer, settings, progress) if settings.tasks else []
-            res = run_fidelity(methods, tokenizer, settings, progress) if settings.fidelity_tokens else {}
+            res = run_fidelity(methods, text_ids, settings, progress) if settings.fidelity_tokens else {}
         except Interrupted as stop:  # from the needle grid (rows) or the fidelity task (arrays)
             stopped = True
             if isinstance(stop.partial, list):

@@ -5,7 +5,8 @@ Wonderland*, 1865, public domain, the Millennium Fulcrum Edition 2.9 text) by de
 ``data/frankenstein.txt`` (Mary Shelley, 1831 edition, public domain; ``texts.BOOKS``). ``fidelity_prefix`` tokens are prefilled, then
 ``fidelity_tokens`` more are fed one decode step each, where retrieval acts; at every step each
 method's next-token distribution is compared with full attention's (exact forwards over the text
-through a ``DynamicCache``, chunk by chunk in lockstep with the decode steps): KL(full || method) in
+through a ``DynamicCache``, ``FIDELITY_BLOCK`` positions per forward in lockstep with the decode steps,
+so the run holds a few [block, vocab] fp32 arrays at a time, whatever the prefix): KL(full || method) in
 nats, top-1 agreement, and each method's own negative log-likelihood of the true next token
 (perplexity). ``fidelity_tables`` reduces them over all positions and over ``FIDELITY_BINS`` position
 bins; ``plot_fidelity`` draws the bins.
@@ -23,47 +24,57 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import ConfigError
 from .methods import FULL, Methods
 from .report import Interrupted, pyplot
 from .settings import EvalSettings
 from .texts import book_text, token_ids
 
-__all__ = ["FIDELITY_BINS", "run_fidelity", "fidelity_tables", "plot_fidelity"]
+__all__ = ["FIDELITY_BINS", "FIDELITY_BLOCK", "fidelity_ids", "run_fidelity", "fidelity_tables", "plot_fidelity"]
 
 FIDELITY_BINS = 8
+FIDELITY_BLOCK = 128  # positions compared per reference forward (~25 MB of fp32 logits each at a 49K vocab)
+
+
+def fidelity_ids(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
+    """The token ids (1, prefix + tokens + 1) of the fidelity task's text, checked to be long enough: the
+    check of the settings that needs the tokenizer, made before any work."""
+    ids = torch.tensor([token_ids(tokenizer, book_text(settings.text))])
+    p, n = settings.fidelity_prefix, settings.fidelity_tokens
+    if ids.shape[1] < p + n + 1:
+        raise ConfigError("EvalSettings", "fidelity_tokens", f"an int in [1, {ids.shape[1] - 1 - p}] (what "
+                          f"{settings.text}'s {ids.shape[1]} tokens hold after fidelity_prefix = {p})", n)
+    return ids[:, : p + n + 1]
 
 
 def run_fidelity(
-    methods: Methods, tokenizer: Any, settings: EvalSettings, progress: bool
+    methods: Methods, ids: torch.Tensor, settings: EvalSettings, progress: bool
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per method, per position arrays (tokens,): ``kl`` (nats) and ``agree`` against full attention, ``nll``.
 
-    Full attention's logits come from exact chunked forwards over the text (a DynamicCache, sdpa),
-    computed chunk by chunk in lockstep with the methods' decode steps; ``full`` itself gets its nll.
+    Full attention's logits come from exact forwards over the text (a DynamicCache, sdpa), computed
+    ``FIDELITY_BLOCK`` positions at a time in lockstep with the methods' decode steps; ``full`` itself gets
+    its nll.
     Ctrl-C raises ``report.Interrupted`` holding the arrays of the positions compared so far.
     """
     from ..hf import Decoder, dynamic_cache
 
-    p, n = settings.fidelity_prefix, settings.fidelity_tokens
-    ids = torch.tensor([token_ids(tokenizer, book_text(settings.text))])
-    if ids.shape[1] < p + n + 1:
-        raise ValueError(f"fidelity_prefix + fidelity_tokens must be < {ids.shape[1]} (the text's tokens), got {p + n}")
-    ids = ids[:, : p + n + 1]
+    p, n = settings.fidelity_prefix, settings.fidelity_tokens  # ids: (1, p + n + 1), from ``fidelity_ids``
     decoders = methods.start(ids[:, :p], full=False)  # full attention is the reference below
-    chunk = settings.prefill_chunk
-    reference = Decoder(methods.model, dynamic_cache(), chunk)
+    reference = Decoder(methods.model, dynamic_cache(), settings.prefill_chunk)
     reference.prefill(ids[:, :p])
+    block = min(FIDELITY_BLOCK, settings.prefill_chunk)  # one forward each, its logits all kept
     targets = ids[0, p + 1 :]  # the token each step predicts, (n,)
     names = [FULL, *decoders] if FULL in methods.configs else list(decoders)
     res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n)} for m in names}
     done = 0  # positions compared
     try:
         with tqdm(total=n, desc="fidelity", unit="tok", disable=not progress) as bar:
-            for t0 in range(0, n, chunk):
-                t1 = min(n, t0 + chunk)
+            for t0 in range(0, n, block):
+                t1 = min(n, t0 + block)
                 start = time.perf_counter()
-                ref = reference.prefill(ids[:, p + t0 : p + t1], all_logits=True)[0].float().cpu()  # one forward
-                ref_logp = torch.log_softmax(ref, dim=-1)  # [c, vocab]: full attention, predicting targets[t0:t1]
+                ref = reference.prefill(ids[:, p + t0 : p + t1], all_logits=True)[0].float().cpu()
+                ref_logp = torch.log_softmax(ref, dim=-1)  # [block, vocab]: full attention, predicting targets[t0:t1]
                 tgt = targets[t0:t1]
                 if FULL in res:
                     methods.seconds[FULL] += time.perf_counter() - start
@@ -73,7 +84,7 @@ def run_fidelity(
                 for m, decoder in decoders.items():
                     logp = torch.log_softmax(
                         torch.stack([methods.step(m, decoder, int(ids[0, p + t])) for t in range(t0, t1)]), dim=-1
-                    )  # [c, vocab]
+                    )  # [block, vocab]
                     res[m]["kl"][t0:t1] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0.0)
                     res[m]["agree"][t0:t1] = (logp.argmax(-1) == ref_logp.argmax(-1)).float()
                     res[m]["nll"][t0:t1] = -logp.gather(1, tgt[:, None])[:, 0]

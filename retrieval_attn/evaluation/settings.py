@@ -38,17 +38,17 @@ class EvalSettings:
         whole run (the model's forwards too); None leaves torch/numba/faiss defaults. On a machine
         shared with other work, 1 is often fastest.
     seed : base seed of the needle generators.
-    prefill_chunk : tokens per prefill forward pass (bounds memory), and per reference-logits chunk.
+    prefill_chunk : tokens per prefill forward pass (bounds memory).
     method_configs : (derived) method -> its ``RetrievalConfig`` (None: ``full``).
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = TASKS
-    lengths: tuple[int, ...] = (1024, 2048)
+    lengths: tuple[int, ...] = (2048,)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     samples: int = 1
-    fidelity_tokens: int = 1000
-    fidelity_prefix: int = 1024
+    fidelity_tokens: int = 300
+    fidelity_prefix: int = 2048
     text: str = BOOK
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     seed: int = 0
