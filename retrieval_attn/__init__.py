@@ -11,8 +11,9 @@ numba: the ``retrieval-attn`` command (``cli``) sets their OpenMP wait policy be
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_names
 
 __all__ = ["RetrievalConfig", "RetrievalAttention", "EngineStats", "merge_state"]
 __version__ = "0.1.0"
@@ -26,9 +27,4 @@ if TYPE_CHECKING:
     from .engine import EngineStats, RetrievalAttention
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE, globals())

@@ -8,9 +8,9 @@ registry, loads neither numba nor torch (``retrieval-attn --help`` stays fast).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .base import KeyIndex, Param, SearchResult
@@ -42,13 +42,8 @@ __all__ = [
     "thread_budget",
 ]
 
-_WHERE = {"KeyIndex": "base", "Param": "base", "SearchResult": "base", "ThreadChooser": "threads",
-          "cpu_threads": "threads", "thread_budget": "threads"}
+_WHERE = {**dict.fromkeys(__all__, "registry"), "KeyIndex": "base", "Param": "base", "SearchResult": "base",
+          "ThreadChooser": "threads", "cpu_threads": "threads", "thread_budget": "threads"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        value = getattr(importlib.import_module(f".{_WHERE.get(name, 'registry')}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE, globals())

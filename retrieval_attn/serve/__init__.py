@@ -15,8 +15,9 @@ nor transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 __all__ = [
     "APIError", "Conversation", "ConversationPool", "GenerationRequest", "Job", "Outcome", "PoolFull", "SCHEDULES",
@@ -36,9 +37,4 @@ if TYPE_CHECKING:
     from .service import ServeSettings, Service
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE, globals())
