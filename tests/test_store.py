@@ -42,3 +42,21 @@ def test_staged_rows_join_at_commit_and_land_first(device):
     store.synchronize()
     assert store.n == 8 and torch.equal(store.keys, expected) and torch.equal(store.values, -expected)
     assert store.keys.is_pinned() == (device == "cuda")
+
+
+def test_a_store_is_freed_when_its_last_user_lets_go_without_a_garbage_collection():
+    """No reference cycle through the store (its key source is a view made per call): its rows, most of a
+    cache's memory, go back at once, not at the next collection (an eval of nine cells held 5.5 GB)."""
+    import gc
+    import weakref
+
+    store = KVStore(2, 8)
+    store.append(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    assert store.key_source.n == 5
+    gone = weakref.ref(store)
+    gc.disable()
+    try:
+        del store
+        assert gone() is None
+    finally:
+        gc.enable()

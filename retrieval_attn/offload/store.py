@@ -56,7 +56,6 @@ class KVStore:
         self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # views of the landing rows not yet committed
         self._k = self._alloc(max(capacity, 1))
         self._v = self._alloc(max(capacity, 1))
-        self.key_source = _StoreKeys(self)
 
     def __getstate__(self) -> dict:
         """Copies (``copy.deepcopy``, ``RetrievalAttention.fork``) hold landed rows and no CUDA event."""
@@ -69,6 +68,13 @@ class KVStore:
     @property
     def capacity(self) -> int:
         return self._k.shape[1]
+
+    @property
+    def key_source(self) -> _StoreKeys:
+        """The keys as an index reads them (``index.base.KeySource``), in place. A view made per call, so the
+        store holds no reference to itself: it is freed as soon as its last user lets go, not at the next
+        garbage collection (a store is most of a cache's memory)."""
+        return _StoreKeys(self)
 
     def reserve(self, capacity: int) -> None:
         """Grow to hold ``capacity`` rows now (no-op if it already does), so appends up to it never reallocate."""
