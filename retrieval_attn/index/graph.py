@@ -12,8 +12,9 @@ up while decoding adds keys moves to a run a quarter longer (``graph_kernels.gro
 use (checked before every insert chunk). Bytes per key and head: 6 + 4 x its degree, plus the room
 of the lists added keys moved and the garbage below that eighth: ~86 bytes at roar's average degree
 of ~20 on the embedded model, a sixth of a bf16 key and value of dimension 128. The arena's growth
-slack (a quarter after each compaction) is allocated, but resident only once written. A build holds, transiently, a
-fixed-width ``[G, n, max_degree]`` int32 adjacency, converted to the arena at its end.
+slack (a quarter after each compaction) is allocated, but resident only once written. A build
+holds, transiently, a fixed-width ``[G, n, max_degree]`` int32 adjacency, converted to the arena at
+its end.
 """
 
 from __future__ import annotations
