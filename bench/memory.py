@@ -11,8 +11,9 @@ The RSS growth is reported as the process holds it (what a user sees: nothing tr
 ``gc.collect()`` + ``malloc_trim(0)``, beside
 
 - the floor: the offloaded tokens' K and V in the model's dtype, for all 8 KV heads;
-- the planner's figure for the same request (``plan_memory(...).steady_host``: what it says a
-  decoding process holds, transient build and prefill memory left out).
+- the planner's figure for the same tokens (``plan_memory(...).steady_host``: what it says a
+  decoding process holds, transient build and prefill memory left out), planned for what the run
+  held: the prompt, then the decode steps until the last build landed, whose keys the indexes added.
 
 The growth includes the layers' device windows: the device is the CPU here.
 
@@ -103,10 +104,12 @@ def measure(backend: str, dtype: str, context: int, heads: int, layers: int, res
     floor = offloaded * KV_HEADS * 2 * HEAD_DIM * dt.itemsize
     shape = ModelShape(num_layers=layers, hidden_size=4096, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                        intermediate_size=14336, vocab_size=128256, weight_bytes=0)
-    plan = plan_memory(shape, context, config, dtype=dt, device="cpu", prefill_chunk=CHUNK, check_available=False)
+    held = max(e.seen for e in engines)  # the prompt (context - 1 tokens) and the decode steps
+    plan = plan_memory(shape, held, config, dtype=dt, device="cpu", prefill_chunk=CHUNK, check_available=False,
+                       prompt_tokens=context - 1)
     return {
         "backend": backend, "dtype": dtype, "context": context, "query_heads": heads, "layers": layers,
-        "reserved": reserve, "offloaded": offloaded, "index": engines[0].stats.index,
+        "reserved": reserve, "offloaded": offloaded, "held_tokens": held, "index": engines[0].stats.index,
         "rss_growth_bytes": grown, "rss_growth_trimmed_bytes": grown_trimmed, "floor_bytes": floor,
         "planned_bytes": plan.steady_host,
         "engine_bytes": sum(e.stats.cpu_bytes + e.stats.device_bytes for e in engines),

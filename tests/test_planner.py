@@ -85,8 +85,8 @@ def test_conversation_plan_names_the_backend_auto_chose_at_the_first_build():
 @pytest.mark.parametrize("name", ["flat", "roar", "keygraph", "hnsw", "ivf"])
 def test_index_estimate_bounds_an_index_grown_by_turns(name):
     """Built over a quarter of the keys, the rest added in two turns: estimate_nbytes(added=...) bounds what
-    the index holds, within 1.4x (graph lists that fill up move to runs twice as long, and the arena keeps
-    an insert's reserve: without ``added`` the graphs' estimate is under half of it)."""
+    the index holds, within 1.4x (graph lists that fill up move to longer runs, and the arena keeps an
+    insert's reserve: without ``added`` the graphs' estimate is under half of it)."""
     g = torch.Generator().manual_seed(0)
     n, d = 4096, 32
     keys = torch.randn(2, n, d, generator=g).bfloat16()

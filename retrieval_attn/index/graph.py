@@ -7,11 +7,14 @@ dtype); the index itself holds only the adjacency, the entry points and per-thre
 Storage of one layer, ``G`` groups (a ``Graph``): every node's neighbour list is one run of a
 per-group arena ``edges [G, arena]`` int32, located by ``start [G, nodes]`` int32 with ``count`` and
 ``room`` ``[G, nodes]`` uint8. A build gives each list a run exactly its length; a list that fills
-up while decoding adds keys moves to a run twice as long (up to ``max_degree``), and the runs left
-behind are compacted away once they are a quarter of the arena. Bytes per key and head: 6 + 4 x its
-degree, plus the arena's quarter of growth slack: ~106 bytes at roar's average degree of ~20 on the
-embedded model, a fifth of a bf16 key and value of dimension 128. A build holds, transiently, a
-fixed-width ``[G, n, max_degree]`` int32 adjacency, converted to the arena at its end.
+up while decoding adds keys moves to a run a quarter longer (``graph_kernels.grown_room``, up to
+``max_degree``), and the runs left behind are compacted away once they are an eighth of the slots in
+use (checked before every insert chunk). Bytes per key and head: 6 + 4 x its degree, plus the room
+of the lists added keys moved and the garbage below that eighth: ~86 bytes at roar's average degree
+of ~20 on the embedded model, a sixth of a bf16 key and value of dimension 128. The arena's growth
+slack (a quarter after each compaction) is allocated, but resident only once written. A build
+holds, transiently, a fixed-width ``[G, n, max_degree]`` int32 adjacency, converted to the arena at
+its end.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from ..rows import grown_capacity
 from .base import KeyIndex, Param, SearchResult
 from .dense import nearest_covered
 from .graph_kernels import (
-    arena_capacity, compact_arena, in_edges, insert_nodes, link, mean_rows, merge_extra, nearest_rows, search_graph,
-    search_own, span, to_arena,
+    arena_capacity, compact_arena, grown_room, in_edges, insert_nodes, link, mean_rows, merge_extra, nearest_rows,
+    search_graph, search_own, span, to_arena,
 )
 
 __all__ = ["Graph", "SearchScratch", "GraphIndex", "DEGREE_CAP"]
 
 _INSERT_CHUNK = 64  # keys linked per add() step: bounds the arena room reserved for one insert_nodes call and
 # the transient of the co-occurrence candidates of the keys inserted (``estimate_add_nbytes``)
+_GARBAGE_SHARE = 8  # the arena is compacted once the runs moves left behind exceed 1/8 of the slots in use
 
 # the dtypes of a ``Graph``'s arrays (made by ``graph_kernels.to_arena``/``compact_arena``; tests/test_index.py
 # checks a built graph against them): the planner's byte figures are derived from them
@@ -135,19 +139,25 @@ class GraphIndex(KeyIndex):
 
         Built over all ``n`` keys: every list a run of ``expected_degree`` and the build's slack
         (``arena_capacity``). With ``added`` keys inserted later (a conversation's turns), the lists they
-        reach (their own, and built lists they link back to, at most ``added`` x the insert width) fill
-        up and move to runs twice as long (at most ``max_degree``); the arena is compacted to a quarter
-        more than its runs plus one insert chunk's reserve (``grown_capacity``), the node arrays too.
-        An upper figure: on random keys a quarter built, three quarters added, it is 1.0-1.4x what
-        the graph holds (tests/test_planner.py).
+        reach (their own, and built lists their edges, pushed back, reach) fill up and move to runs
+        one growth step longer (``grown_room``), half of it empty on average; the arena is compacted to a
+        quarter more than its runs plus one insert chunk's reserve (``grown_capacity``), and the
+        garbage of later moves stays inside it; the node arrays grow by a quarter too. An upper
+        figure: on random keys a quarter built, three quarters added, it is 1.0-1.4x what the graph
+        holds (tests/test_planner.py).
         """
         config = cls.resolved_params(params)
         degree = cls.expected_degree(config)
         if added:
             cap, width = config["max_degree"], cls._insert_width(config)
-            grown = min(cap, 2 * degree)
-            reached = added + min(n - added, added * width)  # lists that can fill up and move
-            runs = int(degree * (n - reached) + grown * reached)
+            out = min(width, degree)  # an added key's out-edges, each pushed back into its neighbour's list
+            live = degree * (n - added) + 2 * out * added
+            # lists that moved: the added keys' own, and the built lists their edges reach (drawn at random)
+            moved = added + (n - added) * (1 - np.exp(-out * added / max(n - added, 1)))
+            # a moved list keeps on average half a growth step of empty room; no list grows past the cap
+            runs = int(min(cap * n, live + moved * (grown_room(int(np.ceil(degree)), cap) - degree) / 2))
+            # the arena is reallocated only by a compaction: to a quarter more than the runs and the room
+            # one insert chunk reserves (its new runs and neighbour moves); the garbage stays inside it
             slots, nodes = grown_capacity(runs + _INSERT_CHUNK * width * (1 + cap)), grown_capacity(n)
         else:
             slots, nodes = arena_capacity(int(degree * n)), n
@@ -250,14 +260,13 @@ class GraphIndex(KeyIndex):
             cands = self._insert_candidates(first, chunk)  # [G, chunk, E]
             insert_nodes(self.rows(), first, chunk, self._graph, self._entries, ef, self.config["M"], width, cap,
                          self.link_metric, cands, self.conn_degree(self.config), *self._scratch.get(ef, first + chunk))
-        if self._graph.garbage.max() * 4 > self._graph.fill.max():
-            self._reserve_arena(n_old + t, 0, compact=True)
+        self._reserve_arena(n_old + t, 0)
 
-    def _reserve_arena(self, n: int, slots: int, compact: bool = False) -> None:
+    def _reserve_arena(self, n: int, slots: int) -> None:
         """Make ``slots`` free arena slots per group for the first ``n`` nodes' lists, compacting away the
-        runs left behind (always when ``compact``) when the arena is too short."""
+        runs left behind when the arena is too short or they exceed an eighth of the slots in use."""
         g = self._graph
-        if compact or g.fill.max() + slots > g.edges.shape[1]:
+        if g.garbage.max() * _GARBAGE_SHARE > g.fill.max() or g.fill.max() + slots > g.edges.shape[1]:
             start, edges, fill, garbage = compact_arena(g, n, slots)
             self._graph = g._replace(start=start, edges=edges, fill=fill, garbage=garbage)
 

@@ -8,9 +8,11 @@ is ``|a - b|^2``.
 The adjacency of a layer (a ``graph.Graph``: ``start, count, room, edges, fill, garbage``) keeps each
 node's neighbours in one contiguous run of a per-group arena: node v of group g owns
 ``edges[g, start[g, v] : start[g, v] + room[g, v]]``, of which ``count[g, v]`` are used. A list that
-fills up moves to a run twice as long at the end of the arena (``_push``; the old run becomes
-garbage that the index compacts away), up to the graph's degree cap, beyond which the list and the
-new edge are pruned back to the cap. So lists are as long as the build and the insertions make them:
+fills up moves to a run a quarter longer (``grown_room``: at least 4 slots more) at the end of the
+arena (``_push``; the old run becomes garbage that the index compacts away), up to the graph's degree
+cap, beyond which the list and the new edge are pruned back to the cap. A built list is exactly as
+long as its neighbours, so the first edge added to it moves it: a run twice as long would leave most
+of its new room empty in every list a decode step's key links back to. So lists are as long as the build and the insertions make them:
 there is no fixed width.
 
 Beam widths at or above the number of keys all mean "keep every visited key": callers pass
@@ -30,7 +32,7 @@ from ..rows import FASTMATH, f32, grown_capacity
 
 __all__ = [
     "IP", "L2", "distance", "sorted_insert", "beam_search", "search_graph", "link", "in_edges", "merge_extra", "search_own",
-    "arena_capacity", "to_arena", "compact_arena", "span", "insert_nodes", "mean_rows", "nearest_rows",
+    "arena_capacity", "grown_room", "to_arena", "compact_arena", "span", "insert_nodes", "mean_rows", "nearest_rows",
 ]
 
 IP = 0
@@ -379,16 +381,22 @@ def compact_arena(graph, n, extra):
 
 
 @njit(cache=True)
+def grown_room(room, cap):
+    """The run a full list of ``room`` slots moves to: a quarter longer, at least 4 slots more, at most ``cap``."""
+    return min(cap, room + max(4, room // 4))
+
+
+@njit(cache=True)
 def _push(graph, g, v, u, cap):
-    """Append u to v's list; a full list moves to a run twice as long (at most ``cap``) at the arena's
-    end. False when the list is at ``cap`` or the arena has no room left: the caller prunes instead."""
+    """Append u to v's list; a full list moves to a longer run (``grown_room``) at the arena's end. False
+    when the list is at ``cap`` or the arena has no room left: the caller prunes instead."""
     start, count, room, edges, fill, garbage = graph
     c = np.int64(count[g, v])
     if c < room[g, v]:
         edges[g, start[g, v] + c] = u
         count[g, v] = c + 1
         return True
-    grown = min(cap, max(4, 2 * np.int64(room[g, v])))
+    grown = grown_room(np.int64(room[g, v]), cap)
     if grown <= room[g, v] or fill[g] + grown > edges.shape[1]:
         return False
     s0, s1 = start[g, v], fill[g]
