@@ -59,7 +59,7 @@ COMMANDS = {
                       "takes minutes, at 32K tens of minutes."),
     "bench": _Command("decode speed and memory against transformers (full and offloaded cache)", "tools"),
     "eval": _Command("needle retrieval and teacher-forced fidelity: full attention vs every method", "tools",
-                     "At its defaults about 10 minutes and 2 GiB of memory on a 2-core CPU with the embedded "
+                     "At its defaults about 10 minutes and 2.6 GiB of memory on a 2-core CPU with the embedded "
                      "model; every method, length, depth and fidelity token adds to the time in proportion "
                      "(a decode step costs 0.1-0.4 s per method there)."),
     "cache": _Command("the cached de-quantised models: where, how large; --clear removes them", "tools"),
