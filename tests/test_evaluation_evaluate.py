@@ -48,6 +48,9 @@ def test_tiny_eval_end_to_end(smollm, tmp_path):
     assert set(fid) == {FULL, "flat", SINK_WINDOW}
     assert fid["flat"]["kl_max"] < 1e-3 and fid["flat"]["top1_agreement"] == 1.0
     assert fid[SINK_WINDOW]["kl_mean"] > 10 * fid["flat"]["kl_mean"]
+    assert fid["flat"]["disagreements"] == 0 and fid["flat"]["top1_agreement_decided"] == 1.0
+    sw = fid[SINK_WINDOW]
+    assert sw["disagreements"] == round(24 * (1 - sw["top1_agreement"])) >= sw["near_tie_disagreements"] >= 0
     flat_tel = [r for r in report.telemetry if r["method"] == "flat"]
     assert len(flat_tel) == 30 and all(r["recall_min"] == 1.0 and r["mass_min"] > 0.9999 for r in flat_tel)
     assert all(r["recall_mean"] == 0.0 for r in report.telemetry if r["method"] == SINK_WINDOW)
@@ -125,7 +128,8 @@ def test_eval_ctrl_c_writes_the_results_that_finished(tmp_path, monkeypatch, cap
     def stopped(settings, **kwargs):
         raise Interrupted(evaluate.EvalReport(
             settings, "m", [], [], [{"method": "flat", "tokens": 3, "kl_mean": 0.01, "kl_max": 0.02, "kl_p99": 0.02,
-                                     "top1_agreement": 1.0, "ppl": 2.0}], [],
+                                     "top1_agreement": 1.0, "disagreements": 0, "near_tie_disagreements": 0,
+                                     "top1_agreement_decided": 1.0, "ppl": 2.0}], [],
             [{"method": "flat", "layer": 0, **summarise(layer)}], {"flat": 1.0, "total": 1.0}, {"flat": 0.1}))
 
     monkeypatch.setattr(evaluate, "run_eval", stopped)
@@ -137,3 +141,19 @@ def test_eval_ctrl_c_writes_the_results_that_finished(tmp_path, monkeypatch, cap
     assert err.strip().splitlines()[-1] == f"interrupted (Ctrl-C): the table above and the files in {out}/ cover what ran"
     assert json.loads((out / "eval.json").read_text())["fidelity"][0]["method"] == "flat"
     assert (out / "telemetry.csv").read_text().startswith("method,layer,steps,recall_mean")
+
+
+def test_fidelity_tables_count_the_disagreements_that_are_near_ties():
+    import torch
+
+    from retrieval_attn.evaluation.fidelity import fidelity_tables
+
+    agree = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])
+    near_tie = torch.tensor([0.0, 1, 0, 1, 1, 0, 0, 0])  # misses at 1 and 4 are near ties, at 2 decided
+    res = {"m": {"kl": torch.zeros(8), "agree": agree, "nll": torch.zeros(8), "near_tie": near_tie}}
+    (row,), bins = fidelity_tables(res, prefix=100)
+    assert row["top1_agreement"] == 5 / 8
+    assert row["disagreements"] == 3 and row["near_tie_disagreements"] == 2
+    assert row["top1_agreement_decided"] == pytest.approx(4 / 5)  # positions 0, 2, 5, 6, 7: one miss
+    res["m"]["near_tie"] = torch.ones(8)  # full attention never decided: nothing to miss there
+    assert fidelity_tables(res, prefix=100)[0][0]["top1_agreement_decided"] == 1.0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..index import cpu_threads
-from .fidelity import fidelity_ids, fidelity_tables, plot_fidelity, run_fidelity
+from .fidelity import NEAR_TIE, fidelity_ids, fidelity_tables, plot_fidelity, run_fidelity
 from .methods import Methods
 from .needle import needle_cells, plot_needle, run_needle
 from .report import (
@@ -45,7 +45,8 @@ class EvalReport:
 
     needle : one row per (task, length, depth, sample, method).
     needle_cells : accuracy per (task, length, depth, method), over samples.
-    fidelity : one row per method: mean and max KL, top-1 agreement, perplexity, over all positions.
+    fidelity : one row per method: mean and max KL, top-1 agreement (its disagreements, how many are near
+        ties of full attention, the agreement where full attention decided), perplexity, over all positions.
     fidelity_bins : the same per position bin (``FIDELITY_BINS`` equal bins of the decoded positions).
     telemetry : per (method, layer) recall@k and attention mass (empty without ``settings.telemetry``).
     seconds : wall seconds per method (shared prefills split evenly), and ``total``.
@@ -183,9 +184,14 @@ def format_eval_table(report: EvalReport) -> str:
     if report.fidelity:
         parts += [f"\nteacher-forced fidelity: {s.fidelity_tokens} decode steps after a {s.fidelity_prefix}-token "
                   f"prefix of {s.text}",
-                  format_columns(["method", "KL mean", "KL p99", "KL max", "top-1 agree", "ppl"],
+                  format_columns(["method", "KL mean", "KL p99", "KL max", "top-1 agree", "misses (near ties)",
+                                  "agree where full decided", "ppl"],
                                  [[r["method"], f"{r['kl_mean']:.5f}", f"{r['kl_p99']:.4f}", f"{r['kl_max']:.3f}",
-                                   f"{100 * r['top1_agreement']:.2f}%", f"{r['ppl']:.3f}"] for r in report.fidelity])]
+                                   f"{100 * r['top1_agreement']:.2f}%",
+                                   f"{r['disagreements']} ({r['near_tie_disagreements']})",
+                                   f"{100 * r['top1_agreement_decided']:.2f}%", f"{r['ppl']:.3f}"]
+                                  for r in report.fidelity]),
+                  f"(near tie: full attention's top token under {NEAR_TIE:g}x as likely as its second)"]
     for m in dict.fromkeys(r["method"] for r in report.telemetry):
         parts += [f"\ntelemetry: {m}", format_telemetry_table([r for r in report.telemetry if r["method"] == m])]
     tails = tail_rows(report.telemetry)

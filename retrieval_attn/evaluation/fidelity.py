@@ -8,8 +8,10 @@ method's next-token distribution is compared with full attention's (exact forwar
 through a ``DynamicCache``, ``FIDELITY_BLOCK`` positions per forward in lockstep with the decode steps,
 so the run holds a few [block, vocab] fp32 arrays at a time, whatever the prefix): KL(full || method) in
 nats, top-1 agreement, and each method's own negative log-likelihood of the true next token
-(perplexity). ``fidelity_tables`` reduces them over all positions and over ``FIDELITY_BINS`` position
-bins; ``plot_fidelity`` draws the bins.
+(perplexity). Each disagreement is also counted apart where full attention itself hardly decided (a
+*near tie*: its top token less than ``NEAR_TIE`` times as likely as its second), so a missed top-1
+target can be read as near ties flipped or decided tokens changed. ``fidelity_tables`` reduces them
+over all positions and over ``FIDELITY_BINS`` position bins; ``plot_fidelity`` draws the bins.
 
 This module knows tokenizers and the ``Methods`` runner, not how a method attends.
 """
@@ -30,10 +32,11 @@ from .report import Interrupted, pyplot
 from .settings import EvalSettings
 from .texts import book_text, token_ids
 
-__all__ = ["FIDELITY_BINS", "FIDELITY_BLOCK", "fidelity_ids", "run_fidelity", "fidelity_tables", "plot_fidelity"]
+__all__ = ["FIDELITY_BINS", "FIDELITY_BLOCK", "NEAR_TIE", "fidelity_ids", "run_fidelity", "fidelity_tables", "plot_fidelity"]
 
 FIDELITY_BINS = 8
 FIDELITY_BLOCK = 128  # positions compared per reference forward (~25 MB of fp32 logits each at a 49K vocab)
+NEAR_TIE = 2.0  # full attention's top token under this many times as likely as its second: a near tie
 
 
 def fidelity_ids(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
@@ -50,7 +53,9 @@ def fidelity_ids(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
 def run_fidelity(
     methods: Methods, ids: torch.Tensor, settings: EvalSettings, progress: bool
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per method, per position arrays (tokens,): ``kl`` (nats) and ``agree`` against full attention, ``nll``.
+    """Per method, per position arrays (tokens,): ``kl`` (nats) and ``agree`` against full attention, ``nll``,
+    and ``near_tie`` (1 where full attention's top two tokens are within a factor ``NEAR_TIE``; the same for
+    every method).
 
     Full attention's logits come from exact forwards over the text (a DynamicCache, sdpa), computed
     ``FIDELITY_BLOCK`` positions at a time in lockstep with the methods' decode steps; ``full`` itself gets
@@ -66,7 +71,8 @@ def run_fidelity(
     block = min(FIDELITY_BLOCK, settings.prefill_chunk)  # one forward each, its logits all kept
     targets = ids[0, p + 1 :]  # the token each step predicts, (n,)
     names = [FULL, *decoders] if FULL in methods.configs else list(decoders)
-    res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n)} for m in names}
+    res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n), "near_tie": torch.empty(n)}
+           for m in names}
     done = 0  # positions compared
     try:
         with tqdm(total=n, desc="fidelity", unit="tok", disable=not progress) as bar:
@@ -76,6 +82,10 @@ def run_fidelity(
                 ref = reference.prefill(ids[:, p + t0 : p + t1], all_logits=True)[0].float().cpu()
                 ref_logp = torch.log_softmax(ref, dim=-1)  # [block, vocab]: full attention, predicting targets[t0:t1]
                 tgt = targets[t0:t1]
+                top2 = ref_logp.topk(2, dim=-1).values  # [block, 2]
+                near_tie = (top2[:, 0] - top2[:, 1] < math.log(NEAR_TIE)).float()
+                for r in res.values():
+                    r["near_tie"][t0:t1] = near_tie
                 if FULL in res:
                     methods.seconds[FULL] += time.perf_counter() - start
                     res[FULL]["kl"][t0:t1] = 0.0
@@ -100,12 +110,18 @@ def fidelity_tables(
     res: dict[str, dict[str, torch.Tensor]], prefix: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``run_fidelity``'s arrays reduced: one row per method over all positions (mean, p99 and max KL,
-    top-1 agreement, perplexity), and one per method and position bin (``FIDELITY_BINS`` equal bins)."""
+    top-1 agreement, its disagreements and how many of them are near ties of full attention, the agreement
+    where full attention decided, perplexity), and one per method and position bin (``FIDELITY_BINS``
+    equal bins)."""
     overall, bins = [], []
     for m, r in res.items():
         n = r["kl"].shape[0]
+        decided = r["near_tie"] == 0
+        missed = r["agree"] == 0
         overall.append({"method": m, "tokens": n, "kl_mean": float(r["kl"].mean()), "kl_max": float(r["kl"].max()),
                         "kl_p99": float(r["kl"].quantile(0.99)), "top1_agreement": float(r["agree"].mean()),
+                        "disagreements": int(missed.sum()), "near_tie_disagreements": int((missed & ~decided).sum()),
+                        "top1_agreement_decided": float(r["agree"][decided].mean()) if decided.any() else 1.0,
                         "ppl": math.exp(float(r["nll"].mean()))})
         edges = torch.linspace(0, n, FIDELITY_BINS + 1).round().long().tolist()
         for a, b in zip(edges[:-1], edges[1:]):
