@@ -18,11 +18,15 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.slow
 def test_transformers_floor_runs_from_a_venv(tmp_path):
     user_venv = tmp_path / "user-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(user_venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(user_venv)], check=True, timeout=120)
     python = user_venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    # a package installed into the user's venv only, as torch is in a venv made on a bare system Python
+    # the user's venv sees what the environment running this test has (torch, ...), whether that is the
+    # machine's Python or a venv itself, and has one package of its own, as torch is in a venv made on a
+    # bare system Python
+    running = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(site) / "running_environment.pth").write_text(f"import site; list(map(site.addsitedir, {running!r}))\n")
     (Path(site) / "only_in_the_user_venv.py").write_text("HERE = True\n")
     assert Path(site) != Path(sysconfig.get_path("purelib"))
     check = tmp_path / "test_floor_sees_the_venv.py"
