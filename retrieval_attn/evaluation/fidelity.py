@@ -32,7 +32,8 @@ from .report import Interrupted, pyplot
 from .settings import EvalSettings
 from .texts import book_text, token_ids
 
-__all__ = ["FIDELITY_BINS", "FIDELITY_BLOCK", "NEAR_TIE", "fidelity_ids", "run_fidelity", "fidelity_tables", "plot_fidelity"]
+__all__ = ["FIDELITY_BINS", "FIDELITY_BLOCK", "NEAR_TIE", "fidelity_ids", "run_fidelity", "fidelity_tables",
+           "plot_fidelity"]
 
 FIDELITY_BINS = 8
 FIDELITY_BLOCK = 128  # positions compared per reference forward (~25 MB of fp32 logits each at a 49K vocab)
@@ -54,8 +55,8 @@ def run_fidelity(
     methods: Methods, ids: torch.Tensor, settings: EvalSettings, progress: bool
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per method, per position arrays (tokens,): ``kl`` (nats) and ``agree`` against full attention, ``nll``,
-    and ``near_tie`` (1 where full attention's top two tokens are within a factor ``NEAR_TIE``; the same for
-    every method).
+    and ``near_tie`` (1 where full attention's top two tokens are within a factor ``NEAR_TIE``; one array,
+    the same object in every method's results).
 
     Full attention's logits come from exact forwards over the text (a DynamicCache, sdpa), computed
     ``FIDELITY_BLOCK`` positions at a time in lockstep with the methods' decode steps; ``full`` itself gets
@@ -71,7 +72,8 @@ def run_fidelity(
     block = min(FIDELITY_BLOCK, settings.prefill_chunk)  # one forward each, its logits all kept
     targets = ids[0, p + 1 :]  # the token each step predicts, (n,)
     names = [FULL, *decoders] if FULL in methods.configs else list(decoders)
-    res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n), "near_tie": torch.empty(n)}
+    near_tie = torch.empty(n)  # a property of full attention: one array, shared by every method's results
+    res = {m: {"kl": torch.empty(n), "agree": torch.empty(n), "nll": torch.empty(n), "near_tie": near_tie}
            for m in names}
     done = 0  # positions compared
     try:
@@ -83,9 +85,7 @@ def run_fidelity(
                 ref_logp = torch.log_softmax(ref, dim=-1)  # [block, vocab]: full attention, predicting targets[t0:t1]
                 tgt = targets[t0:t1]
                 top2 = ref_logp.topk(2, dim=-1).values  # [block, 2]
-                near_tie = (top2[:, 0] - top2[:, 1] < math.log(NEAR_TIE)).float()
-                for r in res.values():
-                    r["near_tie"][t0:t1] = near_tie
+                near_tie[t0:t1] = (top2[:, 0] - top2[:, 1] < math.log(NEAR_TIE)).float()
                 if FULL in res:
                     methods.seconds[FULL] += time.perf_counter() - start
                     res[FULL]["kl"][t0:t1] = 0.0
